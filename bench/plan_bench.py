@@ -24,11 +24,13 @@ from pipeline.plan import plan_epoch
 def python_assign(widths, heights, buckets, max_log_aspect_error):
     aspects = bucket_aspects(buckets)
     index, errors = [], []
-    for width, height in zip(widths.tolist(), heights.tolist()):
+    for width, height in zip(widths.tolist(), heights.tolist(), strict=True):
         aspect = width / height
         bucket = int(np.abs(aspects - aspect).argmin())
         error = abs(aspects[bucket] - aspect)
-        index.append(bucket if abs(np.log(aspects[bucket] / aspect)) <= max_log_aspect_error else -1)
+        index.append(
+            bucket if abs(np.log(aspects[bucket] / aspect)) <= max_log_aspect_error else -1
+        )
         errors.append(error)
     return index, errors
 
@@ -90,12 +92,15 @@ def report(name, seconds, peak, items, baseline_seconds, baseline_items):
     print(
         f"{name:7s} {items:>12,d} items {seconds:8.2f} s  peak {peak:8.0f} MiB  "
         f"{rate / 1e6:8.2f} M items/s  | python loop {baseline_items:,d} items "
-        f"{baseline_seconds:6.2f} s {baseline_rate / 1e6:7.3f} M items/s  | speed-up {rate / baseline_rate:,.0f}x"
+        f"{baseline_seconds:6.2f} s {baseline_rate / 1e6:7.3f} M items/s  "
+        f"| speed-up {rate / baseline_rate:,.0f}x"
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--plan-items", type=float, default=100e6)
     parser.add_argument("--assign-items", type=float, default=10e6)
     parser.add_argument("--baseline-items", type=float, default=200e3)
@@ -103,14 +108,18 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=1)
     args = parser.parse_args()
     plan_items, assign_items, baseline_items = (
-        int(args.plan_items), int(args.assign_items), int(args.baseline_items)
+        int(args.plan_items),
+        int(args.assign_items),
+        int(args.baseline_items),
     )
     rng = np.random.default_rng(0)
     buckets = generate_buckets()
 
     widths = rng.integers(64, 4096, assign_items)
     heights = rng.integers(64, 4096, assign_items)
-    base_s, _ = measure(python_assign, widths[:baseline_items], heights[:baseline_items], buckets, np.log(2))
+    base_s, _ = measure(
+        python_assign, widths[:baseline_items], heights[:baseline_items], buckets, np.log(2)
+    )
     seconds, peak = measure(assign_buckets, widths, heights, buckets)
     report("assign", seconds, peak, assign_items, base_s, baseline_items)
     del widths, heights
@@ -120,8 +129,10 @@ def main() -> None:
     base_s, _ = measure(python_plan, bucket_index[:baseline_items].tolist(), *plan_args)
     seconds, peak = measure(plan_epoch, bucket_index, *plan_args)
     report("plan", seconds, peak, plan_items, base_s, baseline_items)
-    print(f"(plan: batch size {args.batch_size}, world size {args.world_size}, rank 0; "
-          f"input column {bucket_index.nbytes / 2**20:.0f} MiB not counted in the peak)")
+    print(
+        f"(plan: batch size {args.batch_size}, world size {args.world_size}, rank 0; "
+        f"input column {bucket_index.nbytes / 2**20:.0f} MiB not counted in the peak)"
+    )
 
 
 if __name__ == "__main__":

@@ -157,7 +157,10 @@ def _per_chunk(kernel, widths: np.ndarray, heights: np.ndarray) -> tuple[np.ndar
 
 
 def _reject_too_far(
-    index: np.ndarray, bucket_aspect: np.ndarray, image_aspect: np.ndarray, max_log_aspect_error: float
+    index: np.ndarray,
+    bucket_aspect: np.ndarray,
+    image_aspect: np.ndarray,
+    max_log_aspect_error: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mark images beyond the log-distance threshold; pair the index with the linear error."""
     with np.errstate(invalid="ignore"):  # NaN bucket aspects: already rejected as too small
@@ -187,7 +190,9 @@ def assign_buckets(
         raise ValueError(f"max_log_aspect_error must be >= 0, got {max_log_aspect_error!r}")
     buckets = np.asarray(buckets)
     if buckets.ndim != 2 or buckets.shape[1] != 2 or len(buckets) == 0 or np.any(buckets <= 0):
-        raise ValueError(f"buckets must be a non-empty (B, 2) array of positive sizes, got {buckets.shape}")
+        raise ValueError(
+            f"buckets must be a non-empty (B, 2) array of positive sizes, got {buckets.shape}"
+        )
     aspects = bucket_aspects(buckets)
     if np.any(np.diff(aspects) < 0):
         raise ValueError("buckets must be sorted by aspect ratio, as generate_buckets returns them")
@@ -203,7 +208,9 @@ def assign_buckets(
         # argmin takes the lower index: the left neighbour, or the first of a run of equal keys.
         right = np.minimum(np.searchsorted(bucket_keys, image_key), last)
         left = np.maximum(right - 1, 0)
-        nearer_left = np.abs(bucket_keys[left] - image_key) <= np.abs(bucket_keys[right] - image_key)
+        nearer_left = np.abs(bucket_keys[left] - image_key) <= np.abs(
+            bucket_keys[right] - image_key
+        )
         index = first_of_run[np.where(nearer_left, left, right)]
         return _reject_too_far(index, aspects[index], image_aspect, max_log_aspect_error)
 
@@ -240,13 +247,17 @@ def assign_no_upscale(
         bucket_h -= step * (over_area & ~shrink_width)
         too_small = (bucket_w < config.min_side) | (bucket_h < config.min_side)
         index = np.where(too_small, -1, grid[bucket_w // step, bucket_h // step])
-        index, aspect_error = _reject_too_far(index, aspects[index], w / h, config.max_log_aspect_error)
+        index, aspect_error = _reject_too_far(
+            index, aspects[index], w / h, config.max_log_aspect_error
+        )
         return np.where(too_small, REJECT_TOO_SMALL, index), aspect_error
 
     return _per_chunk(largest_inside, widths, heights)
 
 
-def bucketize(widths: np.ndarray, heights: np.ndarray, config: BucketConfig | None = None) -> Assignment:
+def bucketize(
+    widths: np.ndarray, heights: np.ndarray, config: BucketConfig | None = None
+) -> Assignment:
     """Generate the buckets of `config` and assign every image to one: the call the job makes."""
     config = config or BucketConfig()
     if config.no_upscale:
@@ -264,12 +275,16 @@ def main(argv: list[str] | None = None) -> None:
     defaults = BucketConfig()
     parser = argparse.ArgumentParser(description=main.__doc__)
     for name in ("max_area", "max_side", "min_side", "step", "square"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
+        )
     parser.add_argument("--no-upscale", action="store_true")
     args = parser.parse_args(argv)
     buckets = generate_buckets(BucketConfig(**vars(args)))
     print(f"{len(buckets)} buckets\n  id  width height  aspect")
-    for bucket_id, ((width, height), aspect) in enumerate(zip(buckets, bucket_aspects(buckets))):
+    for bucket_id, ((width, height), aspect) in enumerate(
+        zip(buckets, bucket_aspects(buckets), strict=True)
+    ):
         print(f"{bucket_id:4d} {width:6d} {height:6d} {aspect:7.3f}")
 
 

@@ -81,7 +81,9 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
 def _check_bucket_index(bucket_index: np.ndarray) -> np.ndarray:
     array = np.asarray(bucket_index)
     if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
-        raise ValueError(f"bucket_index must be a 1-D integer array, got {array.dtype} {array.shape}")
+        raise ValueError(
+            f"bucket_index must be a 1-D integer array, got {array.dtype} {array.shape}"
+        )
     if array.size and array.min() < 0:
         raise ValueError("bucket_index has negative (rejected) entries: drop them before planning")
     return array
@@ -170,7 +172,10 @@ def plan_epoch(
     full = counts // batch_size * batch_size
     leftover_buckets = np.repeat(np.arange(len(counts)), counts - full)
     leftover = np.concatenate(
-        [grouped[start + kept : start + count] for start, kept, count in zip(starts, full, counts)]
+        [
+            grouped[start + kept : start + count]
+            for start, kept, count in zip(starts, full, counts, strict=True)
+        ]
     )
 
     # Step 6: one uniformly random order of all batches (equivalent to the weighted draw).
@@ -200,7 +205,9 @@ def plan_epoch(
     if item_aspects is not None and len(leftover):
         fitted_to = np.repeat(catch_all_bucket, batch_size)
         aspect_error = float(
-            np.mean(np.abs(np.asarray(bucket_aspects)[fitted_to] - np.asarray(item_aspects)[leftover]))
+            np.mean(
+                np.abs(np.asarray(bucket_aspects)[fitted_to] - np.asarray(item_aspects)[leftover])
+            )
         )
     return RankPlan(
         items=items,

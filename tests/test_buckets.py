@@ -193,7 +193,9 @@ def test_bad_bucket_arguments():
 
 
 def test_empty_input():
-    index, error = assign_buckets(np.array([], dtype=int), np.array([], dtype=int), generate_buckets())
+    index, error = assign_buckets(
+        np.array([], dtype=int), np.array([], dtype=int), generate_buckets()
+    )
     assert index.shape == error.shape == (0,)
 
 
@@ -233,7 +235,12 @@ def test_no_upscale_bucket_fits_inside_and_is_the_largest_that_does(width, heigh
     assert bucket_w <= width * shrink + 1e-6 and bucket_h <= height * shrink + 1e-6
     # One more step on either side would not fit the shrunk image or the limits.
     for w, h in ((bucket_w + 64, bucket_h), (bucket_w, bucket_h + 64)):
-        assert w > width * shrink + 1e-6 or h > height * shrink + 1e-6 or w * h > 512 * 768 or max(w, h) > 1024
+        assert (
+            w > width * shrink + 1e-6
+            or h > height * shrink + 1e-6
+            or w * h > 512 * 768
+            or max(w, h) > 1024
+        )
 
 
 def test_no_upscale_examples():
