@@ -1,0 +1,325 @@
+"""The prepare job's stages, in the order the data takes them:
+list -> scan -> assign -> plan shards -> write -> index -> report -> manifest.
+
+`run(config)` expects Ray to be started (jobs/prepare.py starts or joins a cluster). The
+driver holds the listing and compact per-image columns (sizes, bucket ids, keys), never pixels
+or captions' files; images are read, fitted and written by Ray tasks, one task per shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.buckets import REJECT_ASPECT, BucketConfig, bucketize
+from pipeline.distributor import map_unordered
+from pipeline.fit import fit
+from pipeline.output import FORMAT_VERSION, OutputDir
+from pipeline.report import dataset_stats, draw_buckets
+from pipeline.scan import DEFAULT_MAX_PIXELS, scan_batch
+from pipeline.shard_plan import plan_shards
+from pipeline.shard_writer import PART_SCHEMA, WriteOptions, write_shard
+from pipeline.sources import input_root, list_input
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("reason", pa.string()),  # a stable code: docs/format.md lists them
+        ("message", pa.string()),
+        ("key", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+    ]
+)
+INDEX_SCHEMA = pa.schema([f for f in PART_SCHEMA if f.name not in ("reject", "message")])
+BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything a prepare run needs; validated once, here."""
+
+    input: str  # directory, URL, or .parquet/.csv listing
+    output: str  # directory or URL of the prepared dataset
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    write: WriteOptions = field(default_factory=WriteOptions)
+    max_upscale: float = 2.0  # reject images that must be enlarged by more than this factor
+    max_crop: float = 0.5  # reject images whose fit crops more than this share of their area
+    max_pixels: int = DEFAULT_MAX_PIXELS  # reject larger images before decoding them
+    samples_per_shard: int = 1000
+    batch_size: int = 32  # for the trainer and the epoch report; not part of the output
+    world_size: int = 1
+    incremental: bool = False  # update a complete dataset with new or changed images
+    overwrite: bool = False  # rebuild OUT from scratch, whatever it holds
+    files_per_scan_task: int = 500
+    max_in_flight: int | None = None  # tasks submitted at once; default 2 per cluster CPU
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_upscale": self.max_upscale >= 1,
+            "max_crop": 0 <= self.max_crop <= 1,
+            "max_pixels": self.max_pixels >= 1,
+            "samples_per_shard": self.samples_per_shard >= 1,
+            "batch_size": self.batch_size >= 1,
+            "world_size": self.world_size >= 1,
+            "files_per_scan_task": self.files_per_scan_task >= 1,
+            "max_in_flight": self.max_in_flight is None or self.max_in_flight >= 1,
+        }
+        for name, valid in checks.items():
+            if not valid:
+                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        if self.incremental and self.overwrite:
+            raise ValueError("incremental and overwrite exclude each other")
+
+    def settings(self) -> dict:
+        """The settings that shape the output: OUT is rebuilt when one of them changes."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "buckets": dataclasses.asdict(self.buckets),
+            "write": dataclasses.asdict(self.write) | {"background": list(self.write.background)},
+            "max_upscale": self.max_upscale,
+            "max_crop": self.max_crop,
+            "max_pixels": self.max_pixels,
+            "samples_per_shard": self.samples_per_shard,
+        }
+
+
+def fingerprint(value: object) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def run(config: PrepareConfig) -> dict:
+    """Prepare `config.output` from `config.input`; returns the manifest."""
+    out = OutputDir(config.output)
+    _begin(out, config)
+    root = input_root(config.input)
+    scanned = _scan(list_input(config.input), root, config)
+    accepted, assign_rejects, buckets = _assign(scanned, config)
+    previous = _finished_shards(out) if config.incremental else None
+    keys = accepted["key"].to_numpy(zero_copy_only=False).astype("S20")
+    shards = plan_shards(
+        keys,
+        accepted["bucket"].to_numpy(),
+        buckets,
+        config.samples_per_shard,
+        fingerprint(config.settings()),
+        previous,
+    )
+    finished = set(out.list_names("shards", ".tar"))
+    todo = [shard for shard in shards if shard.name not in finished]
+    results = map_unordered(
+        write_shard,
+        ((shard.name, accepted.take(shard.rows), root, out, config.write) for shard in todo),
+        description="write",
+        total_items=sum(len(shard.rows) for shard in todo),
+        items_of=lambda result: result["written"] + result["rejected"],
+        max_in_flight=config.max_in_flight,
+        max_retries=3,
+    )
+    for _ in results:
+        pass
+    rejects = pa.concat_tables([assign_rejects, *_write_rejects(out, shards)]).sort_by("source")
+    scanned_keys = pc.drop_null(scanned["key"]).to_numpy(zero_copy_only=False).astype("S20")
+    input_fingerprint = hashlib.blake2b(np.sort(scanned_keys).tobytes(), digest_size=8).hexdigest()
+    return _finish(out, config, shards, rejects, buckets, input_fingerprint)
+
+
+def _begin(out: OutputDir, config: PrepareConfig) -> None:
+    """Refuse an OUT this run must not touch; mark OUT incomplete until the manifest is back."""
+    settings = config.settings()
+    written_with = out.read_json(out.path("config.json"))
+    complete = out.exists(out.path("manifest.json"))
+    if config.overwrite:
+        _clear(out)
+    elif written_with is not None and written_with != settings:
+        changed = sorted(
+            k
+            for k in settings.keys() | written_with.keys()
+            if settings.get(k) != written_with.get(k)
+        )
+        raise ValueError(
+            f"{config.output} was prepared with other settings (changed: {', '.join(changed)}); "
+            "pass --overwrite to rebuild it"
+        )
+    elif complete and not config.incremental:
+        raise ValueError(
+            f"{config.output} already holds a complete dataset: pass --incremental to add new and "
+            "changed images, or --overwrite to rebuild it"
+        )
+    out.make_dirs()
+    out.delete(out.path("manifest.json"))
+    out.write_json(out.path("config.json"), settings)
+
+
+def _clear(out: OutputDir) -> None:
+    """Delete what a prepare run writes, and nothing else that OUT may hold."""
+    for folder, suffix in (("shards", ".tar"), ("parts", ".parquet")):
+        for name in out.list_names(folder, suffix):
+            out.delete(out.path(folder, name + suffix))
+    for name in (
+        "manifest.json",
+        "config.json",
+        "index.parquet",
+        "rejects.parquet",
+        "stats.json",
+        "buckets.png",
+    ):
+        out.delete(out.path(name))
+    out.delete_temporaries()
+
+
+def _scan(listing: pa.Table, root, config: PrepareConfig) -> pa.Table:
+    step = config.files_per_scan_task
+    tables = map_unordered(
+        scan_batch,
+        (
+            (listing.slice(start, step), root, config.max_pixels)
+            for start in range(0, len(listing), step)
+        ),
+        description="scan",
+        total_items=len(listing),
+        items_of=len,
+        max_in_flight=config.max_in_flight,
+    )
+    return pa.concat_tables(list(tables)).sort_by("source")
+
+
+def _rejects(table: pa.Table, reasons, messages) -> pa.Table:
+    return pa.table(
+        {
+            "source": table["source"],
+            "reason": pa.array(reasons, pa.string()),
+            "message": pa.array(messages, pa.string()),
+            "key": table["key"],
+            "size": table["size"],
+            "mtime_ns": table["mtime_ns"],
+        },
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """(accepted images with their bucket columns, rejections so far, the bucket list)."""
+    failed = scanned.filter(pc.is_valid(scanned["reject"]))
+    candidates = scanned.filter(pc.is_null(scanned["reject"]))
+    width = candidates["width"].to_numpy(zero_copy_only=False).astype(np.int64)
+    height = candidates["height"].to_numpy(zero_copy_only=False).astype(np.int64)
+    buckets, index, aspect_error = bucketize(width, height, config.buckets)
+    bucket_w, bucket_h = buckets[index, 0], buckets[index, 1]  # rejected rows: any bucket
+    scaled_w, scaled_h = fit(width, height, bucket_w, bucket_h) if len(width) else (width, height)
+    upscale = scaled_w / width
+    cropped = 1.0 - bucket_w * bucket_h / (scaled_w * scaled_h)
+
+    reasons = np.full(len(width), None, dtype=object)
+    messages = np.full(len(width), None, dtype=object)
+    checks = [  # the first failed check names the reason; a bucket must exist to fit to it
+        ("aspect", index == REJECT_ASPECT,
+         lambda i: f"aspect {width[i] / height[i]:.3f} is too far from every bucket"),
+        ("too_small", index < 0,
+         lambda i: f"{width[i]}x{height[i]} is under every bucket it could use without upscaling"),
+        ("upscale", upscale > config.max_upscale,
+         lambda i: f"needs {upscale[i]:.2f}x upscaling, over max_upscale={config.max_upscale}"),
+        ("crop", cropped > config.max_crop,
+         lambda i: f"fit crops {cropped[i]:.0%} of the area, over max_crop={config.max_crop:.0%}"),
+    ]  # fmt: skip
+    for code, failed_check, message in reversed(checks):
+        for i in np.flatnonzero(failed_check):
+            reasons[i], messages[i] = code, message(i)
+    ok = reasons == None  # noqa: E711 (element-wise comparison)
+    accepted = candidates.filter(pa.array(ok))
+    for name, values in zip(BUCKET_COLUMNS, (index, bucket_w, bucket_h, aspect_error), strict=True):
+        column_type = pa.float64() if name == "aspect_error" else pa.int32()
+        accepted = accepted.append_column(name, pa.array(values[ok], column_type))
+    rejected = candidates.filter(pa.array(~ok))
+    rejects = pa.concat_tables(
+        [
+            _rejects(failed, failed["reject"], failed["message"]),
+            _rejects(rejected, reasons[~ok], messages[~ok]),
+        ]
+    )
+    return accepted.sort_by("key"), rejects, buckets
+
+
+def _finished_shards(out: OutputDir) -> dict[str, np.ndarray]:
+    """Every finished shard's member keys, from the shards' parts."""
+    previous = {}
+    for name in out.list_names("shards", ".tar"):
+        if out.exists(out.part(name)):
+            part = pq.read_table(
+                out.part(name), columns=["key", "reject"], filesystem=out.filesystem[0]
+            )
+            kept = part.filter(pc.is_null(part["reject"]))["key"]
+            previous[name] = kept.to_numpy(zero_copy_only=False).astype("S20")
+    return previous
+
+
+def _write_rejects(out: OutputDir, shards) -> list[pa.Table]:
+    tables = []
+    for shard in shards:
+        part = pq.read_table(out.part(shard.name), filesystem=out.filesystem[0])
+        rejected = part.filter(pc.is_valid(part["reject"]))
+        if len(rejected):
+            tables.append(_rejects(rejected, rejected["reject"], rejected["message"]))
+    return tables
+
+
+def _finish(
+    out: OutputDir,
+    config: PrepareConfig,
+    shards,
+    rejects: pa.Table,
+    buckets: np.ndarray,
+    input_fingerprint: str,
+) -> dict:
+    filesystem = out.filesystem[0]
+    index_path = out.path("index.parquet")
+    temporary = out.temporary(index_path)
+    with pq.ParquetWriter(temporary, INDEX_SCHEMA, filesystem=filesystem) as writer:
+        for shard in shards:  # one part at a time: the driver never holds the whole index
+            part = pq.read_table(out.part(shard.name), filesystem=filesystem)
+            writer.write_table(part.filter(pc.is_null(part["reject"])).select(INDEX_SCHEMA.names))
+    out.commit(temporary, index_path)
+    out.write_table(out.path("rejects.parquet"), rejects)
+
+    planned = {shard.name for shard in shards}
+    for name in set(out.list_names("shards", ".tar")) - planned:
+        out.delete(out.shard(name))
+    for name in set(out.list_names("parts", ".parquet")) - planned:
+        out.delete(out.part(name))
+    out.delete_temporaries()
+
+    columns = pq.read_table(
+        index_path, columns=["width", "height", "bucket", "aspect_error"], filesystem=filesystem
+    )
+    stats = dataset_stats(
+        {name: columns[name].to_numpy() for name in columns.column_names},
+        buckets,
+        rejects["reason"].to_pylist(),
+        config.batch_size,
+        config.world_size,
+        config.write.seed,
+    )
+    out.write_json(out.path("stats.json"), stats)
+    out.write_bytes(out.path("buckets.png"), draw_buckets(stats))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "settings": config.settings(),
+        "buckets": buckets.tolist(),
+        "counts": {"images": stats["images"], "rejected": stats["rejected"], "shards": len(shards)},
+        "shards": sorted(f"shards/{name}.tar" for name in planned),
+        "trainer": {
+            "batch_size": config.batch_size,
+            "world_size": config.world_size,
+            "seed": config.write.seed,
+        },
+        "input": {"uri": config.input, "fingerprint": input_fingerprint},
+    }
+    out.write_json(out.path("manifest.json"), manifest)  # last: the dataset is complete
+    return manifest

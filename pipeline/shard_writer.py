@@ -1,0 +1,164 @@
+"""Writing one shard: fit and encode its images, write the tar and its index part atomically.
+
+`write_shard` is the unit of work of the write stage. A bad image or caption becomes a
+rejection row in the shard's part; only a failure of the output itself raises, so that the
+task is retried. Tars are byte-reproducible: members in key order, fixed mtime and owner.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from webdataset import TarWriter
+
+from pipeline.imaging import CROPS, DEFAULT_BACKGROUND, ENCODERS, encode, fitted_image
+from pipeline.output import OutputDir
+from pipeline.sources import InputRoot
+
+TAR_MTIME = 0
+
+PART_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("width", pa.int32()),  # source size after EXIF orientation
+        ("height", pa.int32()),
+        ("bucket", pa.int32()),
+        ("bucket_width", pa.int32()),
+        ("bucket_height", pa.int32()),
+        ("aspect_error", pa.float64()),
+        ("stored_width", pa.int32()),
+        ("stored_height", pa.int32()),
+        ("shard", pa.string()),  # path of the tar relative to OUT
+        ("caption", pa.string()),
+        ("image_offset", pa.int64()),  # byte offset of the member's data inside the tar
+        ("image_size", pa.int64()),
+        ("json_offset", pa.int64()),
+        ("json_size", pa.int64()),
+        ("txt_offset", pa.int64()),  # null when the image has no caption
+        ("txt_size", pa.int64()),
+        ("reject", pa.string()),  # set on write-time rejections, which have no members
+        ("message", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    image_format: str = "jpg"  # a key of imaging.ENCODERS
+    quality: int = 95
+    crop: str = "none"  # a key of imaging.CROPS: "none" keeps the overflow for the loader
+    seed: int = 0  # random crops: image `key` is cropped with rng seeded by (seed, key)
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND
+
+    def __post_init__(self) -> None:
+        if self.image_format not in ENCODERS:
+            raise ValueError(
+                f"image_format must be one of {sorted(ENCODERS)}, got {self.image_format!r}"
+            )
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {sorted(CROPS)}, got {self.crop!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ValueError(f"background must be three values in 0..255, got {self.background!r}")
+
+
+def _read_caption(row: dict, root: InputRoot) -> str | None:
+    if row["caption"] is not None:
+        return row["caption"]
+    if row["caption_source"] is None:
+        return None
+    return root.read_bytes(row["caption_source"]).decode("utf-8").strip()
+
+
+def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, dict]:
+    """(webdataset sample, its index fields); raises for an unusable image or caption."""
+    try:
+        caption = _read_caption(row, root)
+        data = root.read_bytes(row["source"])
+    except UnicodeDecodeError as error:
+        raise _Rejected("caption_encoding", f"caption is not UTF-8: {error}") from None
+    except OSError as error:
+        raise _Rejected("unreadable", f"{type(error).__name__}: {error}") from None
+    bucket = (row["bucket_width"], row["bucket_height"])
+    rng = np.random.default_rng([options.seed, int(row["key"], 16)])
+    try:
+        image = fitted_image(data, bucket, options.crop, rng, options.background)
+    except Exception as error:  # any decoder failure on a corrupt file is that file's alone
+        raise _Rejected("decode_error", f"{type(error).__name__}: {error}") from None
+    fields = {"caption": caption, "stored_width": image.width, "stored_height": image.height}
+    metadata = {
+        "source": row["source"],
+        "width": row["width"],
+        "height": row["height"],
+        "bucket": row["bucket"],
+        "bucket_width": bucket[0],
+        "bucket_height": bucket[1],
+        "stored_width": image.width,
+        "stored_height": image.height,
+    }
+    sample = {
+        "__key__": row["key"],
+        options.image_format: encode(image, options.image_format, options.quality),
+        "json": json.dumps(metadata, sort_keys=True).encode(),
+    }
+    if caption is not None:
+        sample["txt"] = caption.encode()
+    return sample, fields
+
+
+class _Rejected(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def write_shard(
+    name: str, rows: pa.Table, root: InputRoot, out: OutputDir, options: WriteOptions
+) -> dict:
+    """Write shard `name` from `rows` (scan rows plus bucket columns, in key order).
+
+    Returns counts; the shard's index rows and rejections are in its part file.
+    """
+    filesystem = out.filesystem[0]
+    tar_path = out.shard(name)
+    temporary_tar = out.temporary(tar_path)
+    records = []
+    with filesystem.open_output_stream(temporary_tar) as stream:
+        writer = TarWriter(stream, mtime=TAR_MTIME, user="arb", group="arb")
+        for row in rows.to_pylist():
+            try:
+                sample, fields = _sample(row, root, options)
+            except _Rejected as rejected:
+                records.append(row | {"reject": rejected.code, "message": rejected.message})
+                continue
+            writer.write(sample)
+            records.append(row | fields | {"shard": f"shards/{name}.tar"})
+        writer.close()
+    members = _member_offsets(filesystem, temporary_tar)
+    for record in records:
+        for extension, column in (
+            (options.image_format, "image"),
+            ("json", "json"),
+            ("txt", "txt"),
+        ):
+            offset, size = members.get(f"{record['key']}.{extension}", (None, None))
+            if record.get("reject") is None:
+                record[f"{column}_offset"], record[f"{column}_size"] = offset, size
+    out.write_table(out.part(name), pa.Table.from_pylist(records, schema=PART_SCHEMA))
+    out.commit(temporary_tar, tar_path)  # last: the shard now counts as finished
+    rejected = sum(record.get("reject") is not None for record in records)
+    return {"name": name, "written": len(records) - rejected, "rejected": rejected}
+
+
+def _member_offsets(filesystem, path: str) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size), from the tar's headers only."""
+    with filesystem.open_input_file(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+        return {member.name: (member.offset_data, member.size) for member in tar}

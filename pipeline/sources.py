@@ -1,0 +1,205 @@
+"""Listing the input: which image files there are, their caption sidecars, and what is unusable.
+
+Input is a directory tree (a local path or any URL pyarrow opens: file://, s3://, gs://) or a
+Parquet/CSV listing with a `path` column and an optional `caption` column. Captions in a tree
+come from a sidecar with the image's stem and `.txt` or `.caption` (kohya-ss's convention).
+Listing reads directory entries only, never file contents.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CAPTION_EXTENSIONS = (".txt", ".caption")  # a .txt sidecar wins over a .caption one
+
+LISTING_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # relative to the input root, '/'-separated; or as listed
+        ("size", pa.int64()),  # bytes; null where not known before the scan (listing input)
+        ("mtime_ns", pa.int64()),
+        ("caption_source", pa.string()),  # sidecar, relative like `source`; null if none
+        ("caption_size", pa.int64()),
+        ("caption_mtime_ns", pa.int64()),
+        ("caption", pa.string()),  # a listing file's caption column; null otherwise
+        ("reject", pa.string()),  # a rejection code when the entry is unusable as listed
+        ("message", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class InputRoot:
+    """Where sources are read from: a directory, or the folder of a listing file."""
+
+    uri: str
+
+    def resolve(self, source: str) -> tuple[pafs.FileSystem, str]:
+        if "://" in source or source.startswith("/"):
+            return pafs.FileSystem.from_uri(source)
+        filesystem, root = pafs.FileSystem.from_uri(self.uri)
+        return filesystem, f"{root.rstrip('/')}/{source}"
+
+    def read_bytes(self, source: str) -> bytes:
+        filesystem, path = self.resolve(source)
+        with filesystem.open_input_file(path) as stream:
+            return stream.readall()
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(pafs.FileSystem.from_uri(self.uri)[0], pafs.LocalFileSystem)
+
+
+def _is_listing_file(uri: str) -> bool:
+    return uri.endswith((".parquet", ".csv"))
+
+
+def input_root(uri: str) -> InputRoot:
+    """The root sources are resolved against: the tree itself, or a listing's folder."""
+    if _is_listing_file(uri):
+        return InputRoot(uri.rsplit("/", 1)[0] if "/" in uri else ".")
+    return InputRoot(uri.rstrip("/") or "/")
+
+
+def list_input(uri: str) -> pa.Table:
+    """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source."""
+    if _is_listing_file(uri):
+        table = _read_listing_file(uri)
+    else:
+        root = input_root(uri)
+        filesystem, path = pafs.FileSystem.from_uri(root.uri)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            entries = _walk_local(path)
+        else:
+            entries = _walk_remote(filesystem, path)
+        table = _pair_captions(entries)
+    return table.sort_by("source")
+
+
+def _walk_local(root: str) -> list[dict]:
+    """Regular files under root, not following directory links; file links are checked."""
+    real_root = os.path.realpath(root)
+    entries = []
+    for directory, subdirectories, files in os.walk(root, followlinks=False):
+        subdirectories.sort()
+        for name in sorted(files):
+            full = os.path.join(directory, name)
+            entry = {"source": PurePosixPath(os.path.relpath(full, root)).as_posix()}
+            try:
+                info = os.stat(full)  # follows a link: a loop or dangling link raises here
+            except OSError as error:
+                entries.append(entry | _rejected("unreadable", f"cannot stat: {error.strerror}"))
+                continue
+            if (
+                os.path.islink(full)
+                and os.path.commonpath([real_root, os.path.realpath(full)]) != real_root
+            ):
+                entries.append(
+                    entry | _rejected("outside_root", "symlink points outside the input root")
+                )
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                entries.append(entry | _rejected("not_a_file", "not a regular file"))
+                continue
+            entries.append(entry | {"size": info.st_size, "mtime_ns": info.st_mtime_ns})
+    return entries
+
+
+def _walk_remote(filesystem: pafs.FileSystem, root: str) -> list[dict]:
+    selector = pafs.FileSelector(root, recursive=True)
+    return [
+        {
+            "source": info.path[len(root.rstrip("/")) + 1 :],
+            "size": info.size,
+            "mtime_ns": info.mtime_ns,
+        }
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    ]
+
+
+def _rejected(code: str, message: str) -> dict:
+    return {"reject": code, "message": message}
+
+
+def _pair_captions(entries: list[dict]) -> pa.Table:
+    """Images with their sidecars; unknown and orphan files become rejections."""
+    by_source = {entry["source"]: entry for entry in entries}
+    image_stems = {_stem(source) for source in by_source if _extension(source) in IMAGE_EXTENSIONS}
+    rows = []
+    for source, entry in by_source.items():
+        extension = _extension(source)
+        if entry.get("reject"):
+            rows.append(entry)
+        elif extension in IMAGE_EXTENSIONS:
+            for caption_extension in CAPTION_EXTENSIONS:
+                sidecar = by_source.get(_stem(source) + caption_extension)
+                if sidecar and not sidecar.get("reject"):
+                    entry |= {
+                        "caption_source": sidecar["source"],
+                        "caption_size": sidecar["size"],
+                        "caption_mtime_ns": sidecar["mtime_ns"],
+                    }
+                    break
+            rows.append(entry)
+        elif extension in CAPTION_EXTENSIONS:
+            if _stem(source) not in image_stems:
+                rows.append(
+                    entry
+                    | _rejected("orphan_caption", "caption file without an image of the same name")
+                )
+        else:
+            rows.append(
+                entry
+                | _rejected("unsupported_format", f"not an image extension: {extension or 'none'}")
+            )
+    return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
+
+
+def _extension(source: str) -> str:
+    return PurePosixPath(source).suffix.lower()
+
+
+def _stem(source: str) -> str:
+    return source[: len(source) - len(PurePosixPath(source).suffix)]
+
+
+def _read_listing_file(uri: str) -> pa.Table:
+    filesystem, path = (
+        pafs.FileSystem.from_uri(uri)
+        if "://" in uri
+        else (pafs.LocalFileSystem(), os.path.abspath(uri))
+    )
+    with filesystem.open_input_file(path) as stream:
+        table = pq.read_table(stream) if uri.endswith(".parquet") else pa_csv.read_csv(stream)
+    if "path" not in table.column_names:
+        raise ValueError(f"listing {uri} has no 'path' column (columns: {table.column_names})")
+    paths = table["path"].cast(pa.string())
+    captions = (
+        table["caption"].cast(pa.string())
+        if "caption" in table.column_names
+        else pa.nulls(len(table), pa.string())
+    )
+    nulls = {
+        name: pa.nulls(len(table), field.type)
+        for name, field in zip(LISTING_SCHEMA.names, LISTING_SCHEMA, strict=True)
+    }
+    missing = pc.is_null(paths)
+    columns = nulls | {
+        "source": pc.if_else(missing, pa.scalar("", pa.string()), paths),
+        "caption": captions,
+        "reject": pc.if_else(missing, pa.scalar("no_path", pa.string()), nulls["reject"]),
+        "message": pc.if_else(
+            missing, pa.scalar("listing row has no path", pa.string()), nulls["message"]
+        ),
+    }
+    return pa.table(columns, schema=LISTING_SCHEMA)
