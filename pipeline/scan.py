@@ -7,6 +7,7 @@ compact row per file. Every failure becomes a rejection row; it never raises for
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from pipeline.sources import LISTING_SCHEMA, InputRoot
 # MPO is what Pillow calls the JPEGs many phones write (a JPEG with extra frames).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 DEFAULT_MAX_PIXELS = 250_000_000  # room for 170-megapixel wallpapers and 200 MP phone shots
+HEADER_BYTES = 1 << 16  # enough for the header and EXIF block of nearly every image file
 
 SCAN_SCHEMA = pa.schema(
     [
@@ -62,12 +64,13 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
         row["key"] = sample_key(row)
         if not row["size"]:
             return row | _reject("not_an_image", "empty file")
-        with filesystem.open_input_file(path) as stream, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
-            with Image.open(stream) as image:
-                width, height = image.size
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-                header = {"format": image.format, "mode": image.mode}
+        data = root.read_bytes(row["source"], HEADER_BYTES)
+        try:  # the first bytes hold the header of nearly every file; else read it all
+            width, height, orientation, header = _header(data)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            if len(data) < HEADER_BYTES:
+                raise
+            width, height, orientation, header = _header(root.read_bytes(row["source"]))
     except UnidentifiedImageError:
         return row | _reject("not_an_image", "not a recognised image file")
     except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three on bad headers
@@ -88,6 +91,16 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
             "too_many_pixels", f"{width}x{height} is over max_pixels={max_pixels:,}"
         )
     return row
+
+
+def _header(data: bytes) -> tuple[int, int, int, dict]:
+    """(stored width, stored height, EXIF orientation, format and mode) from file bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            return width, height, orientation, {"format": image.format, "mode": image.mode}
 
 
 def _reject(code: str, message: str) -> dict:

@@ -49,10 +49,14 @@ class InputRoot:
         filesystem, root = pafs.FileSystem.from_uri(self.uri)
         return filesystem, f"{root.rstrip('/')}/{source}"
 
-    def read_bytes(self, source: str) -> bytes:
+    def read_bytes(self, source: str, limit: int | None = None) -> bytes:
+        """The file's bytes, or its first `limit` bytes."""
         filesystem, path = self.resolve(source)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            with open(path, "rb") as stream:
+                return stream.read(-1 if limit is None else limit)
         with filesystem.open_input_file(path) as stream:
-            return stream.readall()
+            return stream.readall() if limit is None else stream.read(limit)
 
     @property
     def is_local(self) -> bool:
