@@ -65,16 +65,14 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
         if not row["size"]:
             return row | _reject("not_an_image", "empty file")
         data = root.read_bytes(row["source"], HEADER_BYTES)
-        try:  # the first bytes hold the header of nearly every file; else read it all
-            width, height, orientation, header = _header(data)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            if len(data) < HEADER_BYTES:
-                raise
-            width, height, orientation, header = _header(root.read_bytes(row["source"]))
+    except OSError as error:
+        return row | _reject("unreadable", f"{type(error).__name__}: {error}")
+    try:
+        width, height, orientation, header = _parse_header(data, root, row["source"])
     except UnidentifiedImageError:
         return row | _reject("not_an_image", "not a recognised image file")
     except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three on bad headers
-        return row | _reject("unreadable", f"{type(error).__name__}: {error}")
+        return row | _reject("corrupt", f"{type(error).__name__}: {error}")
     if header["format"] not in SUPPORTED_FORMATS:
         return (
             row
@@ -91,6 +89,16 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
             "too_many_pixels", f"{width}x{height} is over max_pixels={max_pixels:,}"
         )
     return row
+
+
+def _parse_header(data: bytes, root: InputRoot, source: str) -> tuple[int, int, int, dict]:
+    """The header from the file's first bytes, or from the whole file where they fall short."""
+    try:
+        return _header(data)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        if len(data) < HEADER_BYTES:
+            raise
+        return _header(root.read_bytes(source))
 
 
 def _header(data: bytes) -> tuple[int, int, int, dict]:

@@ -92,7 +92,7 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
     try:
         image = fitted_image(data, bucket, options.crop, rng, options.background)
     except Exception as error:  # any decoder failure on a corrupt file is that file's alone
-        raise _Rejected("decode_error", f"{type(error).__name__}: {error}") from None
+        raise _Rejected("corrupt", f"{type(error).__name__}: {error}") from None
     fields = {"caption": caption, "stored_width": image.width, "stored_height": image.height}
     metadata = {
         "source": row["source"],
