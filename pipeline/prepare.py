@@ -26,7 +26,7 @@ from pipeline.report import dataset_stats, draw_buckets
 from pipeline.scan import DEFAULT_MAX_PIXELS, scan_batch
 from pipeline.shard_plan import plan_shards
 from pipeline.shard_writer import PART_SCHEMA, WriteOptions, write_shard
-from pipeline.sources import input_root, list_input
+from pipeline.sources import absolute, input_root, list_input
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -97,6 +97,9 @@ def fingerprint(value: object) -> str:
 
 def run(config: PrepareConfig) -> dict:
     """Prepare `config.output` from `config.input`; returns the manifest."""
+    config = dataclasses.replace(
+        config, input=absolute(config.input), output=absolute(config.output)
+    )
     out = OutputDir(config.output)
     _begin(out, config)
     root = input_root(config.input)

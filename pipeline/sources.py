@@ -63,6 +63,11 @@ class InputRoot:
         return isinstance(pafs.FileSystem.from_uri(self.uri)[0], pafs.LocalFileSystem)
 
 
+def absolute(uri: str) -> str:
+    """A URL as it is; a local path made absolute, as Ray workers elsewhere must read it."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def _is_listing_file(uri: str) -> bool:
     return uri.endswith((".parquet", ".csv"))
 

@@ -121,3 +121,33 @@ def test_ray_job_submit_against_a_started_cluster(tmp_path):
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
     assert json.loads((output / "manifest.json").read_text())["counts"]["images"] == len(images)
+
+
+def test_the_readme_command_on_the_example_images(tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()
+    output = tmp_path / "example"
+    command = [
+        sys.executable,
+        "jobs/prepare.py",
+        "--input",
+        "examples/images",
+        "--output",
+        str(output),
+    ]
+    for _ in range(2):  # the second run shows --overwrite makes the command safe to repeat
+        done = subprocess.run(
+            [*command, "--overwrite", "--num-cpus=2"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "images": 12,
+        "rejected": 1,
+        "shards": 7,
+    }
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--incremental" in refused.stderr
