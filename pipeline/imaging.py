@@ -2,9 +2,10 @@
 
 Fitting follows `fit.py`: scale keeping the aspect until the bucket is covered, then crop the
 overflow now (`center`, `random`) or leave it for the loader to crop at random at training
-time (`none`, the source's way). JPEGs are decoded straight at a reduced size (DCT-domain
-scaling, Pillow's `draft`) when the image is at least twice the needed size, which keeps a
-margin of 2 for the final Lanczos resize so quality does not drop.
+time (`none`, the source's way). JPEGs are decoded straight at a reduced size: libjpeg's
+DCT-domain scaling (Pillow's `draft`) to the smallest of 1/2, 1/4 and 1/8 that still covers
+the fitted size, then Lanczos for the rest. bench/prepare_bench.py measures it against a full
+decode: about 3x faster per image, and the same PSNR as decoding at twice the size.
 """
 
 from __future__ import annotations
@@ -12,14 +13,23 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.fit import crop_box, fit
 
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # rotated by 90 or 270 degrees
+ORIENTATION_TRANSPOSE = {  # as ImageOps.exif_transpose applies them
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 DEFAULT_BACKGROUND = (255, 255, 255)  # white under transparency: what viewers and sites show
-DRAFT_MARGIN = 2  # decode JPEGs at no less than twice the target size
+DRAFT_MARGIN = 1  # decode JPEGs at no less than this times the fitted size
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -51,7 +61,7 @@ def to_rgb(
     if image.mode in ALPHA_MODES or "transparency" in image.info:
         backdrop = Image.new("RGBA", image.size, (*background, 255))
         return Image.alpha_composite(backdrop, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def fitted_image(
@@ -63,14 +73,16 @@ def fitted_image(
 ) -> Image.Image:
     """Decode `data` and fit it to `bucket` (width, height); raises on undecodable data."""
     with Image.open(io.BytesIO(data)) as image:
-        transposed = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        transposed = orientation in TRANSPOSED_ORIENTATIONS
         width, height = image.size[::-1] if transposed else image.size
         scaled = fit(width, height, *bucket)
+        stored = scaled[::-1] if transposed else scaled  # the fitted size before orienting
         if image.format in ("JPEG", "MPO"):
-            stored = scaled[::-1] if transposed else scaled
             image.draft("RGB", (stored[0] * DRAFT_MARGIN, stored[1] * DRAFT_MARGIN))
-        image = to_rgb(ImageOps.exif_transpose(image), background)
-    image = image.resize(scaled, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        image = to_rgb(image, background).resize(stored, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if orientation in ORIENTATION_TRANSPOSE:  # oriented after the resize: fewer pixels to move
+        image = image.transpose(ORIENTATION_TRANSPOSE[orientation])
     box = CROPS[crop](scaled, bucket, rng)
     return image if box is None else image.crop(box)
 

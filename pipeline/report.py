@@ -7,9 +7,10 @@ planner itself (`plan.plan_epoch`) for every rank, so they are what the trainer 
 from __future__ import annotations
 
 import io
-from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.buckets import bucket_aspects
 from pipeline.fit import fit
@@ -58,7 +59,7 @@ def epoch_report(
 def dataset_stats(
     columns: dict[str, np.ndarray],
     buckets: np.ndarray,
-    reject_reasons: list[str],
+    reject_reasons: pa.ChunkedArray,
     batch_size: int,
     world_size: int,
     seed: int,
@@ -73,7 +74,12 @@ def dataset_stats(
     return {
         "images": len(width),
         "rejected": len(reject_reasons),
-        "rejections_by_reason": dict(sorted(Counter(reject_reasons).items())),
+        "rejections_by_reason": {
+            count["values"]: count["counts"]
+            for count in sorted(
+                pc.value_counts(reject_reasons).to_pylist(), key=lambda c: c["values"]
+            )
+        },
         "buckets": [
             {"bucket": i, "width": int(w), "height": int(h), "images": int(n)}
             for i, ((w, h), n) in enumerate(zip(buckets, counts, strict=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from typing import BinaryIO
 
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
@@ -48,9 +49,10 @@ def sample_key(row: dict) -> str:
 
 def scan_batch(rows: pa.Table, root: InputRoot, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """Header of every listed file: a table of SCAN_SCHEMA, one row per input row."""
-    return pa.Table.from_pylist(
-        [_scan_one(row, root, max_pixels) for row in rows.to_pylist()], schema=SCAN_SCHEMA
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
+        scanned = [_scan_one(row, root, max_pixels) for row in rows.to_pylist()]
+    return pa.Table.from_pylist(scanned, schema=SCAN_SCHEMA)
 
 
 def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
@@ -64,11 +66,11 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
         row["key"] = sample_key(row)
         if not row["size"]:
             return row | _reject("not_an_image", "empty file")
-        data = root.read_bytes(row["source"], HEADER_BYTES)
+        stream = root.open(row["source"], HEADER_BYTES)
     except OSError as error:
         return row | _reject("unreadable", f"{type(error).__name__}: {error}")
     try:
-        width, height, orientation, header = _parse_header(data, root, row["source"])
+        width, height, orientation, header = _read_header(stream, root, row["source"])
     except UnidentifiedImageError:
         return row | _reject("not_an_image", "not a recognised image file")
     except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three on bad headers
@@ -91,24 +93,38 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
     return row
 
 
-def _parse_header(data: bytes, root: InputRoot, source: str) -> tuple[int, int, int, dict]:
-    """The header from the file's first bytes, or from the whole file where they fall short."""
-    try:
-        return _header(data)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        if len(data) < HEADER_BYTES:
-            raise
-        return _header(root.read_bytes(source))
+def _read_header(stream: BinaryIO, root: InputRoot, source: str) -> tuple[int, int, int, dict]:
+    """The header from `stream`; from the whole file when a remote file's first bytes fall short."""
+    with stream:
+        try:
+            return _header(stream)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            if not (isinstance(stream, io.BytesIO) and len(stream.getbuffer()) == HEADER_BYTES):
+                raise
+    with root.open(source) as whole:
+        return _header(whole)
 
 
-def _header(data: bytes) -> tuple[int, int, int, dict]:
-    """(stored width, stored height, EXIF orientation, format and mode) from file bytes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-            return width, height, orientation, {"format": image.format, "mode": image.mode}
+def _header(stream: BinaryIO) -> tuple[int, int, int, dict]:
+    """(stored width, stored height, EXIF orientation, format and mode); reads no pixels."""
+    image = Image.open(stream)
+    return *image.size, _orientation(image), {"format": image.format, "mode": image.mode}
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, as `ImageOps.exif_transpose` will apply it, from the header only.
+
+    Pillow's `getexif()` parses more than this needs, and for a PNG decodes the pixels to look
+    for a late eXIf chunk; it is used only where XMP may carry the orientation instead.
+    """
+    if image.format == "TIFF":
+        return image.tag_v2.get(EXIF_ORIENTATION, 1)
+    if "xmp" in image.info or "XML:com.adobe.xmp" in image.info:
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    exif = Image.Exif()
+    if "exif" in image.info:
+        exif.load(image.info["exif"])
+    return exif.get(EXIF_ORIENTATION, 1)
 
 
 def _reject(code: str, message: str) -> dict:

@@ -8,10 +8,15 @@ Listing reads directory entries only, never file contents.
 
 from __future__ import annotations
 
+import io
+import itertools
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,20 +48,29 @@ class InputRoot:
 
     uri: str
 
+    @cached_property
+    def _root(self) -> tuple[pafs.FileSystem, str]:
+        filesystem, root = pafs.FileSystem.from_uri(self.uri)
+        return filesystem, root.rstrip("/")
+
     def resolve(self, source: str) -> tuple[pafs.FileSystem, str]:
         if "://" in source or source.startswith("/"):
             return pafs.FileSystem.from_uri(source)
-        filesystem, root = pafs.FileSystem.from_uri(self.uri)
-        return filesystem, f"{root.rstrip('/')}/{source}"
+        filesystem, root = self._root
+        return filesystem, f"{root}/{source}"
 
-    def read_bytes(self, source: str, limit: int | None = None) -> bytes:
-        """The file's bytes, or its first `limit` bytes."""
+    def open(self, source: str, limit: int | None = None) -> BinaryIO:
+        """The file for reading: a local file itself (read lazily), else its bytes in memory,
+        only the first `limit` of them when given (one ranged read from an object store)."""
         filesystem, path = self.resolve(source)
         if isinstance(filesystem, pafs.LocalFileSystem):
-            with open(path, "rb") as stream:
-                return stream.read(-1 if limit is None else limit)
+            return open(path, "rb")  # the caller closes it
         with filesystem.open_input_file(path) as stream:
-            return stream.readall() if limit is None else stream.read(limit)
+            return io.BytesIO(stream.readall() if limit is None else stream.read(limit))
+
+    def read_bytes(self, source: str) -> bytes:
+        with self.open(source) as stream:
+            return stream.read()
 
     @property
     def is_local(self) -> bool:
@@ -80,26 +94,32 @@ def input_root(uri: str) -> InputRoot:
 
 
 def list_input(uri: str) -> pa.Table:
-    """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source."""
+    """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source.
+
+    A tree is walked one directory at a time (sidecars sit beside their images) and rows go
+    to Arrow in chunks, so the Python objects alive at once stay few whatever the file count.
+    """
     if _is_listing_file(uri):
-        table = _read_listing_file(uri)
+        return _read_listing_file(uri).sort_by("source")
+    filesystem, path = pafs.FileSystem.from_uri(input_root(uri).uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        directories = _walk_local(path)
     else:
-        root = input_root(uri)
-        filesystem, path = pafs.FileSystem.from_uri(root.uri)
-        if isinstance(filesystem, pafs.LocalFileSystem):
-            entries = _walk_local(path)
-        else:
-            entries = _walk_remote(filesystem, path)
-        table = _pair_captions(entries)
-    return table.sort_by("source")
+        directories = _walk_remote(filesystem, path)
+    rows = (row for entries in directories for row in _pair_captions(entries))
+    batches = []
+    while chunk := list(itertools.islice(rows, 8192)):
+        batches.append(pa.RecordBatch.from_pylist(chunk, schema=LISTING_SCHEMA))
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA).sort_by("source")
 
 
-def _walk_local(root: str) -> list[dict]:
-    """Regular files under root, not following directory links; file links are checked."""
+def _walk_local(root: str) -> Iterator[list[dict]]:
+    """Regular files under root, a directory at a time; directory links are not followed and
+    file links must stay inside the root."""
     real_root = os.path.realpath(root)
-    entries = []
     for directory, subdirectories, files in os.walk(root, followlinks=False):
         subdirectories.sort()
+        entries = []
         for name in sorted(files):
             full = os.path.join(directory, name)
             entry = {"source": PurePosixPath(os.path.relpath(full, root)).as_posix()}
@@ -120,35 +140,32 @@ def _walk_local(root: str) -> list[dict]:
                 entries.append(entry | _rejected("not_a_file", "not a regular file"))
                 continue
             entries.append(entry | {"size": info.st_size, "mtime_ns": info.st_mtime_ns})
-    return entries
+        yield entries
 
 
-def _walk_remote(filesystem: pafs.FileSystem, root: str) -> list[dict]:
-    selector = pafs.FileSelector(root, recursive=True)
-    return [
-        {
-            "source": info.path[len(root.rstrip("/")) + 1 :],
-            "size": info.size,
-            "mtime_ns": info.mtime_ns,
-        }
-        for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File
-    ]
+def _walk_remote(filesystem: pafs.FileSystem, root: str) -> Iterator[list[dict]]:
+    """An object store's files under root, grouped by their folder."""
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    start = len(root.rstrip("/")) + 1
+    for _, group in itertools.groupby(files, key=lambda file: file[0].rsplit("/", 1)[0]):
+        yield [
+            {"source": path[start:], "size": size, "mtime_ns": mtime} for path, size, mtime in group
+        ]
 
 
 def _rejected(code: str, message: str) -> dict:
     return {"reject": code, "message": message}
 
 
-def _pair_captions(entries: list[dict]) -> pa.Table:
-    """Images with their sidecars; unknown and orphan files become rejections."""
+def _pair_captions(entries: list[dict]) -> Iterator[dict]:
+    """One directory's images with their sidecars; unknown and orphan files become rejections."""
     by_source = {entry["source"]: entry for entry in entries}
     image_stems = {_stem(source) for source in by_source if _extension(source) in IMAGE_EXTENSIONS}
-    rows = []
     for source, entry in by_source.items():
         extension = _extension(source)
         if entry.get("reject"):
-            rows.append(entry)
+            yield entry
         elif extension in IMAGE_EXTENSIONS:
             for caption_extension in CAPTION_EXTENSIONS:
                 sidecar = by_source.get(_stem(source) + caption_extension)
@@ -159,19 +176,16 @@ def _pair_captions(entries: list[dict]) -> pa.Table:
                         "caption_mtime_ns": sidecar["mtime_ns"],
                     }
                     break
-            rows.append(entry)
+            yield entry
         elif extension in CAPTION_EXTENSIONS:
             if _stem(source) not in image_stems:
-                rows.append(
-                    entry
-                    | _rejected("orphan_caption", "caption file without an image of the same name")
+                yield entry | _rejected(
+                    "orphan_caption", "caption file without an image of the same name"
                 )
         else:
-            rows.append(
-                entry
-                | _rejected("unsupported_format", f"not an image extension: {extension or 'none'}")
+            yield entry | _rejected(
+                "unsupported_format", f"not an image extension: {extension or 'none'}"
             )
-    return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
 
 
 def _extension(source: str) -> str:
