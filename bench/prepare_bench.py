@@ -175,8 +175,14 @@ def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
         if tiny
         else BucketConfig()
     )
+    # Photos: 32 per shard, so that two workers have enough tasks to share (each shard is one).
+    per_shard = 500 if tiny else 32
     config = PrepareConfig(
-        input=input_folder, output=output, buckets=buckets, overwrite=True, samples_per_shard=500
+        input=input_folder,
+        output=output,
+        buckets=buckets,
+        overwrite=True,
+        samples_per_shard=per_shard,
     )
     start = time.perf_counter()
     manifest = run(config)

@@ -8,6 +8,7 @@ or captions' files; images are read, fitted and written by Ray tasks, one task p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -19,14 +20,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.buckets import REJECT_ASPECT, BucketConfig, bucketize
-from pipeline.distributor import map_unordered
+from pipeline.distributor import default_in_flight, map_unordered
 from pipeline.fit import fit
 from pipeline.output import FORMAT_VERSION, OutputDir
 from pipeline.report import dataset_stats, draw_buckets
 from pipeline.scan import DEFAULT_MAX_PIXELS, scan_batch
-from pipeline.shard_plan import plan_shards
+from pipeline.shard_plan import Shard, plan_shards
 from pipeline.shard_writer import PART_SCHEMA, WriteOptions, write_shard
-from pipeline.sources import absolute, input_root, list_input
+from pipeline.sources import InputRoot, absolute, input_root, list_input
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -115,8 +116,20 @@ def run(config: PrepareConfig) -> dict:
         fingerprint(config.settings()),
         previous,
     )
+    _write(shards, accepted, root, out, config)
+    rejects = pa.concat_tables([assign_rejects, *_write_rejects(out, shards)]).sort_by("source")
+    scanned_keys = np.sort(_keys(scanned["key"]))
+    input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
+    return _finish(out, config, shards, rejects, buckets, input_fingerprint)
+
+
+def _write(
+    shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config
+) -> None:
+    """Write every shard that is not finished yet, one task each."""
     finished = set(out.list_names("shards", ".tar"))
-    todo = [shard for shard in shards if shard.name not in finished]
+    # Largest first, so that no big shard starts last and leaves the other workers idle.
+    todo = sorted((s for s in shards if s.name not in finished), key=lambda s: -len(s.rows))
     results = map_unordered(
         write_shard,
         ((shard.name, accepted.take(shard.rows), root, out, config.write) for shard in todo),
@@ -124,14 +137,8 @@ def run(config: PrepareConfig) -> dict:
         total_items=sum(len(shard.rows) for shard in todo),
         items_of=lambda result: result["written"] + result["rejected"],
         max_in_flight=config.max_in_flight,
-        max_retries=3,
     )
-    for _ in results:
-        pass
-    rejects = pa.concat_tables([assign_rejects, *_write_rejects(out, shards)]).sort_by("source")
-    scanned_keys = np.sort(_keys(scanned["key"]))
-    input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
-    return _finish(out, config, shards, rejects, buckets, input_fingerprint)
+    collections.deque(results, maxlen=0)  # run them all; results are in the shards' parts
 
 
 def _keys(column: pa.ChunkedArray) -> np.ndarray:
@@ -188,8 +195,9 @@ def _clear(out: OutputDir) -> None:
     out.delete_temporaries()
 
 
-def _scan(listing: pa.Table, root, config: PrepareConfig) -> pa.Table:
-    step = config.files_per_scan_task
+def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table:
+    # Tasks of files_per_scan_task files, smaller where that would leave CPUs idle.
+    step = max(1, min(config.files_per_scan_task, -(-len(listing) // default_in_flight())))
     tables = map_unordered(
         scan_batch,
         (
@@ -230,9 +238,13 @@ def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Tabl
     upscale = scaled_w / width
     cropped = 1.0 - bucket_w * bucket_h / (scaled_w * scaled_h)
 
+    duplicate = np.ones(len(width), dtype=bool)  # a listing may name a file twice: keep one
+    duplicate[np.unique(_keys(candidates["key"]), return_index=True)[1]] = False
+
     reasons = np.full(len(width), None, dtype=object)
     messages = np.full(len(width), None, dtype=object)
     checks = [  # the first failed check names the reason; a bucket must exist to fit to it
+        ("duplicate", duplicate, lambda i: "the same file is listed more than once"),
         ("aspect", index == REJECT_ASPECT,
          lambda i: f"aspect {width[i] / height[i]:.3f} is too far from every bucket"),
         ("too_small", index < 0,

@@ -264,10 +264,23 @@ def test_crop_at_prepare_time_stores_exact_bucket_sizes(corpus, tmp_path):
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 def test_a_listing_file_with_captions(corpus, tmp_path, kind):
     paths = sorted(str(p) for p in (corpus / "many").glob("*.jpg"))[:5]
-    table = pa.table({"path": paths, "caption": [f"caption {i}" for i in range(5)]})
+    captions = [f"caption {i}" for i in range(5)]
+    # The first row again: a duplicate. The second with another caption: a second sample.
+    table = pa.table(
+        {"path": [*paths, paths[0], paths[1]], "caption": [*captions, captions[0], "other words"]}
+    )
     listing = tmp_path / f"listing.{kind}"
     pq.write_table(table, listing) if kind == "parquet" else pa_csv.write_csv(table, listing)
-    rows = index_of(prepare(listing, tmp_path / "out") and tmp_path / "out")
-    assert sorted((r["source"], r["caption"]) for r in rows) == sorted(
-        zip(paths, table["caption"].to_pylist(), strict=True)
-    )
+    output = tmp_path / "out"
+    prepare(listing, output)
+    rows = index_of(output)
+    expected = [*zip(paths, captions, strict=True), (paths[1], "other words")]
+    assert sorted((r["source"], r["caption"]) for r in rows) == sorted(expected)
+    assert list(rejects_of(output).items()) == [(paths[0], "duplicate")]
+
+
+def test_file_urls_for_input_and_output(corpus, tmp_path):
+    output = tmp_path / "out"
+    manifest = prepare(f"file://{corpus / 'many'}", f"file://{output}")
+    assert manifest["counts"]["images"] == 12
+    assert {row["source"] for row in index_of(output)} == {f"landscape {i}.jpg" for i in range(12)}
