@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.sources import split_uri
+
 FORMAT_VERSION = 1
 TEMPORARY_MARK = ".tmp-"
 
@@ -33,8 +35,7 @@ class OutputDir:
 
     @cached_property
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
-        filesystem, path = pafs.FileSystem.from_uri(self.uri)
-        return filesystem, path.rstrip("/")
+        return split_uri(self.uri)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.filesystem[1], *parts])

@@ -42,6 +42,12 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
+def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a path or URL and the path inside it, without a trailing slash."""
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    return filesystem, path.rstrip("/")
+
+
 @dataclass(frozen=True)
 class InputRoot:
     """Where sources are read from: a directory, or the folder of a listing file."""
@@ -50,8 +56,7 @@ class InputRoot:
 
     @cached_property
     def _root(self) -> tuple[pafs.FileSystem, str]:
-        filesystem, root = pafs.FileSystem.from_uri(self.uri)
-        return filesystem, root.rstrip("/")
+        return split_uri(self.uri)
 
     def resolve(self, source: str) -> tuple[pafs.FileSystem, str]:
         if "://" in source or source.startswith("/"):
@@ -101,7 +106,7 @@ def list_input(uri: str) -> pa.Table:
     """
     if _is_listing_file(uri):
         return _read_listing_file(uri).sort_by("source")
-    filesystem, path = pafs.FileSystem.from_uri(input_root(uri).uri)
+    filesystem, path = split_uri(input_root(uri).uri)
     if isinstance(filesystem, pafs.LocalFileSystem):
         directories = _walk_local(path)
     else:
