@@ -202,32 +202,18 @@ def _stem(source: str) -> str:
 
 
 def _read_listing_file(uri: str) -> pa.Table:
-    filesystem, path = (
-        pafs.FileSystem.from_uri(uri)
-        if "://" in uri
-        else (pafs.LocalFileSystem(), os.path.abspath(uri))
-    )
+    """A Parquet/CSV listing as LISTING_SCHEMA rows; a row without a path is a rejection."""
+    filesystem, path = split_uri(absolute(uri))
     with filesystem.open_input_file(path) as stream:
         table = pq.read_table(stream) if uri.endswith(".parquet") else pa_csv.read_csv(stream)
     if "path" not in table.column_names:
         raise ValueError(f"listing {uri} has no 'path' column (columns: {table.column_names})")
+    columns = {field.name: pa.nulls(len(table), field.type) for field in LISTING_SCHEMA}
     paths = table["path"].cast(pa.string())
-    captions = (
-        table["caption"].cast(pa.string())
-        if "caption" in table.column_names
-        else pa.nulls(len(table), pa.string())
-    )
-    nulls = {
-        name: pa.nulls(len(table), field.type)
-        for name, field in zip(LISTING_SCHEMA.names, LISTING_SCHEMA, strict=True)
-    }
-    missing = pc.is_null(paths)
-    columns = nulls | {
-        "source": pc.if_else(missing, pa.scalar("", pa.string()), paths),
-        "caption": captions,
-        "reject": pc.if_else(missing, pa.scalar("no_path", pa.string()), nulls["reject"]),
-        "message": pc.if_else(
-            missing, pa.scalar("listing row has no path", pa.string()), nulls["message"]
-        ),
-    }
+    missing = pc.fill_null(pc.equal(paths, ""), True)  # CSV gives "" for an empty cell
+    columns["source"] = pc.fill_null(paths, "")
+    if "caption" in table.column_names:
+        columns["caption"] = table["caption"].cast(pa.string())
+    columns["reject"] = pc.if_else(missing, "no_path", columns["reject"])
+    columns["message"] = pc.if_else(missing, "listing row has no path", columns["message"])
     return pa.table(columns, schema=LISTING_SCHEMA)

@@ -267,7 +267,10 @@ def test_a_listing_file_with_captions(corpus, tmp_path, kind):
     captions = [f"caption {i}" for i in range(5)]
     # The first row again: a duplicate. The second with another caption: a second sample.
     table = pa.table(
-        {"path": [*paths, paths[0], paths[1]], "caption": [*captions, captions[0], "other words"]}
+        {
+            "path": [*paths, paths[0], paths[1], None],
+            "caption": [*captions, captions[0], "other words", "a row without a path"],
+        }
     )
     listing = tmp_path / f"listing.{kind}"
     pq.write_table(table, listing) if kind == "parquet" else pa_csv.write_csv(table, listing)
@@ -276,7 +279,7 @@ def test_a_listing_file_with_captions(corpus, tmp_path, kind):
     rows = index_of(output)
     expected = [*zip(paths, captions, strict=True), (paths[1], "other words")]
     assert sorted((r["source"], r["caption"]) for r in rows) == sorted(expected)
-    assert list(rejects_of(output).items()) == [(paths[0], "duplicate")]
+    assert sorted(rejects_of(output).items()) == [("", "no_path"), (paths[0], "duplicate")]
 
 
 def test_file_urls_for_input_and_output(corpus, tmp_path):
