@@ -1,0 +1,185 @@
+"""The trainer and its loader on a real prepared dataset, with real torchrun (gloo) processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from images import rgb, save
+
+from pipeline.buckets import BucketConfig
+from pipeline.prepare import PrepareConfig, run
+from trainer.data import EpochBatches, PreparedData, make_loader
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=32, square=64)
+# Very uneven buckets, none a multiple of the batch sizes used: 17 wide, 7 tall, 4 square, 3 long.
+SHAPES = [(96, 64)] * 17 + [(64, 96)] * 7 + [(64, 64)] * 4 + [(128, 32)] * 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    import ray
+
+    folder = tmp_path_factory.mktemp("trainer")
+    for i, (width, height) in enumerate(SHAPES):
+        save(rgb(width + i % 3, height, i), folder / "images" / f"img{i:02d}.jpg", quality=90)
+        (folder / "images" / f"img{i:02d}.txt").write_text(f"caption {i}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run(
+            PrepareConfig(
+                input=str(folder / "images"),
+                output=str(folder / "out"),
+                buckets=SMALL_BUCKETS,
+                samples_per_shard=5,
+            )
+        )
+    finally:
+        ray.shutdown()
+    return folder / "out"
+
+
+def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[dict]]:
+    """Run the trainer under torchrun; each rank's logged batches, in order."""
+    log = work / "batches.jsonl"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "trainer/train.py", f"--data={data}", f"--out-dir={work / 'checkpoints'}",
+        f"--batch-log={log}", "--num-workers=1", "--channels=8", *args,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    by_rank = defaultdict(list)
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        by_rank[entry["rank"]].append(entry)
+    return dict(by_rank)
+
+
+@pytest.fixture(scope="module")
+def reference_run(prepared, tmp_path_factory) -> dict[int, list[dict]]:
+    return torchrun(
+        2,
+        prepared,
+        tmp_path_factory.mktemp("reference"),
+        "--batch-size=3",
+        "--epochs=3",
+        "--lr=3e-3",
+    )
+
+
+def test_two_ranks_run_the_same_steps_on_uneven_buckets(prepared, reference_run):
+    n_items = len(PreparedData(prepared))
+    assert set(reference_run) == {0, 1}
+    assert len(reference_run[0]) == len(reference_run[1]) == 3 * (n_items // 6)
+    buckets = {tuple(b) for b in PreparedData(prepared).buckets.tolist()}
+    for entries in reference_run.values():
+        for entry in entries:
+            batch, channels, height, width = entry["shape"]
+            assert batch == 3 and channels == 3 and (width, height) in buckets
+    for epoch in range(3):
+        keys = [
+            [k for e in reference_run[r] if e["epoch"] == epoch for k in e["keys"]] for r in (0, 1)
+        ]
+        assert not set(keys[0]) & set(keys[1]), "ranks are disjoint"
+        assert len(set(keys[0]) | set(keys[1])) == n_items - n_items % 6
+
+
+def test_the_loss_falls(reference_run):
+    losses = [[e["loss"] for e in reference_run[0] if e["epoch"] == epoch] for epoch in range(3)]
+    assert np.mean(losses[2]) < np.mean(losses[0])
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_the_same_data_for_other_world_sizes(prepared, tmp_path, world_size):
+    runs = torchrun(world_size, prepared, tmp_path, "--batch-size=2", "--epochs=1")
+    n_items = len(PreparedData(prepared))
+    assert len({len(entries) for entries in runs.values()}) == 1 and len(runs) == world_size
+    keys = [k for entries in runs.values() for e in entries for k in e["keys"]]
+    assert len(keys) == len(set(keys)) == n_items - n_items % (2 * world_size)
+
+
+def test_resume_continues_with_the_same_batches(prepared, reference_run, tmp_path):
+    first = torchrun(
+        2, prepared, tmp_path, "--batch-size=3", "--epochs=3", "--lr=3e-3", "--max-steps=4"
+    )
+    resumed = torchrun(
+        2, prepared, tmp_path, "--batch-size=3", "--epochs=3", "--lr=3e-3", "--resume"
+    )
+    for rank in (0, 1):
+        entries = resumed[rank]  # the log holds both runs: the first 4 steps, then the rest
+        assert [e["step"] for e in entries[:4]] == [0, 1, 2, 3] and entries[4]["step"] == 4
+        seen = [(e["epoch"], e["step"], e["keys"], e["checksum"]) for e in entries]
+        expected = [(e["epoch"], e["step"], e["keys"], e["checksum"]) for e in reference_run[rank]]
+        assert seen == expected
+    assert first.keys() == {0, 1}
+
+
+def test_same_seed_same_batches_and_each_epoch_a_new_order(prepared, reference_run, tmp_path):
+    again = torchrun(2, prepared, tmp_path, "--batch-size=3", "--epochs=3", "--lr=3e-3")
+    strip = lambda run: [(e["epoch"], e["step"], e["keys"], e["checksum"]) for e in run[0]]  # noqa: E731
+    assert strip(again) == strip(reference_run)
+    epochs = [[tuple(e["keys"]) for e in reference_run[0] if e["epoch"] == n] for n in range(2)]
+    assert epochs[0] != epochs[1]
+
+
+class _Bomb:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_member_in_a_shard_is_never_run(prepared, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared, data_dir)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Bomb(str(marker)))
+    for shard in sorted((data_dir / "shards").glob("*.tar")):
+        with tarfile.open(shard, "a") as tar:  # appended: earlier members keep their offsets
+            key = tar.getnames()[0].split(".")[0]
+            for extension in ("pyd", "pickle"):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    data = PreparedData(data_dir)
+    batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=0)
+    loaded = [batch for batch in make_loader(data, batches, num_workers=0)]
+    assert sum(len(b.keys) for b in loaded) == len(data) - len(data) % 2
+    assert not marker.exists()
+
+
+def test_loader_batches_and_resume_in_process(prepared):
+    data = PreparedData(prepared)
+    batches = EpochBatches(data, batch_size=4, world_size=1, rank=0, seed=5)
+    loader = make_loader(data, batches, num_workers=2)
+    full = list(loader)
+    assert all(b.pixels.dtype == torch.float32 and b.pixels.shape[:2] == (4, 3) for b in full)
+    assert all(b.pixels.min() >= -1.0 and b.pixels.max() <= 1.0 for b in full)
+    assert all(c.startswith("caption ") for b in full for c in b.captions)
+    plan = batches.plan()
+    for batch, bucket in zip(full, plan.bucket, strict=True):
+        assert tuple(batch.pixels.shape[2:][::-1]) == tuple(data.buckets[bucket])
+    batches.set_epoch(0, start_step=3)
+    tail = list(loader)
+    assert [b.step for b in tail] == list(range(3, len(full)))
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(tail, full[3:], strict=True))
+
+
+def test_a_dataset_without_manifest_is_refused(prepared, tmp_path):
+    shutil.copytree(prepared, tmp_path / "half")
+    (tmp_path / "half" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="manifest"):
+        PreparedData(tmp_path / "half")
