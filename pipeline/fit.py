@@ -8,24 +8,34 @@ the overflowing side is then cropped, at random in training or centred. Pure Num
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def fit(width, height, bucket_w, bucket_h):
+def fit(
+    width: ArrayLike, height: ArrayLike, bucket_w: ArrayLike, bucket_h: ArrayLike
+) -> tuple[int, int] | tuple[np.ndarray, np.ndarray]:
     """Size (scaled_w, scaled_h) that keeps the image's aspect and just covers the bucket.
 
     Works on ints or on arrays (broadcast). The side that needs the larger scale factor becomes
     exactly the bucket's; the other is rounded to the nearest pixel, which can never fall short
     of the bucket's side since the exact value is already at least that integer.
     """
-    w, h, bw, bh = (np.asarray(v, dtype=np.int64) for v in (width, height, bucket_w, bucket_h))
-    if np.any(w <= 0) or np.any(h <= 0) or np.any(bw <= 0) or np.any(bh <= 0):
+    values = (width, height, bucket_w, bucket_h)
+    scalars = all(isinstance(v, (int, np.integer)) for v in values)
+    if scalars:  # plain ints for one image: a loader calls this per sample
+        w, h, bw, bh = (int(v) for v in values)
+        positive = min(w, h, bw, bh) > 0
+    else:
+        w, h, bw, bh = (np.asarray(v, dtype=np.int64) for v in values)
+        positive = all(np.all(v > 0) for v in (w, h, bw, bh))
+    if not positive:
         raise ValueError("width, height, bucket_w and bucket_h must all be positive")
     width_binds = bw * h >= bh * w  # bw / w >= bh / h, compared exactly in integers
-    scaled_w = np.where(width_binds, bw, (2 * w * bh + h) // (2 * h))  # round(w * bh / h)
-    scaled_h = np.where(width_binds, (2 * h * bw + w) // (2 * w), bh)  # round(h * bw / w)
-    if scaled_w.ndim == 0:
-        return int(scaled_w), int(scaled_h)
-    return scaled_w, scaled_h
+    rounded_w = (2 * w * bh + h) // (2 * h)  # round(w * bh / h)
+    rounded_h = (2 * h * bw + w) // (2 * w)  # round(h * bw / w)
+    if scalars:
+        return (bw, rounded_h) if width_binds else (rounded_w, bh)
+    return np.where(width_binds, bw, rounded_w), np.where(width_binds, rounded_h, bh)
 
 
 def crop_box(

@@ -1,1 +1,1 @@
-"""The PyTorch DDP trainer that consumes prepared shards (lands with the trainer issue)."""
+"""Training on prepared datasets: the loader (`data`) and a thin DDP trainer (`train`)."""

@@ -56,7 +56,7 @@ class PreparedData:
 
 
 class Batch(NamedTuple):
-    pixels: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1]
+    pixels: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1] (uint8 [B, H, W, 3] inside workers)
     captions: list[str]  # "" where an image has no caption
     keys: list[str]
     epoch: int
@@ -114,42 +114,73 @@ class BatchReader(torch.utils.data.Dataset):
         return stream.read(size)
 
     def __getitem__(self, batch: BatchPlan) -> Batch:
+        """The batch with uint8 pixels [B, H, W, 3]; `Loader` makes them float [B, 3, H, W]."""
         bucket_w, bucket_h = (int(v) for v in self.data.buckets[batch.bucket])
         rows = self.data.index.take(batch.items).to_pylist()
-        pixels = np.empty((len(rows), bucket_h, bucket_w, 3), dtype=np.uint8)
+        pixels = torch.empty((len(rows), bucket_h, bucket_w, 3), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            pixels.share_memory_()  # filled in place: handing it to the main process copies nothing
         for i, row in enumerate(rows):
-            image = Image.open(
-                io.BytesIO(self._read(row["shard"], row["image_offset"], row["image_size"]))
-            )
-            image = image.convert("RGB")
+            data = self._read(row["shard"], row["image_offset"], row["image_size"])
+            image = Image.open(io.BytesIO(data))
+            if image.mode != "RGB":
+                image = image.convert("RGB")
             # Stored fitted to its own bucket; a catch-all batch may ask for another one.
             scaled = fit(image.width, image.height, bucket_w, bucket_h)
             if scaled != image.size:
                 image = image.resize(scaled, Image.Resampling.LANCZOS)
             rng = np.random.default_rng([self.seed, batch.epoch, int(row["key"], 16)])
-            pixels[i] = np.asarray(image.crop(crop_box(*scaled, bucket_w, bucket_h, rng)))
-        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            pixels[i].numpy()[:] = np.asarray(
+                image.crop(crop_box(*scaled, bucket_w, bucket_h, rng))
+            )
         captions = [row["caption"] or "" for row in rows]
-        return Batch(tensor, captions, [row["key"] for row in rows], batch.epoch, batch.step)
+        return Batch(pixels, captions, [row["key"] for row in rows], batch.epoch, batch.step)
 
     def __len__(self) -> int:  # a DataLoader asks; the sampler decides what is read
         return len(self.data)
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] to float [B, 3, H, W] in [-1, 1] (channels-last in memory).
+
+    Converted where the batch lands (the GPU when training on one): uint8 is a quarter of the
+    bytes to move between processes and devices, and the contiguous conversion is 5x faster
+    than one through a permuted view.
+    """
+    return pixels.float().mul_(1 / 127.5).sub_(1.0).permute(0, 3, 1, 2)
+
+
+class Loader:
+    """Iterates a DataLoader of uint8 batches and hands them out as float tensors on `device`."""
+
+    def __init__(self, dataloader: torch.utils.data.DataLoader, device: torch.device):
+        self.dataloader, self.device = dataloader, device
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            pixels = batch.pixels.to(self.device, non_blocking=True)
+            yield batch._replace(pixels=to_float(pixels))
 
 
 def make_loader(
     data: PreparedData,
     batches: EpochBatches,
     num_workers: int = 2,
-    pin_memory: bool = False,
+    device: torch.device | str = "cpu",
     prefetch_factor: int = 2,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader whose every item is a whole single-resolution Batch."""
-    return torch.utils.data.DataLoader(
+) -> Loader:
+    """Whole single-resolution Batches, read by `num_workers` processes, delivered on `device`."""
+    device = torch.device(device)
+    dataloader = torch.utils.data.DataLoader(
         BatchReader(data, batches.seed),
         sampler=batches,
         batch_size=None,  # the sampler yields whole batches
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda",
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=num_workers > 0,
     )
+    return Loader(dataloader, device)

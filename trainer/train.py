@@ -113,7 +113,7 @@ def train(config: Config) -> dict:
 
     data = PreparedData(config.data)
     batches = EpochBatches(data, config.batch_size, world_size, rank, config.seed)
-    loader = make_loader(data, batches, config.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(data, batches, config.num_workers, device)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
     def save() -> None:
@@ -128,7 +128,7 @@ def train(config: Config) -> dict:
     while epoch < config.epochs and not (config.max_steps and steps_run >= config.max_steps):
         batches.set_epoch(epoch, step)
         for batch in loader:
-            loss = loss_of(ddp, batch.pixels.to(device, non_blocking=True), config, generator)
+            loss = loss_of(ddp, batch.pixels, config, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
