@@ -73,9 +73,24 @@ class BatchPlan(NamedTuple):
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """This rank's batches of the current epoch, from `start_step` on: a DataLoader sampler."""
+    """This rank's batches of the current epoch, from `start_step` on: a DataLoader sampler.
 
-    def __init__(self, data: PreparedData, batch_size: int, world_size: int, rank: int, seed: int):
+    `world_size` and `rank` default to torch.distributed's when it is initialised, else 1 and 0.
+    """
+
+    def __init__(
+        self,
+        data: PreparedData,
+        batch_size: int,
+        world_size: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+    ):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if world_size is None:
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
         self.data, self.batch_size, self.world_size, self.rank, self.seed = (
             data, batch_size, world_size, rank, seed
         )  # fmt: skip

@@ -112,7 +112,7 @@ def train(config: Config) -> dict:
     ddp = DistributedDataParallel(model) if world_size > 1 else model
 
     data = PreparedData(config.data)
-    batches = EpochBatches(data, config.batch_size, world_size, rank, config.seed)
+    batches = EpochBatches(data, config.batch_size, seed=config.seed)  # rank: torch.distributed's
     loader = make_loader(data, batches, config.num_workers, device)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
