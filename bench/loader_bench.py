@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from trainer.data import EpochBatches, PreparedData, make_loader
+from trainer.data import EpochBatches, PreparedData, decode_rgb, make_loader
 
 
 def prepared_dataset(workdir: Path, images: int) -> Path:
@@ -58,7 +58,13 @@ def prepared_dataset(workdir: Path, images: int) -> Path:
     return output
 
 
-def bare_rate(data: PreparedData, items: np.ndarray) -> float:
+BARE_DECODERS = {
+    "Pillow": lambda data: Image.open(io.BytesIO(data)).convert("RGB").load(),
+    "the loader's decode_rgb": decode_rgb,
+}
+
+
+def bare_rate(data: PreparedData, items: np.ndarray, decode) -> float:
     """Samples/s of one process reading each sample by offset and decoding it, nothing else."""
     rows = data.index.take(items).to_pylist()
     files = {}
@@ -66,7 +72,7 @@ def bare_rate(data: PreparedData, items: np.ndarray) -> float:
     for row in rows:
         stream = files.setdefault(row["shard"], open(data.root / row["shard"], "rb"))  # noqa: SIM115
         stream.seek(row["image_offset"])
-        Image.open(io.BytesIO(stream.read(row["image_size"]))).convert("RGB").load()
+        decode(stream.read(row["image_size"]))
     return len(rows) / (time.perf_counter() - start)
 
 
@@ -114,14 +120,20 @@ def main() -> None:
 
     prepared = prepared_dataset(args.workdir, args.images)
     data = PreparedData(prepared)
-    plan = EpochBatches(data, args.batch_size, 1, 0, 0).plan()
-    bare = max(bare_rate(data, plan.items.ravel()) for _ in range(2))
-    print(f"{len(data)} samples in {prepared}; bare read+decode loop: {bare:.1f} samples/s")
+    items = EpochBatches(data, args.batch_size, 1, 0, 0).plan().items.ravel()
+    bare = {
+        name: max(bare_rate(data, items, f) for _ in range(2)) for name, f in BARE_DECODERS.items()
+    }
+    print(f"{len(data)} samples in {prepared}; bare read-by-offset + decode loops:")
+    for name, rate in bare.items():
+        print(f"   decoding with {name}: {rate:7.1f} samples/s")
     print(f"\n1. loader throughput, {args.epochs} epochs:")
     for workers in args.workers:
         rate = loader_rate(data, args.batch_size, workers, args.epochs)
-        ratio = rate / (workers * bare)
-        print(f"   {workers} worker(s): {rate:7.1f} samples/s = {ratio:.2f}x of {workers} x bare")
+        ratios = ", ".join(
+            f"{rate / (workers * r):.2f}x of {workers} x bare {n}" for n, r in bare.items()
+        )
+        print(f"   {workers} worker(s): {rate:7.1f} samples/s = {ratios}")
     seconds = first_batch_seconds(prepared, args.workdir, args.index_items, args.batch_size)
     print(f"\n2. time to first batch, {args.index_items:,}-item index: {seconds:.2f} s")
     print("   (reading the index, planning the epoch, starting the workers, loading the batch)")

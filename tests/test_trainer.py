@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 from images import rgb, save
+from PIL import Image
 
 from pipeline.buckets import BucketConfig
 from pipeline.prepare import PrepareConfig, run
-from trainer.data import EpochBatches, PreparedData, make_loader
+from trainer.data import EpochBatches, PreparedData, decode_rgb, make_loader
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=32, square=64)
@@ -183,3 +184,11 @@ def test_a_dataset_without_manifest_is_refused(prepared, tmp_path):
     (tmp_path / "half" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="manifest"):
         PreparedData(tmp_path / "half")
+
+
+@pytest.mark.parametrize("pillow_format", ["JPEG", "PNG", "WEBP"])
+def test_decode_rgb_gives_pillows_pixels(pillow_format):
+    buffer = io.BytesIO()
+    rgb(96, 64, 3).save(buffer, pillow_format)
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    assert np.array_equal(decode_rgb(buffer.getvalue()), expected)

