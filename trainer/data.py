@@ -119,7 +119,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """An encoded image as uint8 RGB (H, W, 3).
 
     JPEGs go through libjpeg-turbo straight into a NumPy array (simplejpeg): the same pixels as
-    Pillow's decoder, a third faster, and without Pillow's RGBX-to-RGB copy; other formats
+    Pillow's decoder in two thirds of the time, without Pillow's RGBX-to-RGB copy; other formats
     through Pillow.
     """
     if data[:2] == b"\xff\xd8":
