@@ -143,14 +143,11 @@ def write_shard(
             records.append(row | fields | {"shard": f"shards/{name}.tar"})
         writer.close()
     members = _member_offsets(filesystem, temporary_tar)
+    columns = {options.image_format: "image", "json": "json", "txt": "txt"}
     for record in records:
-        for extension, column in (
-            (options.image_format, "image"),
-            ("json", "json"),
-            ("txt", "txt"),
-        ):
-            offset, size = members.get(f"{record['key']}.{extension}", (None, None))
-            if record.get("reject") is None:
+        if record.get("reject") is None:
+            for extension, column in columns.items():
+                offset, size = members.get(f"{record['key']}.{extension}", (None, None))
                 record[f"{column}_offset"], record[f"{column}_size"] = offset, size
     out.write_table(out.part(name), pa.Table.from_pylist(records, schema=PART_SCHEMA))
     out.commit(temporary_tar, tar_path)  # last: the shard now counts as finished

@@ -77,10 +77,6 @@ class InputRoot:
         with self.open(source) as stream:
             return stream.read()
 
-    @property
-    def is_local(self) -> bool:
-        return isinstance(pafs.FileSystem.from_uri(self.uri)[0], pafs.LocalFileSystem)
-
 
 def absolute(uri: str) -> str:
     """A URL as it is; a local path made absolute, as Ray workers elsewhere must read it."""
