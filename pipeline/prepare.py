@@ -117,10 +117,9 @@ def run(config: PrepareConfig) -> dict:
         previous,
     )
     _write(shards, accepted, root, out, config)
-    rejects = pa.concat_tables([assign_rejects, *_write_rejects(out, shards)]).sort_by("source")
     scanned_keys = np.sort(_keys(scanned["key"]))
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
-    return _finish(out, config, shards, rejects, buckets, input_fingerprint)
+    return _finish(out, config, shards, assign_rejects, buckets, input_fingerprint)
 
 
 def _write(
@@ -285,32 +284,26 @@ def _finished_shards(out: OutputDir) -> dict[str, np.ndarray]:
     return previous
 
 
-def _write_rejects(out: OutputDir, shards) -> list[pa.Table]:
-    tables = []
-    for shard in shards:
-        part = pq.read_table(out.part(shard.name), filesystem=out.filesystem[0])
-        rejected = part.filter(pc.is_valid(part["reject"]))
-        if len(rejected):
-            tables.append(_rejects(rejected, rejected["reject"], rejected["message"]))
-    return tables
-
-
 def _finish(
     out: OutputDir,
     config: PrepareConfig,
-    shards,
-    rejects: pa.Table,
+    shards: list[Shard],
+    assign_rejects: pa.Table,
     buckets: np.ndarray,
     input_fingerprint: str,
 ) -> dict:
     filesystem = out.filesystem[0]
     index_path = out.path("index.parquet")
     temporary = out.temporary(index_path)
+    rejected = [assign_rejects]
     with pq.ParquetWriter(temporary, INDEX_SCHEMA, filesystem=filesystem) as writer:
         for shard in shards:  # one part at a time: the driver never holds the whole index
             part = pq.read_table(out.part(shard.name), filesystem=filesystem)
             writer.write_table(part.filter(pc.is_null(part["reject"])).select(INDEX_SCHEMA.names))
+            failed = part.filter(pc.is_valid(part["reject"]))  # write-time rejections
+            rejected.append(_rejects(failed, failed["reject"], failed["message"]))
     out.commit(temporary, index_path)
+    rejects = pa.concat_tables(rejected).sort_by("source")
     out.write_table(out.path("rejects.parquet"), rejects)
 
     planned = {shard.name for shard in shards}
