@@ -1,5 +1,7 @@
 """Fitting an image to its bucket: cover the bucket keeping aspect, then crop the overflow."""
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -47,7 +49,8 @@ def test_fit_rejects_non_positive_sizes():
 @given(sides, sides, bucket_sides, bucket_sides, st.integers(0, 2**32))
 def test_crop_box_is_bucket_sized_and_inside_the_image(width, height, bucket_w, bucket_h, seed):
     scaled_w, scaled_h = fit(width, height, bucket_w, bucket_h)
-    for rng in (None, np.random.default_rng(seed)):
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=16).digest()
+    for rng in (None, np.random.default_rng(seed), digest):
         left, top, right, bottom = crop_box(scaled_w, scaled_h, bucket_w, bucket_h, rng)
         assert (right - left, bottom - top) == (bucket_w, bucket_h)
         assert left >= 0 and right <= scaled_w and top >= 0 and bottom <= scaled_h
@@ -57,6 +60,9 @@ def test_crop_box_centre_and_random():
     assert crop_box(532, 512, 512, 512) == (10, 0, 522, 512)
     lefts = {crop_box(532, 512, 512, 512, np.random.default_rng(s))[0] for s in range(200)}
     assert lefts == set(range(21)), "every offset of the overflow is reachable"
+    digests = [hashlib.blake2b(bytes([s]), digest_size=16).digest() for s in range(200)]
+    assert {crop_box(532, 512, 512, 512, d)[0] for d in digests} == set(range(21))
+    assert {crop_box(512, 540, 512, 512, d)[1] for d in digests} == set(range(29))
     first = crop_box(600, 700, 512, 512, np.random.default_rng(7))
     assert first == crop_box(600, 700, 512, 512, np.random.default_rng(7)), "seeded"
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.buckets import BucketConfig
 from pipeline.prepare import PrepareConfig, run
-from trainer.data import EpochBatches, PreparedData, decode_rgb, make_loader
+from trainer.data import POOL_BUFFERS, EpochBatches, PreparedData, decode_rgb, make_loader
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=32, square=64)
@@ -179,6 +179,31 @@ def test_loader_batches_and_resume_in_process(prepared):
     assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(tail, full[3:], strict=True))
 
 
+def test_workers_reusing_their_buffers_deliver_the_in_process_pixels(prepared):
+    """Several epochs of more batches than a worker has pooled buffers: every pixel right."""
+    data = PreparedData(prepared)
+    expected, delivered = [], []
+    for workers, out in ((0, expected), (2, delivered)):
+        batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=1)
+        loader = make_loader(data, batches, num_workers=workers, prefetch_factor=4)
+        for epoch in range(3):
+            batches.set_epoch(epoch)
+            out.extend((b.keys, b.pixels) for b in loader)
+    assert len(delivered) == len(expected) > 3 * POOL_BUFFERS
+    for (keys, pixels), (expected_keys, expected_pixels) in zip(delivered, expected, strict=True):
+        assert keys == expected_keys and torch.equal(pixels, expected_pixels)
+
+
+def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):
+    """Without the Loader handing buffers back, workers never overwrite a batch held."""
+    data = PreparedData(prepared)
+    batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=1)
+    expected = [batch for batch, _ in make_loader(data, batches, num_workers=0).dataloader]
+    kept = [batch for batch, _ in make_loader(data, batches, num_workers=2).dataloader]
+    assert len(kept) > POOL_BUFFERS
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(kept, expected, strict=True))
+
+
 def test_a_dataset_without_manifest_is_refused(prepared, tmp_path):
     shutil.copytree(prepared, tmp_path / "half")
     (tmp_path / "half" / "manifest.json").unlink()
@@ -192,3 +217,6 @@ def test_decode_rgb_gives_pillows_pixels(pillow_format):
     rgb(96, 64, 3).save(buffer, pillow_format)
     expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     assert np.array_equal(decode_rgb(buffer.getvalue()), expected)
+    for scratch_size in (96 * 64 * 3 - 1, 96 * 64 * 3, 100_000):  # short, exact, roomy
+        scratch = np.zeros(scratch_size, dtype=np.uint8)
+        assert np.array_equal(decode_rgb(buffer.getvalue(), scratch), expected)
