@@ -8,10 +8,13 @@ Several machines (run on each, node_rank 0..nnodes-1):
 One process without torchrun:
     python trainer/train.py --data OUT
 
-The default model is a small fully convolutional denoiser trained to predict the noise added to
-an image (the objective of a diffusion model at one noise level), so any resolution goes through
-it and its loss falls on real prepared data. `build_model` and `loss_of` are the two places a real
-diffusion model plugs in.
+Models (`--model`): `conv`, a small fully convolutional denoiser trained to predict the noise
+added to an image (any resolution goes through it; a smoke test of the data path), and `sd`, a
+Stable Diffusion 1.x U-Net conditioned by CLIP with the source's techniques: prompts of up to 225
+tokens, the penultimate CLIP layer, and hypernetworks on cross-attention's k and v (trained alone
+on the frozen base, the source's use, or `--train-part unet`). `--pretrained DIR` loads a local
+diffusers-layout checkpoint; without it, tiny random models. Every model's forward returns its
+loss, so `build_model` is the one place another model plugs in.
 """
 
 from __future__ import annotations
@@ -45,8 +48,21 @@ class Config:
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
     resume: bool = False  # continue from out_dir/checkpoint.pt exactly where it stopped
     log_every: int = 10  # steps between log lines
-    channels: int = 32  # width of the default model
-    noise: float = 0.5  # noise level of the denoising objective
+    model: str = "conv"  # "conv" (a small denoiser) or "sd" (U-Net + CLIP, see above)
+    channels: int = 32  # conv: width
+    noise: float = 0.5  # conv: noise level of the denoising objective
+    pretrained: str = ""  # sd: local diffusers-layout checkpoint folder; empty: tiny random models
+    train_part: str = "hypernetwork"  # sd: "hypernetwork" (U-Net frozen) or "unet"
+    max_tokens: int = 225  # sd: prompt limit, a multiple of 75
+    clip_skip: int = 2  # sd: 2 = penultimate CLIP layer (the source's), 1 = last
+    prompt_layout: str = "full"  # sd: "full" 77-state chunks (231 for 225) or "trimmed" (227)
+    caption_dropout: float = 0.1  # sd: share of captions replaced by the empty prompt
+    hypernetwork_structure: str = "1,2,1"  # layer sizes in multiples of the context width
+    hypernetwork_activation: str = "linear"  # trainer.hypernetwork.ACTIVATIONS
+    hypernetwork_layer_norm: bool = False
+    hypernetwork_dropout: float = 0.0
+    hypernetwork_shared: bool = False  # one pair per width for all depths (AUTOMATIC1111's .pt)
+    depth_penalty: str = "0.01"  # L2 weight per U-Net depth, shallowest first (per-depth pairs)
     batch_log: str = ""  # if set, every rank appends each batch's keys and shape here (JSONL)
 
 
@@ -65,23 +81,73 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**vars(parser.parse_args(argv)))
 
 
+class ConvDenoiser(nn.Module):
+    """A small fully convolutional denoiser: it sees pixels + noise and must name the noise."""
+
+    def __init__(self, channels: int, noise: float):
+        super().__init__()
+        c, self.noise = channels, noise
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, 3, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator):
+        noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
+        return nn.functional.mse_loss(self.net(pixels + self.noise * noise), noise)
+
+
 def build_model(config: Config) -> nn.Module:
-    """A small fully convolutional denoiser: any image size in, the same size out."""
-    c = config.channels
-    return nn.Sequential(
-        nn.Conv2d(3, c, 3, padding=1), nn.SiLU(),
-        nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
-        nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
-        nn.Conv2d(c, 3, 3, padding=1),
+    """The model to train; its forward(pixels, captions, generator) returns the loss."""
+    if config.model == "conv":
+        return ConvDenoiser(config.channels, config.noise)
+    if config.model != "sd":
+        raise ValueError(f"--model must be conv or sd, not {config.model!r}")
+    from trainer.diffusion import Diffusion, load_parts, tiny_parts
+    from trainer.hypernetwork import Hypernetwork, HypernetworkConfig, cross_attentions
+    from trainer.prompts import PromptEncoder
+
+    parts = load_parts(config.pretrained) if config.pretrained else tiny_parts(config.seed)
+    prompts = PromptEncoder(
+        parts.tokenizer, parts.text_encoder, config.max_tokens, config.clip_skip,
+        config.prompt_layout,
     )  # fmt: skip
+    hypernetwork = None
+    if config.train_part == "hypernetwork":
+        hypernetwork = Hypernetwork(
+            HypernetworkConfig(
+                widths=(parts.unet.config.cross_attention_dim,),
+                layer_structure=tuple(float(v) for v in config.hypernetwork_structure.split(",")),
+                activation=config.hypernetwork_activation,
+                layer_norm=config.hypernetwork_layer_norm,
+                dropout=config.hypernetwork_dropout,
+                per_depth=not config.hypernetwork_shared,
+                depths=1 + max(depth for _, depth, _ in cross_attentions(parts.unet)),
+                depth_penalty=tuple(float(v) for v in config.depth_penalty.split(",") if v),
+            )
+        )
+    elif config.train_part != "unet":
+        raise ValueError(f"--train-part must be hypernetwork or unet, not {config.train_part!r}")
+    return Diffusion(parts, prompts, hypernetwork, config.caption_dropout)
 
 
-def loss_of(
-    model: nn.Module, pixels: torch.Tensor, config: Config, generator: torch.Generator
-) -> torch.Tensor:
-    """Noise-prediction loss: the model sees pixels + noise and must name the noise."""
-    noise = torch.randn(pixels.shape, generator=generator, device="cpu").to(pixels.device)
-    return nn.functional.mse_loss(model(pixels + config.noise * noise), noise)
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (a frozen base model is not copied into checkpoints)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t for name, t in model.state_dict().items() if name in trained}
+
+
+def save_result(model: nn.Module, out_dir: Path) -> None:
+    """The trained hypernetwork or U-Net, in the formats other tools read."""
+    hypernetwork = getattr(model, "hypernetwork", None)
+    if hypernetwork is not None:
+        hypernetwork.save(out_dir / "hypernetwork.safetensors")
+        if not hypernetwork.config.per_depth:
+            hypernetwork.save(out_dir / "hypernetwork.pt")
+    elif hasattr(model, "unet"):
+        model.unet.save_pretrained(out_dir / "unet")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -101,12 +167,14 @@ def train(config: Config) -> dict:
     master = rank == 0
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     checkpoint_path = Path(config.out_dir) / "checkpoint.pt"
     epoch, step = 0, 0
     if config.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
+        loaded = model.load_state_dict(state["model"], strict=False)
+        if loaded.unexpected_keys or set(trained_state(model)) - set(state["model"]):
+            raise ValueError(f"{checkpoint_path} was written by another model configuration")
         optimizer.load_state_dict(state["optimizer"])
         epoch, step = state["epoch"], state["step"]
     ddp = DistributedDataParallel(model) if world_size > 1 else model
@@ -119,7 +187,7 @@ def train(config: Config) -> dict:
     def save() -> None:
         if master:
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": trained_state(model), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "step": step, "seed": config.seed}  # fmt: skip
             torch.save(state, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
@@ -128,18 +196,20 @@ def train(config: Config) -> dict:
     while epoch < config.epochs and not (config.max_steps and steps_run >= config.max_steps):
         batches.set_epoch(epoch, step)
         for batch in loader:
-            loss = loss_of(ddp, batch.pixels, config, generator)
+            loss = ddp(batch.pixels, batch.captions, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step, steps_run = batch.step + 1, steps_run + 1
             losses.append(loss.item())
             if config.batch_log:
+                trained = trained_state(model)
                 with open(config.batch_log, "a") as log:
                     log.write(json.dumps({
                         "rank": rank, "epoch": epoch, "step": batch.step, "keys": batch.keys,
                         "shape": list(batch.pixels.shape), "loss": losses[-1],
                         "checksum": float(batch.pixels.double().sum()),
+                        "weights": sum(float(t.double().sum()) for t in trained.values()),
                     }) + "\n")  # fmt: skip
             if steps_run % config.log_every == 0:
                 rate = steps_run / (time.perf_counter() - started)
@@ -155,6 +225,8 @@ def train(config: Config) -> dict:
         else:
             epoch, step = epoch + 1, 0
     save()
+    if master:
+        save_result(model, checkpoint_path.parent)
     if world_size > 1:
         dist.destroy_process_group()
     return {"rank": rank, "steps": steps_run, "losses": losses}

@@ -1,0 +1,127 @@
+"""Prompts for a CLIP text encoder the source's way: up to 225 tokens, penultimate layer.
+
+A batch's prompts are tokenised, the longest rounded up to a multiple of 75 tokens (cut at
+`max_tokens`), shorter ones padded with CLIP's end-of-text token, and split into 75-token chunks.
+Each chunk is encoded separately and the hidden states are concatenated along the sequence.
+
+Layout per chunk, `layout="full"` (the default): every chunk is encoded as CLIP was trained,
+[start] + 75 tokens + [end], and all 77 states of every chunk are kept: 77 * n positions, 231 for
+225 tokens. It is what the source describes (encode each chunk, concatenate the outputs) and what
+AUTOMATIC1111 and NovelAI feed the U-Net at inference, so what is trained here meets the same
+context in those tools. `layout="trimmed"` is kohya-ss's: the start and end states of the inner
+chunk borders dropped, 75 * n + 2 positions, 227 for 225 tokens.
+
+Prompts encoded in one batch get the same number of chunks: an unconditional prompt encoded
+with its prompts (caption dropout in training, classifier-free guidance in sampling) is padded
+to their length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end tokens
+START, END = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
+LAYOUTS = ("full", "trimmed")
+
+
+class Tokenizer:
+    """CLIP BPE tokens of a text, without start and end tokens.
+
+    The real CLIP vocabulary ships inside `instant-clip-tokenizer` (nothing fetched); a
+    checkpoint folder with a `tokenizer/` subfolder (diffusers layout) uses its own instead.
+    """
+
+    def __init__(self, pretrained: str | Path | None = None):
+        folder = Path(pretrained) / "tokenizer" if pretrained else None
+        if folder is not None and folder.is_dir():
+            from transformers import CLIPTokenizer
+
+            clip = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+            self._encode = lambda text: clip(text, add_special_tokens=False).input_ids
+            self.start, self.end = clip.bos_token_id, clip.eos_token_id
+        else:
+            import instant_clip_tokenizer
+
+            self._encode = instant_clip_tokenizer.Tokenizer().encode
+            self.start, self.end = START, END
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [list(self._encode(text)) for text in texts]
+
+
+def chunk_tokens(
+    tokens: list[list[int]], max_tokens: int = 225, start: int = START, end: int = END
+) -> np.ndarray:
+    """Token ids [B, chunks, 77]: each chunk [start] + 75 tokens (end-padded) + [end].
+
+    The chunk count is the longest prompt's length rounded up to a multiple of 75, at least one
+    chunk and at most `max_tokens` / 75; longer prompts are cut at `max_tokens`.
+    """
+    if max_tokens <= 0 or max_tokens % CHUNK_TOKENS:
+        raise ValueError(f"max_tokens must be a positive multiple of 75, not {max_tokens}")
+    longest = min(max((len(t) for t in tokens), default=0), max_tokens)
+    chunks = max(1, -(-longest // CHUNK_TOKENS))
+    padded = np.full((len(tokens), chunks * CHUNK_TOKENS), end, dtype=np.int64)
+    for row, ids in zip(padded, tokens, strict=True):
+        kept = ids[: len(row)]
+        row[: len(kept)] = kept
+    ids = np.empty((len(tokens), chunks, CHUNK_TOKENS + 2), dtype=np.int64)
+    ids[:, :, 0], ids[:, :, -1] = start, end
+    ids[:, :, 1:-1] = padded.reshape(len(tokens), chunks, CHUNK_TOKENS)
+    return ids
+
+
+def final_layer_norm(text_encoder: nn.Module) -> nn.Module:
+    """The text model's final layer norm (transformers 5 flattened CLIPTextModel; 4 did not)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+def encode_chunks(
+    text_encoder: nn.Module, ids: torch.Tensor, clip_skip: int = 2, layout: str = "full"
+) -> torch.Tensor:
+    """Hidden states [B, positions, width] of token chunks [B, chunks, 77] (see the layout above).
+
+    `clip_skip` as kohya-ss users know it: 1 is the last layer, 2 the penultimate (the source's),
+    with the final layer norm applied either way.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    batch, chunks, length = ids.shape
+    output = text_encoder(ids.reshape(batch * chunks, length), output_hidden_states=clip_skip > 1)
+    if clip_skip == 1:
+        states = output.last_hidden_state
+    else:
+        states = final_layer_norm(text_encoder)(output.hidden_states[-clip_skip])
+    states = states.reshape(batch, chunks, length, -1)
+    if layout == "trimmed":  # first chunk's start state, every chunk's tokens, last one's end
+        inner = states[:, :, 1:-1].reshape(batch, chunks * (length - 2), -1)
+        return torch.cat([states[:, 0, :1], inner, states[:, -1, -1:]], dim=1)
+    return states.reshape(batch, chunks * length, -1)
+
+
+class PromptEncoder:
+    """Texts to the U-Net's context: tokenise, chunk, encode (frozen text encoder, no grad)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        text_encoder: nn.Module,
+        max_tokens: int = 225,
+        clip_skip: int = 2,
+        layout: str = "full",
+    ):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.max_tokens, self.clip_skip, self.layout = max_tokens, clip_skip, layout
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        tokenizer = self.tokenizer
+        ids = chunk_tokens(tokenizer(texts), self.max_tokens, tokenizer.start, tokenizer.end)
+        device = next(self.text_encoder.parameters()).device
+        ids = torch.from_numpy(ids).to(device)
+        return encode_chunks(self.text_encoder, ids, self.clip_skip, self.layout)
