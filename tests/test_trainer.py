@@ -15,40 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from images import rgb, save
+from images import rgb
 from PIL import Image
 
-from pipeline.buckets import BucketConfig
-from pipeline.prepare import PrepareConfig, run
 from trainer.data import POOL_BUFFERS, EpochBatches, PreparedData, decode_rgb, make_loader
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=32, square=64)
-# Very uneven buckets, none a multiple of the batch sizes used: 17 wide, 7 tall, 4 square, 3 long.
-SHAPES = [(96, 64)] * 17 + [(64, 96)] * 7 + [(64, 64)] * 4 + [(128, 32)] * 3
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    import ray
-
-    folder = tmp_path_factory.mktemp("trainer")
-    for i, (width, height) in enumerate(SHAPES):
-        save(rgb(width + i % 3, height, i), folder / "images" / f"img{i:02d}.jpg", quality=90)
-        (folder / "images" / f"img{i:02d}.txt").write_text(f"caption {i}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        run(
-            PrepareConfig(
-                input=str(folder / "images"),
-                output=str(folder / "out"),
-                buckets=SMALL_BUCKETS,
-                samples_per_shard=5,
-            )
-        )
-    finally:
-        ray.shutdown()
-    return folder / "out"
 
 
 def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[dict]]:

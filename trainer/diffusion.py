@@ -36,7 +36,11 @@ def sd_scheduler() -> DDPMScheduler:
 
 
 def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32) -> Parts:
-    """Tiny random models of SD 1.x's architecture (CLIP vocabulary and all), for tests."""
+    """Tiny random models of SD 1.x's architecture (CLIP vocabulary and all), for tests.
+
+    Without a VAE the U-Net works on pixels, with its first level attention-free (as SD's VAE
+    spares SD): small images only, as in tests.
+    """
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -54,9 +58,10 @@ def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32) -> Parts:
     channels = 4 if with_vae else 3
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=width,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        block_out_channels=(16, 32, 64), norm_num_groups=8, cross_attention_dim=width,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     )  # fmt: skip
     return Parts(unet, text_encoder, vae, sd_scheduler(), Tokenizer())
 

@@ -50,7 +50,7 @@ class HypernetworkConfig:
     layer_norm: bool = False  # a LayerNorm after every linear layer
     dropout: float = 0.0  # after every hidden layer, in training
     per_depth: bool = True  # one pair per U-Net depth (needed by depth_penalty), else shared
-    depths: int = 4  # U-Net depths (resolution levels), used when per_depth
+    depths: tuple[int, ...] = (0, 1, 2, 3)  # U-Net depths with cross-attention (SD 1.x's)
     depth_penalty: tuple[float, ...] = (1e-2,)  # L2 weight on depth 0, 1, ...; missing: 0
 
     def __post_init__(self):
@@ -116,7 +116,7 @@ class Hypernetwork(nn.Module):
         self.config = config
         self.pairs = nn.ModuleDict()
         for width in config.widths:
-            for depth in range(config.depths) if config.per_depth else [None]:
+            for depth in config.depths if config.per_depth else [None]:
                 pair = [HypernetworkModule(width, config) for _ in ("k", "v")]
                 self.pairs[self.key(width, depth)] = nn.ModuleList(pair)
 

@@ -124,7 +124,7 @@ def build_model(config: Config) -> nn.Module:
                 layer_norm=config.hypernetwork_layer_norm,
                 dropout=config.hypernetwork_dropout,
                 per_depth=not config.hypernetwork_shared,
-                depths=1 + max(depth for _, depth, _ in cross_attentions(parts.unet)),
+                depths=tuple(sorted({depth for _, depth, _ in cross_attentions(parts.unet)})),
                 depth_penalty=tuple(float(v) for v in config.depth_penalty.split(",") if v),
             )
         )
