@@ -192,3 +192,18 @@ def test_decode_rgb_gives_pillows_pixels(pillow_format):
     for scratch_size in (96 * 64 * 3 - 1, 96 * 64 * 3, 100_000):  # short, exact, roomy
         scratch = np.zeros(scratch_size, dtype=np.uint8)
         assert np.array_equal(decode_rgb(buffer.getvalue(), scratch), expected)
+
+
+def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
+    """The source's use: hypernetworks on a frozen U-Net, DDP over 2 ranks, loss falls."""
+    runs = torchrun(
+        2, prepared, tmp_path, "--model=sd", "--epochs=12", "--batch-size=4", "--lr=1e-2",
+        "--caption-dropout=0",
+    )  # fmt: skip
+    first, second = runs[0], runs[1]
+    assert len(first) == len(second) >= 36
+    for a, b in zip(first, second, strict=True):
+        assert a["weights"] == b["weights"], "the ranks' hypernetworks agree after every step"
+    losses = np.array([(a["loss"] + b["loss"]) / 2 for a, b in zip(first, second, strict=True)])
+    assert losses[-10:].mean() < 0.97 * losses[:10].mean()
+    assert (tmp_path / "checkpoints" / "hypernetwork.safetensors").exists()
