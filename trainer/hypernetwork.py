@@ -124,8 +124,26 @@ class Hypernetwork(nn.Module):
         return f"{width}" if depth is None or not self.config.per_depth else f"{width}@{depth}"
 
     def attach(self, unet: nn.Module) -> list:
-        """Hook the pairs onto `unet`'s cross-attention key and value inputs; handles to detach."""
-        handles = []
+        """Hook the pairs onto `unet`'s cross-attention key and value inputs; handles to detach.
+
+        Within one U-Net forward every layer of a depth gets the same context, so each module
+        rewrites it once and the layers share the result (SD 1.x: 8 module calls, not 32).
+        """
+        rewritten: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def forget(*_):
+            rewritten.clear()
+
+        def rewrite(module: HypernetworkModule):
+            def hook(_projection, args):
+                done = rewritten.get(id(module))
+                if done is None or done[0] is not args[0]:
+                    done = rewritten[id(module)] = (args[0], module(args[0]))
+                return (done[1], *args[1:])
+
+            return hook
+
+        handles = [unet.register_forward_pre_hook(forget), unet.register_forward_hook(forget)]
         for name, depth, attention in cross_attentions(unet):
             width = attention.to_k.in_features
             key = self.key(width, depth)
@@ -133,7 +151,7 @@ class Hypernetwork(nn.Module):
                 raise ValueError(f"{name}: no hypernetwork for context width {width} ({key})")
             projections = (attention.to_k, attention.to_v)
             for projection, module in zip(projections, self.pairs[key], strict=True):
-                handles.append(projection.register_forward_pre_hook(_context_hook(module)))
+                handles.append(projection.register_forward_pre_hook(rewrite(module)))
         return handles
 
     def penalty(self) -> torch.Tensor:
@@ -175,13 +193,6 @@ class Hypernetwork(nn.Module):
             last_layer_dropout=False,
         )
         return state
-
-
-def _context_hook(module: HypernetworkModule):
-    def hook(_projection, args):
-        return (module(args[0]), *args[1:])
-
-    return hook
 
 
 def _dropout_structure(config: HypernetworkConfig) -> list[float]:
