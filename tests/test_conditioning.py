@@ -277,3 +277,14 @@ def test_a_local_diffusers_checkpoint_trains_a_hypernetwork_and_samples(tmp_path
         cwd=REPO, check=True, timeout=300,
     )  # fmt: skip
     assert Image.open(out).size == (64, 32)
+
+
+def test_the_whole_unet_can_be_trained_instead(tmp_path, prepared):
+    run = [sys.executable, "trainer/train.py", f"--data={prepared}", "--model=sd",
+           "--train-part=unet", f"--out-dir={tmp_path}", "--max-steps=2",
+           "--num-workers=0"]  # fmt: skip
+    subprocess.run(run, cwd=REPO, check=True, timeout=300)
+    before = tiny_parts(seed=0).unet
+    after = type(before).from_pretrained(tmp_path / "unet").state_dict()
+    before = before.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the U-Net's weights moved"
