@@ -111,6 +111,8 @@ def cross_attentions(unet: nn.Module) -> list[tuple[str, int, nn.Module]]:
 
 
 class Hypernetwork(nn.Module):
+    """(key module, value module) pairs, keyed "768" (shared) or "768@0" (width@depth)."""
+
     def __init__(self, config: HypernetworkConfig):
         super().__init__()
         self.config = config
