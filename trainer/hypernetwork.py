@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 ACTIVATIONS = {  # AUTOMATIC1111's names
@@ -161,11 +162,11 @@ class Hypernetwork(nn.Module):
         total = torch.zeros((), device=next(self.parameters()).device)
         if not self.config.per_depth:
             return total
-        for key, pair in self.pairs.items():
-            depth = int(key.split("@")[1])
-            weight = dict(enumerate(self.config.depth_penalty)).get(depth, 0.0)
-            if weight:
-                total = total + weight * sum(p.square().sum() for p in pair.parameters())
+        for depth, weight in enumerate(self.config.depth_penalty):
+            if weight and depth in self.config.depths:
+                for width in self.config.widths:
+                    pair = self.pairs[self.key(width, depth)]
+                    total = total + weight * sum(p.square().sum() for p in pair.parameters())
         return total
 
     def save(self, path: str | Path) -> None:
@@ -174,10 +175,8 @@ class Hypernetwork(nn.Module):
         if path.suffix == ".pt":
             torch.save(self.a1111_state(), path)
             return
-        tensors = {f"{k}.{n}": t.contiguous() for k, pair in self.pairs.items()
-                   for n, t in pair.state_dict().items()}  # fmt: skip
         config = json.dumps(dataclasses.asdict(self.config))
-        save_file(tensors, path, metadata={"hypernetwork_config": config})
+        save_file(self.state_dict(), path, metadata={"hypernetwork_config": config})
 
     def a1111_state(self, name: str = "hypernetwork") -> dict:
         if self.config.per_depth:
@@ -211,16 +210,13 @@ def load(path: str | Path) -> Hypernetwork:
         except pickle.UnpicklingError as error:
             raise ValueError(f"{path}: refused, it holds more than weights: {error}") from None
         return from_a1111(state)
-    with open(path, "rb") as file:
-        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-    fields = json.loads(header["__metadata__"]["hypernetwork_config"])
+    with safe_open(path, framework="pt") as file:
+        fields = json.loads(file.metadata()["hypernetwork_config"])
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
     config = HypernetworkConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in fields.items()})  # fmt: skip
     hypernetwork = Hypernetwork(config)
-    tensors = load_file(path)
-    for key, pair in hypernetwork.pairs.items():
-        pair.load_state_dict({n[len(key) + 1 :]: t for n, t in tensors.items()
-                              if n.startswith(f"{key}.")})  # fmt: skip
+    hypernetwork.load_state_dict(tensors)
     return hypernetwork
 
 
