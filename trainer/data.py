@@ -10,9 +10,10 @@
 
 Every rank plans the epoch itself with `pipeline.plan.plan_epoch` (no communication), so every
 rank gets the same number of batches, for any world size on the same prepared data. Samples are
-read by byte range from the index (no tar scan); only the image, which Pillow decodes, and the
-caption, from the index, are used: nothing in a shard is ever unpickled. The random crop of each
-image's overflow is seeded by (seed, epoch, key), so a rerun or a resume sees the same pixels.
+read by byte range from the index (no tar scan); only the image, decoded by libjpeg-turbo or
+Pillow, and the caption, from the index, are used: nothing in a shard is ever unpickled. The
+random crop of each image's overflow is seeded by (seed, epoch, key), so a rerun or a resume sees
+the same pixels.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pipeline.output import FORMAT_VERSION
 from pipeline.plan import RankPlan, plan_epoch
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
+FLOAT_BUFFERS = 3  # reused float batches on the CPU: the one trained on, the next, one spare
+SPILL_ROWS = 64  # margin rows before and after a batch (see BatchReader._load_into)
 INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket"]
 
 
@@ -55,13 +58,19 @@ class PreparedData:
         self.buckets = np.array(manifest["buckets"], dtype=np.int64)
         self.index = pq.read_table(self.root / "index.parquet", columns=INDEX_COLUMNS)
         self.bucket = self.index["bucket"].to_numpy()
+        # Where each sample's image lies, as numbers: what a worker reads per sample.
+        shards = self.index["shard"].combine_chunks().dictionary_encode()
+        self.shard_paths = [self.root / name for name in shards.dictionary.to_pylist()]
+        self.shard = shards.indices.to_numpy()
+        self.image_offset = self.index["image_offset"].to_numpy()
+        self.image_size = self.index["image_size"].to_numpy()
 
     def __len__(self) -> int:
         return len(self.index)
 
 
 class Batch(NamedTuple):
-    pixels: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1] (uint8 [B, H, W, 3] inside workers)
+    pixels: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1] (see BatchReader for workers)
     captions: list[str]  # "" where an image has no caption
     keys: list[str]
     epoch: int
@@ -135,66 +144,93 @@ def decode_rgb(data: bytes, scratch: np.ndarray | None = None) -> np.ndarray:
         return np.array(image.convert("RGB"))
 
 
+class PooledPixels(NamedTuple):
+    """Where a worker wrote a batch's pixels in one of its pooled shared buffers."""
+
+    buffer: int  # worker * POOL_BUFFERS + number: an int crosses the DataLoader as is
+    offset: int
+    shape: tuple[int, int, int, int]
+
+
 class BatchReader(torch.utils.data.Dataset):
     """Loads the batch a BatchPlan names: read by offset, decode, fit, crop, into one tensor.
 
     In a worker, batches are written into a small pool of shared-memory buffers that the
     `Loader` hands back once it has converted a batch: a fresh shared-memory batch a step costs
-    its page faults twice (in the worker and in the trainer). A worker whose buffers are all
-    out (batches dropped unconverted, or the DataLoader used without the Loader) falls back to
-    fresh ones, so a buffer is only ever reused after it was handed back.
+    its page faults twice (in the worker and in the trainer), and passing its file descriptor
+    costs a socket handshake. A buffer crosses to the trainer once; a batch in a buffer handed
+    back crosses as its `PooledPixels` alone. A worker whose buffers are all out (batches
+    dropped unconverted, or the DataLoader used without the Loader) falls back to fresh ones,
+    so a buffer is only ever reused after it was handed back.
     """
 
     def __init__(self, data: PreparedData, seed: int, free_buffers: list | None = None):
         self.data, self.seed = data, seed
         self.free_buffers = free_buffers  # per worker: a queue of its buffers handed back
-        self._files: dict[str, object] = {}  # open shards, per worker process
+        self._files: dict[int, object] = {}  # open shards, per worker process
         self._buffers: list[torch.Tensor] = []  # this worker's pool
         self._scratch = np.empty(0, dtype=np.uint8)  # decoded images that overflow the bucket
+        self._largest_sample = int(data.buckets.prod(axis=1).max()) * 3
+        # Room before and after a batch for the rows that decoding in place spills.
+        self._margin = SPILL_ROWS * int(data.buckets[:, 0].max()) * 3
 
-    def _read(self, shard: str, offset: int, size: int) -> bytes:
+    def _read(self, item: int) -> bytes:
+        shard = int(self.data.shard[item])
         if shard not in self._files:
-            self._files[shard] = open(self.data.root / shard, "rb")  # noqa: SIM115 (kept open)
+            self._files[shard] = open(self.data.shard_paths[shard], "rb")  # noqa: SIM115 (kept open)
         stream = self._files[shard]
-        stream.seek(offset)
-        return stream.read(size)
+        stream.seek(int(self.data.image_offset[item]))
+        return stream.read(int(self.data.image_size[item]))
 
-    def _output(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None]:
-        """An uninitialised uint8 batch tensor, and the pooled buffer it lives in, if any.
-
-        Buffers are numbered worker * POOL_BUFFERS + number: an int crosses the DataLoader as is.
-        """
+    def _output(self, count: int) -> tuple[torch.Tensor, int | None, bool]:
+        """A flat uint8 buffer for `count` samples plus margins, its pool number, and whether
+        the Loader has it mapped already (it was handed back)."""
+        size = count * self._largest_sample + 2 * self._margin
         worker = torch.utils.data.get_worker_info()
         if worker is None or self.free_buffers is None:
-            return torch.empty(shape, dtype=torch.uint8), None
+            return torch.empty(size, dtype=torch.uint8), None, False
         try:
-            number = self.free_buffers[worker.id].get_nowait()
+            number, mapped = self.free_buffers[worker.id].get_nowait(), True
         except queue.Empty:
             if len(self._buffers) >= POOL_BUFFERS:
-                return torch.empty(shape, dtype=torch.uint8).share_memory_(), None
-            number = len(self._buffers)
-            largest = int(self.data.buckets.prod(axis=1).max()) * 3 * shape[0]
-            self._buffers.append(torch.empty(largest, dtype=torch.uint8).share_memory_())
-        buffer = self._buffers[number][: math.prod(shape)].view(shape)
-        return buffer, worker.id * POOL_BUFFERS + number
+                return torch.empty(size, dtype=torch.uint8).share_memory_(), None, False
+            number, mapped = len(self._buffers), False
+            self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self._buffers[number].numel() < size:  # a larger batch size: a new buffer to map
+            self._buffers[number] = torch.empty(size, dtype=torch.uint8).share_memory_()
+            mapped = False
+        return self._buffers[number], worker.id * POOL_BUFFERS + number, mapped
 
-    def _load_into(self, target: np.ndarray, row: dict, epoch: int) -> None:
-        """Decode one sample and write its bucket-sized crop into `target` (H, W, 3)."""
-        data = self._read(row["shard"], row["image_offset"], row["image_size"])
-        bucket_h, bucket_w = target.shape[:2]
-        if data[:2] == b"\xff\xd8" and simplejpeg.decode_jpeg_header(data)[:2] == (
-            bucket_h, bucket_w
-        ):  # fmt: skip
-            decode_rgb(data, target)  # straight into the batch: nothing to crop
-            return
+    def _load_into(self, flat: np.ndarray, offset: int, bucket: tuple[int, int], item: int,
+                   crop_seed: bytes) -> None:  # fmt: skip
+        """Decode one sample and write its bucket-sized crop (H, W, 3) at `flat[offset:]`.
+
+        A batch's samples are loaded in order. A JPEG as wide as the bucket is decoded in
+        place, with its crop's rows on the sample's own: the rows above spill over the end of
+        the sample before (saved and put back), those below over the next one (not written
+        yet) or into the buffer's margins. Others are decoded into a scratch and copied.
+        """
+        data = self._read(item)
+        bucket_w, bucket_h = bucket
+        row = bucket_w * 3
+        if data[:2] == b"\xff\xd8":
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            if width == bucket_w and height >= bucket_h:
+                top = crop_box(width, height, bucket_w, bucket_h, crop_seed)[1]
+                begin, end = offset - top * row, offset + (height - top) * row
+                if begin >= 0 and end <= flat.size:
+                    above = flat[begin:offset].copy()
+                    decode_rgb(data, flat[begin:end])
+                    flat[begin:offset] = above
+                    return
+        target = flat[offset : offset + bucket_h * row].reshape(bucket_h, bucket_w, 3)
         image = decode_rgb(data, self._scratch)
         if image.size > self._scratch.size:  # decoded afresh: grow the scratch for the next
             self._scratch = np.empty(image.size, dtype=np.uint8)
         height, width = image.shape[:2]
         # Stored fitted to its own bucket; a catch-all batch may ask for another one.
         scaled = fit(width, height, bucket_w, bucket_h)
-        seed = hashlib.blake2b(f"{self.seed}:{epoch}:{row['key']}".encode(), digest_size=16)
-        left, top, right, bottom = crop_box(*scaled, bucket_w, bucket_h, seed.digest())
+        left, top, right, bottom = crop_box(*scaled, bucket_w, bucket_h, crop_seed)
         if scaled == (width, height):
             target[:] = image[top:bottom, left:right]
             return
@@ -206,36 +242,57 @@ class BatchReader(torch.utils.data.Dataset):
         )
         target[:] = np.asarray(resized)
 
-    def __getitem__(self, batch: BatchPlan) -> tuple[Batch, int | None]:
-        """The batch with uint8 pixels [B, H, W, 3], and its pooled buffer (see `Loader`)."""
-        bucket_w, bucket_h = (int(v) for v in self.data.buckets[batch.bucket])
-        rows = self.data.index.take(batch.items).to_pylist()
-        pixels, buffer = self._output((len(rows), bucket_h, bucket_w, 3))
-        for target, row in zip(pixels.numpy(), rows, strict=True):
-            self._load_into(target, row, batch.epoch)
-        captions = [row["caption"] or "" for row in rows]
-        keys = [row["key"] for row in rows]
-        return Batch(pixels, captions, keys, batch.epoch, batch.step), buffer
+    def __getitem__(self, batch: BatchPlan) -> tuple[Batch, PooledPixels | None]:
+        """The batch with uint8 pixels [B, H, W, 3], or None and where they lie in a buffer
+        the Loader has mapped (see `Loader`)."""
+        bucket = tuple(int(v) for v in self.data.buckets[batch.bucket])
+        keys = self.data.index["key"].take(batch.items).to_pylist()
+        captions = self.data.index["caption"].take(batch.items).to_pylist()
+        shape = (len(keys), bucket[1], bucket[0], 3)
+        buffer, number, mapped = self._output(len(keys))
+        flat, sample = buffer.numpy(), math.prod(shape[1:])
+        for slot, (item, key) in enumerate(zip(batch.items, keys, strict=True)):
+            seed = hashlib.blake2b(f"{self.seed}:{batch.epoch}:{key}".encode(), digest_size=16)
+            self._load_into(flat, self._margin + slot * sample, bucket, int(item), seed.digest())
+        pixels = buffer[self._margin : self._margin + len(keys) * sample].view(shape)
+        captions = [caption or "" for caption in captions]
+        pooled = None if number is None else PooledPixels(number, self._margin, shape)
+        return Batch(None if mapped else pixels, captions, keys, batch.epoch, batch.step), pooled
 
     def __len__(self) -> int:  # a DataLoader asks; the sampler decides what is read
         return len(self.data)
 
 
-def to_float(pixels: torch.Tensor) -> torch.Tensor:
+def to_float(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] to float [B, 3, H, W] in [-1, 1] (channels-last in memory).
 
     Converted where the batch lands (the GPU when training on one): uint8 is a quarter of the
     bytes to move between processes and devices, and the contiguous conversion is 5x faster
-    than one through a permuted view.
+    than one through a permuted view. `out`, a float buffer of at least as many elements,
+    spares the page faults of a fresh batch: on the CPU they cost 3x the conversion.
     """
-    return pixels.float().mul_(1 / 127.5).sub_(1.0).permute(0, 3, 1, 2)
+    if out is None:
+        out = torch.empty(pixels.shape, device=pixels.device)
+    out = out[: pixels.numel()].view(pixels.shape)
+    return out.copy_(pixels).mul_(1 / 127.5).sub_(1.0).permute(0, 3, 1, 2)
+
+
+def _held_elsewhere(tensor: torch.Tensor) -> bool:
+    """Whether anything but `tensor` itself holds its memory: a view, a batch, autograd.
+
+    Torch's storage use count (what its CUDA-graph trees check); without it, assume held.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    # Counted: the tensor, and the storage object made to ask.
+    return use_count is None or use_count(tensor.untyped_storage()._cdata) > 2
 
 
 class Loader:
     """Iterates a DataLoader of uint8 batches and hands them out as float tensors on `device`.
 
-    A batch's shared buffer goes back to its worker once converted; the last tensor received
-    from each buffer is kept, so that the buffer stays mapped here (no new page faults).
+    A batch's shared buffer goes back to its worker once converted; the whole buffer stays
+    mapped here, so a batch written into it again crosses as a few numbers. On the CPU, float
+    batches are written into a few reused buffers, each reused once nothing holds a batch in it.
     """
 
     def __init__(
@@ -245,19 +302,42 @@ class Loader:
         free_buffers: list | None = None,
     ):
         self.dataloader, self.device, self.free_buffers = dataloader, device, free_buffers
-        self._mapped: dict[int, torch.Tensor] = {}
+        self._mapped: dict[int, torch.Tensor] = {}  # pooled buffer number -> the whole buffer
+        self._floats: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return len(self.dataloader)
 
+    def _float_buffer(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        if self.device.type != "cpu":
+            return None  # the device's caching allocator reuses memory
+        for number, buffer in enumerate(self._floats):
+            if not _held_elsewhere(buffer):
+                if buffer.numel() < pixels.numel():
+                    buffer = self._floats[number] = torch.empty(pixels.numel())
+                return buffer
+        if len(self._floats) < FLOAT_BUFFERS:
+            self._floats.append(torch.empty(pixels.numel()))
+            return self._floats[-1]
+        return None
+
     def __iter__(self):
-        for batch, buffer in self.dataloader:
-            pixels = to_float(batch.pixels.to(self.device, non_blocking=True))
-            if buffer is not None:
-                self._mapped[buffer] = batch.pixels
-                worker, number = divmod(buffer, POOL_BUFFERS)
+        for batch, pooled in self.dataloader:
+            pixels = batch.pixels
+            if pooled is not None:
+                if pixels is None:
+                    size = math.prod(pooled.shape)
+                    flat = self._mapped[pooled.buffer][pooled.offset : pooled.offset + size]
+                    pixels = flat.view(pooled.shape)
+                else:
+                    whole = torch.empty(0, dtype=torch.uint8).set_(pixels.untyped_storage())
+                    self._mapped[pooled.buffer] = whole
+            pixels = pixels.to(self.device, non_blocking=True)
+            converted = to_float(pixels, self._float_buffer(pixels))
+            if pooled is not None:  # converted or copied off: the worker may write it again
+                worker, number = divmod(pooled.buffer, POOL_BUFFERS)
                 self.free_buffers[worker].put(number)
-            yield batch._replace(pixels=pixels)
+            yield batch._replace(pixels=converted)
 
 
 def make_loader(
@@ -276,7 +356,6 @@ def make_loader(
         sampler=batches,
         batch_size=None,  # the sampler yields whole batches
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=num_workers > 0,
         multiprocessing_context=context if num_workers else None,
