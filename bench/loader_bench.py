@@ -1,13 +1,15 @@
 """The training loader's throughput and time to first batch, against a bare loop in the same run.
 
-    python bench/loader_bench.py                   # 200 photos prepared once into --workdir
+    python bench/loader_bench.py                   # 1000 photos prepared once into --workdir
 
 1. Throughput: epochs through `trainer.data.make_loader` with W workers (0: in the main
    process), float batches delivered, against W times a bare single-process loop that reads the
-   same samples' bytes by offset and decodes them (the loader's overhead on top: planning,
-   cropping, tensors, collation, worker IPC, and here the float conversion, which a GPU trainer
-   does on the GPU). The main process converts on one thread, so that it leaves the other cores
-   to the workers as a GPU trainer's would; with as many workers as cores, it still competes.
+   same samples' bytes by offset and decodes them with the same decoder (the loader's overhead
+   on top: planning, cropping, re-fitting catch-all batches, tensors, worker IPC, and here the
+   float conversion, which a GPU trainer does on the GPU). Each epoch is followed by the bare
+   loop over its samples; the medians are reported. The main process converts on one thread,
+   leaving the other cores to the workers as a GPU trainer's would; with as many workers as
+   cores (W=2 on a 2-core machine) it competes with them for the CPU.
 2. Time to first batch of an epoch for an index of 1M items (the prepared index repeated):
    reading the index, planning the epoch, starting the workers, loading one batch.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -62,10 +65,8 @@ def prepared_dataset(workdir: Path, images: int) -> Path:
     return output
 
 
-BARE_DECODERS = {
-    "Pillow": lambda data: Image.open(io.BytesIO(data)).convert("RGB").load(),
-    "the loader's decode_rgb": decode_rgb,
-}
+def pillow_decode(data: bytes) -> None:
+    Image.open(io.BytesIO(data)).convert("RGB").load()
 
 
 def bare_rate(data: PreparedData, items: np.ndarray, decode) -> float:
@@ -80,15 +81,20 @@ def bare_rate(data: PreparedData, items: np.ndarray, decode) -> float:
     return len(rows) / (time.perf_counter() - start)
 
 
-def loader_rate(data: PreparedData, batch_size: int, workers: int, epochs: int) -> float:
+def loader_rates(data: PreparedData, batch_size: int, workers: int, epochs: int) -> list[tuple]:
+    """(loader, bare) samples/s for each epoch: the loader's epoch, then a bare loop over the
+    same samples, in turns, so that the machine's drift falls on both alike."""
     batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0)
     loader = make_loader(data, batches, num_workers=workers)
     next(iter(loader))  # workers started and warm, as in training after the first step
-    start, count = time.perf_counter(), 0
+    rates = []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        count += sum(len(batch.keys) for batch in loader)
-    return count / (time.perf_counter() - start)
+        start = time.perf_counter()
+        count = sum(len(batch.keys) for batch in loader)
+        rate = count / (time.perf_counter() - start)
+        rates.append((rate, bare_rate(data, batches.plan().items.ravel(), decode_rgb)))
+    return rates
 
 
 def first_batch_seconds(prepared: Path, workdir: Path, items: int, batch_size: int) -> float:
@@ -119,29 +125,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--index-items", type=int, default=1_000_000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     prepared = prepared_dataset(args.workdir, args.images)
     data = PreparedData(prepared)
     plan = EpochBatches(data, args.batch_size, 1, 0, 0).plan()
-    items = plan.items.ravel()
-    bare = {
-        name: max(bare_rate(data, items, f) for _ in range(2)) for name, f in BARE_DECODERS.items()
-    }
-    print(f"{len(data)} samples in {prepared}, {plan.catch_all_items} an epoch re-fitted in")
-    print("catch-all batches; bare read-by-offset + decode loops:")
-    for name, rate in bare.items():
-        print(f"   decoding with {name}: {rate:7.1f} samples/s")
-    print(f"\n1. loader throughput, {args.epochs} epochs:")
+    pillow = bare_rate(data, plan.items.ravel(), pillow_decode)
+    print(f"{len(data)} samples in {prepared}, {plan.catch_all_items} an epoch in catch-all")
+    print(f"batches; a bare read-by-offset + decode loop with Pillow: {pillow:.1f} samples/s")
+    print(f"\n1. loader throughput, medians of {args.epochs} epochs, each followed by a bare loop")
+    print("   over the same samples with the loader's decoder (libjpeg-turbo, simplejpeg):")
     for workers in args.workers:
-        rate = loader_rate(data, args.batch_size, workers, args.epochs)
-        ratios = ", ".join(
-            f"{rate / (max(workers, 1) * r):.2f}x of {max(workers, 1)} x bare {n}"
-            for n, r in bare.items()
+        rates = loader_rates(data, args.batch_size, workers, args.epochs)
+        rate, bare = (statistics.median(column) for column in zip(*rates, strict=True))
+        ratio = statistics.median(r / (max(workers, 1) * b) for r, b in rates)
+        print(
+            f"   {workers} worker(s): {rate:6.1f} samples/s, bare {bare:6.1f}: {ratio:.2f}x of "
+            f"{max(workers, 1)} x bare ({rate / (max(workers, 1) * pillow):.2f}x of Pillow's)"
         )
-        print(f"   {workers} worker(s): {rate:7.1f} samples/s = {ratios}")
     seconds = first_batch_seconds(prepared, args.workdir, args.index_items, args.batch_size)
     print(f"\n2. time to first batch, {args.index_items:,}-item index: {seconds:.2f} s")
     print("   (reading the index, planning the epoch, starting the workers, loading the batch)")

@@ -18,7 +18,15 @@ import torch
 from images import rgb
 from PIL import Image
 
-from trainer.data import POOL_BUFFERS, EpochBatches, PreparedData, decode_rgb, make_loader
+from pipeline.fit import fit
+from trainer.data import (
+    POOL_BUFFERS,
+    EpochBatches,
+    PreparedData,
+    decode_rgb,
+    make_loader,
+    to_float,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,6 +159,51 @@ def test_loader_batches_and_resume_in_process(prepared):
     assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(tail, full[3:], strict=True))
 
 
+def test_each_sample_is_a_bucket_sized_window_of_its_stored_image(prepared):
+    """The crop of the overflow: a window of the stored pixels, moving with the epoch."""
+    data = PreparedData(prepared)
+    batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=3)
+    loader = make_loader(data, batches, num_workers=1)
+    rows = {row["key"]: row for row in data.index.to_pylist()}
+    windows, resampled = defaultdict(set), 0
+    for epoch in range(4):
+        batches.set_epoch(epoch)
+        for batch in loader:
+            pixels = ((batch.pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8)
+            for key, sample in zip(batch.keys, pixels.numpy(), strict=True):
+                row = rows[key]
+                with open(prepared / row["shard"], "rb") as shard:
+                    shard.seek(row["image_offset"])
+                    stored = np.asarray(Image.open(io.BytesIO(shard.read(row["image_size"]))))
+                (height, width), (bucket_h, bucket_w) = stored.shape[:2], sample.shape[:2]
+                scaled = fit(width, height, bucket_w, bucket_h)
+                if scaled != (width, height):  # a catch-all member re-fitted to another bucket
+                    resampled += 1
+                    reference = np.asarray(
+                        Image.fromarray(stored).resize(scaled, Image.Resampling.BICUBIC), float
+                    )
+                    errors = [
+                        np.abs(reference[top : top + bucket_h, left : left + bucket_w] - sample)
+                        for top in range(scaled[1] - bucket_h + 1)
+                        for left in range(scaled[0] - bucket_w + 1)
+                    ]
+                    assert min(error.mean() for error in errors) < 1.0, "Pillow's bicubic"
+                    continue
+                found = [
+                    (left, top)
+                    for top in range(height - bucket_h + 1)
+                    for left in range(width - bucket_w + 1)
+                    if np.array_equal(stored[top : top + bucket_h, left : left + bucket_w], sample)
+                ]
+                assert found, f"{key}: not a window of its stored image"
+                windows[key].update(found)
+    overflowing = [key for key, found in windows.items() if len(found) > 1]
+    assert len(windows) == len(data) and 0 < resampled < len(windows)
+    assert overflowing, "some crops move from epoch to epoch"
+    offsets = [offset for found in windows.values() for offset in found]
+    assert any(left for left, _ in offsets) and any(top for _, top in offsets), "both overflows"
+
+
 def test_workers_reusing_their_buffers_deliver_the_in_process_pixels(prepared):
     """Several epochs of more batches than a worker has pooled buffers: every pixel right."""
     data = PreparedData(prepared)
@@ -170,10 +223,13 @@ def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prep
     """Without the Loader handing buffers back, workers never overwrite a batch held."""
     data = PreparedData(prepared)
     batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=1)
-    expected = [batch for batch, _ in make_loader(data, batches, num_workers=0).dataloader]
-    kept = [batch for batch, _ in make_loader(data, batches, num_workers=2).dataloader]
+    expected = [b.pixels for b in make_loader(data, batches, num_workers=0)]
+    kept = list(make_loader(data, batches, num_workers=2).dataloader)
     assert len(kept) > POOL_BUFFERS
-    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(kept, expected, strict=True))
+    buffers = {layout.buffer.untyped_storage().data_ptr() for _, layout in kept}
+    assert len(buffers) == len(kept), "every batch in a buffer of its own"
+    for (_, layout), pixels in zip(kept, expected, strict=True):
+        assert torch.equal(to_float(layout.buffer, layout), pixels)
 
 
 def test_a_dataset_without_manifest_is_refused(prepared, tmp_path):
