@@ -363,7 +363,10 @@ class Loader:
                 buffer = self._mapped[layout.pool_number]
             elif layout.pool_number is not None:
                 self._mapped[layout.pool_number] = buffer
-            buffer = buffer[: layout.size].to(self.device, non_blocking=True)
+            buffer = buffer[: layout.size]
+            if self.device.type == "cuda":  # staged in pinned memory: copied to the GPU async
+                buffer = buffer.pin_memory()
+            buffer = buffer.to(self.device, non_blocking=True)
             pixels = to_float(buffer, layout, self._float_buffer(math.prod(layout.shape)))
             if layout.pool_number is not None:  # converted or copied off: free to write again
                 worker, number = divmod(layout.pool_number, POOL_BUFFERS)
@@ -378,7 +381,11 @@ def make_loader(
     device: torch.device | str = "cpu",
     prefetch_factor: int = 2,
 ) -> Loader:
-    """Whole single-resolution Batches, read by `num_workers` processes, delivered on `device`."""
+    """Whole single-resolution Batches, read by `num_workers` processes, delivered on `device`.
+
+    A worker keeps a core busy decoding; the trainer's process needs one too (on the CPU it
+    converts every batch to float), so give each rank at most its share of cores minus one.
+    """
     device = torch.device(device)
     context = torch.multiprocessing.get_context()
     free_buffers = [context.Queue() for _ in range(num_workers)] if num_workers else None
