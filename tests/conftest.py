@@ -18,6 +18,7 @@ from images import rgb, save  # noqa: E402
 
 from pipeline.buckets import BucketConfig  # noqa: E402
 from pipeline.prepare import PrepareConfig, run  # noqa: E402
+from pipeline.shard_writer import WriteOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,10 @@ SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=3
 SHAPES = [(96, 64)] * 17 + [(64, 96)] * 7 + [(64, 64)] * 4 + [(128, 32)] * 3
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
+def prepare_small(folder: Path, image_format: str = "jpg") -> Path:
+    """SHAPES prepared into folder/out with SMALL_BUCKETS, shards written as `image_format`."""
     import ray
 
-    folder = tmp_path_factory.mktemp("trainer")
     for i, (width, height) in enumerate(SHAPES):
         overflow = (i % 3, i % 4 == 3)  # stored a pixel or two wider or taller than the bucket
         save(
@@ -58,8 +58,14 @@ def prepared(tmp_path_factory) -> Path:
                 output=str(folder / "out"),
                 buckets=SMALL_BUCKETS,
                 samples_per_shard=5,
+                write=WriteOptions(image_format=image_format),
             )
         )
     finally:
         ray.shutdown()
     return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    return prepare_small(tmp_path_factory.mktemp("trainer"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_small
 from images import rgb
 from PIL import Image
 
@@ -159,8 +160,15 @@ def test_loader_batches_and_resume_in_process(prepared):
     assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(tail, full[3:], strict=True))
 
 
-def test_each_sample_is_a_bucket_sized_window_of_its_stored_image(prepared):
+@pytest.fixture(scope="module")
+def prepared_png(tmp_path_factory) -> Path:
+    return prepare_small(tmp_path_factory.mktemp("png"), image_format="png")
+
+
+@pytest.mark.parametrize("dataset", ["prepared", "prepared_png"])
+def test_each_sample_is_a_bucket_sized_window_of_its_stored_image(dataset, request):
     """The crop of the overflow: a window of the stored pixels, moving with the epoch."""
+    prepared = request.getfixturevalue(dataset)
     data = PreparedData(prepared)
     batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=3)
     loader = make_loader(data, batches, num_workers=1)
