@@ -185,7 +185,7 @@ class BatchReader(torch.utils.data.Dataset):
         self.free_buffers = free_buffers  # per worker: a queue of its buffers handed back
         self._files: dict[int, object] = {}  # open shards, per worker process
         self._buffers: list[torch.Tensor] = []  # this worker's pool
-        self._scratch = np.empty(0, dtype=np.uint8)  # images to re-fit
+        self._scratch = np.empty(0, dtype=np.uint8)  # JPEGs to re-fit
         self._largest_sample = int(data.buckets.prod(axis=1).max()) * 3
 
     def _read(self, item: int) -> bytes:
@@ -216,7 +216,9 @@ class BatchReader(torch.utils.data.Dataset):
         return self._buffers[number], worker.id * POOL_BUFFERS + number, mapped
 
     def _fitted(self, data: bytes, bucket: tuple[int, int], crop_seed: bytes, out: np.ndarray):
-        """Decode an image that needs more than a crop and write it re-fitted into `out`."""
+        """Decode an image not decoded in place (not a JPEG, or asked for another bucket than
+        the one it was stored for) and write its bucket-sized crop, re-fitted if need be, to
+        `out`."""
         bucket_w, bucket_h = bucket
         image = decode_rgb(data, self._scratch)
         if image.size > self._scratch.size:  # decoded afresh: grow the scratch for the next
