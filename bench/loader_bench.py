@@ -9,7 +9,8 @@
    float conversion, which a GPU trainer does on the GPU). Each epoch is followed by the bare
    loop over its samples; the medians are reported. The main process converts on one thread,
    leaving the other cores to the workers as a GPU trainer's would; with as many workers as
-   cores (W=2 on a 2-core machine) it competes with them for the CPU.
+   cores (W=2 on a 2-core machine) it competes with them for the CPU, so the CPU seconds the
+   workers spend a sample are printed too (from /proc): the loader's cost where cores suffice.
 2. Time to first batch of an epoch for an index of 1M items (the prepared index repeated):
    reading the index, planning the epoch, starting the workers, loading one batch.
 """
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -81,20 +84,42 @@ def bare_rate(data: PreparedData, items: np.ndarray, decode) -> float:
     return len(rows) / (time.perf_counter() - start)
 
 
-def loader_rates(data: PreparedData, batch_size: int, workers: int, epochs: int) -> list[tuple]:
-    """(loader, bare) samples/s for each epoch: the loader's epoch, then a bare loop over the
-    same samples, in turns, so that the machine's drift falls on both alike."""
+def workers_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's live children (the loader's workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) == os.getpid():  # ppid; then utime and stime, in clock ticks
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class Epoch(NamedTuple):
+    loader: float  # samples/s
+    bare: float  # samples/s of the bare loop over the same samples, right after
+    workers_cpu: float  # CPU seconds a sample in the workers (in-process loading: 0)
+    trainer_cpu: float  # CPU seconds a sample in the process iterating the loader
+
+
+def loader_epochs(data: PreparedData, batch_size: int, workers: int, epochs: int) -> list[Epoch]:
+    """Each epoch through the loader, then a bare loop over the same samples: in turns, so
+    that the machine's drift falls on both alike."""
     batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0)
     loader = make_loader(data, batches, num_workers=workers)
     next(iter(loader))  # workers started and warm, as in training after the first step
-    rates = []
+    measured = []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        start = time.perf_counter()
+        start, cpu, children = time.perf_counter(), time.process_time(), workers_cpu_seconds()
         count = sum(len(batch.keys) for batch in loader)
-        rate = count / (time.perf_counter() - start)
-        rates.append((rate, bare_rate(data, batches.plan().items.ravel(), decode_rgb)))
-    return rates
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        children = workers_cpu_seconds() - children
+        bare = bare_rate(data, batches.plan().items.ravel(), decode_rgb)
+        measured.append(Epoch(count / seconds, bare, children / count, cpu / count))
+    return measured
 
 
 def first_batch_seconds(prepared: Path, workdir: Path, items: int, batch_size: int) -> float:
@@ -138,13 +163,21 @@ def main() -> None:
     print(f"\n1. loader throughput, medians of {args.epochs} epochs, each followed by a bare loop")
     print("   over the same samples with the loader's decoder (libjpeg-turbo, simplejpeg):")
     for workers in args.workers:
-        rates = loader_rates(data, args.batch_size, workers, args.epochs)
-        rate, bare = (statistics.median(column) for column in zip(*rates, strict=True))
-        ratio = statistics.median(r / (max(workers, 1) * b) for r, b in rates)
+        epochs = loader_epochs(data, args.batch_size, workers, args.epochs)
+        medians = Epoch(*(statistics.median(column) for column in zip(*epochs, strict=True)))
+        rate, bare = medians.loader, medians.bare
+        ratio = statistics.median(e.loader / (max(workers, 1) * e.bare) for e in epochs)
         print(
             f"   {workers} worker(s): {rate:6.1f} samples/s, bare {bare:6.1f}: {ratio:.2f}x of "
             f"{max(workers, 1)} x bare ({rate / (max(workers, 1) * pillow):.2f}x of Pillow's)"
         )
+        if workers:
+            print(
+                f"      CPU per sample: workers {medians.workers_cpu * 1e3:.2f} ms against the bare"
+                f" loop's {1e3 / bare:.2f} ms ({1 / bare / medians.workers_cpu:.2f}x), trainer "
+                f"process {medians.trainer_cpu * 1e3:.2f} ms"
+            )
+    print("   (the trainer process converts to float on the CPU here, on the GPU in training)")
     seconds = first_batch_seconds(prepared, args.workdir, args.index_items, args.batch_size)
     print(f"\n2. time to first batch, {args.index_items:,}-item index: {seconds:.2f} s")
     print("   (reading the index, planning the epoch, starting the workers, loading the batch)")
