@@ -227,6 +227,38 @@ def test_workers_reusing_their_buffers_deliver_the_in_process_pixels(prepared):
         assert keys == expected_keys and torch.equal(pixels, expected_pixels)
 
 
+class RecordingDataLoader:
+    """Iterates a loader's DataLoader, noting the pool number of each batch's buffer."""
+
+    def __init__(self, dataloader):
+        self.dataloader, self.pool_numbers = dataloader, []
+
+    def __iter__(self):
+        for batch, layout in self.dataloader:
+            self.pool_numbers.append(layout.pool_number)
+            yield batch, layout
+
+
+def test_leaving_epochs_early_loses_no_pooled_buffer(prepared):
+    """Batches in flight when a loop breaks are dropped by the DataLoader, not their buffers."""
+    data = PreparedData(prepared)
+    delivered = {}
+    for workers in (0, 1):
+        batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=2)
+        loader = make_loader(data, batches, num_workers=workers, prefetch_factor=3)
+        loader.dataloader = recording = RecordingDataLoader(loader.dataloader)
+        delivered[workers] = []
+        for epoch in range(4 * POOL_BUFFERS):
+            batches.set_epoch(epoch)
+            for step, batch in enumerate(loader):
+                delivered[workers].append((batch.keys, batch.pixels))
+                if step == 1:
+                    break  # with 3 more batches prefetched
+    assert None not in recording.pool_numbers, "every batch in a pooled buffer"
+    for (keys, pixels), (expected_keys, expected) in zip(*delivered.values(), strict=True):
+        assert keys == expected_keys and torch.equal(pixels, expected)
+
+
 def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):
     """Without the Loader handing buffers back, workers never overwrite a batch held."""
     data = PreparedData(prepared)

@@ -37,6 +37,7 @@ from pipeline.output import FORMAT_VERSION
 from pipeline.plan import RankPlan, plan_epoch
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
+LOADER_ATTACHED = "loader attached"  # to a worker (see BatchReader._take_messages)
 FLOAT_BUFFERS = 3  # reused float batches on the CPU: the one trained on, the next, one spare
 INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket"]
 
@@ -89,6 +90,7 @@ class BatchPlan(NamedTuple):
     bucket: int
     keys: list[str]
     captions: list[str]  # "" where an image has no caption
+    iteration: int  # how many times the sampler has been iterated, this one included
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -113,7 +115,7 @@ class EpochBatches(torch.utils.data.Sampler):
         self.data, self.batch_size, self.world_size, self.rank, self.seed = (
             data, batch_size, world_size, rank, seed
         )  # fmt: skip
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start_step, self.iterations = 0, 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Plan `epoch`; begin at `start_step` to resume mid-epoch without replaying it."""
@@ -128,12 +130,14 @@ class EpochBatches(torch.utils.data.Sampler):
         return max(0, len(self.plan()) - self.start_step)
 
     def __iter__(self):
-        plan = self.plan()
+        self.iterations += 1
+        iteration, plan = self.iterations, self.plan()
         for step in range(self.start_step, len(plan)):
             items = plan.items[step]
             keys = self.data.index["key"].take(items).to_pylist()
             captions = [c or "" for c in self.data.index["caption"].take(items).to_pylist()]
-            yield BatchPlan(self.epoch, step, items, int(plan.bucket[step]), keys, captions)
+            bucket = int(plan.bucket[step])
+            yield BatchPlan(self.epoch, step, items, bucket, keys, captions, iteration)
 
 
 def decode_rgb(data: bytes, scratch: np.ndarray | None = None) -> np.ndarray:
@@ -166,6 +170,7 @@ class PixelLayout(NamedTuple):
     size: int  # bytes used, from the buffer's start
     buffer: torch.Tensor | None  # the whole buffer; None once the Loader has it mapped
     pool_number: int | None  # worker * POOL_BUFFERS + number; None for a buffer used once
+    ticket: int  # this use of the pooled buffer, handed back with it
 
 
 class BatchReader(torch.utils.data.Dataset):
@@ -175,16 +180,21 @@ class BatchReader(torch.utils.data.Dataset):
     `Loader` hands back once it has converted a batch: a fresh shared-memory batch a step costs
     its page faults twice (in the worker and in the trainer), and passing its file descriptor
     costs a socket handshake. A buffer crosses to the trainer once; a batch in a buffer handed
-    back crosses as its `PixelLayout` alone. A worker whose buffers are all out (batches
-    dropped unconverted, or the DataLoader used without the Loader) falls back to fresh ones,
-    so a buffer is only ever reused after it was handed back.
+    back crosses as its `PixelLayout` alone. A buffer is reused only once handed back, or,
+    under a Loader, once a later iteration has begun (the DataLoader drops the batches an
+    earlier one left in flight); a worker whose buffers are all out (the DataLoader used
+    without the Loader, holding its batches) falls back to fresh ones.
     """
 
     def __init__(self, data: PreparedData, seed: int, free_buffers: list | None = None):
         self.data, self.seed = data, seed
-        self.free_buffers = free_buffers  # per worker: a queue of its buffers handed back
+        self.free_buffers = free_buffers  # per worker: a queue from the Loader (see _output)
         self._files: dict[int, object] = {}  # open shards, per worker process
-        self._buffers: list[torch.Tensor] = []  # this worker's pool
+        self._buffers: list[torch.Tensor] = []  # this worker's pool, by number
+        self._free: set[int] = set()
+        self._out: dict[int, tuple[int, int]] = {}  # number -> (iteration, ticket) of its use
+        self._mapped: set[int] = set()  # numbers the Loader has mapped
+        self._tickets, self._reclaim = 0, False
         self._scratch = np.empty(0, dtype=np.uint8)  # JPEGs to re-fit
         self._largest_sample = int(data.buckets.prod(axis=1).max()) * 3
 
@@ -196,24 +206,53 @@ class BatchReader(torch.utils.data.Dataset):
         stream.seek(int(self.data.image_offset[item]))
         return stream.read(int(self.data.image_size[item]))
 
-    def _output(self, size: int, count: int) -> tuple[torch.Tensor, int | None, bool]:
-        """A flat uint8 buffer of at least `size` bytes, its pool number, and whether the
-        Loader has it mapped already (it was handed back)."""
+    def _take_messages(self, messages, iteration: int) -> None:
+        """Buffers the Loader handed back, and the Loader's LOADER_ATTACHED, after which
+        buffers out since an earlier iteration are free too: a new iteration of the DataLoader
+        drops the batches a loop that broke early left in flight (and never reads them). A
+        hand-back whose ticket is not its buffer's current use (it crossed with a new iteration,
+        the buffer was taken again) is ignored."""
+        while True:
+            try:
+                message = messages.get_nowait()
+            except queue.Empty:
+                break
+            if message == LOADER_ATTACHED:
+                self._reclaim = True
+            elif self._out.get(message[0], (0, None))[1] == message[1]:
+                del self._out[message[0]]
+                self._free.add(message[0])
+                self._mapped.add(message[0])
+        if self._reclaim:
+            for number, (taken_in, _) in list(self._out.items()):
+                if taken_in < iteration:
+                    del self._out[number]
+                    self._free.add(number)
+
+    def _output(
+        self, size: int, count: int, iteration: int
+    ) -> tuple[torch.Tensor, int | None, int, bool]:
+        """A flat uint8 buffer of at least `size` bytes, its pool number and ticket, and
+        whether the Loader has it mapped already."""
         worker = torch.utils.data.get_worker_info()
         if worker is None or self.free_buffers is None:
-            return torch.empty(size, dtype=torch.uint8), None, False
-        try:
-            number, mapped = self.free_buffers[worker.id].get_nowait(), True
-        except queue.Empty:
-            if len(self._buffers) >= POOL_BUFFERS:
-                return torch.empty(size, dtype=torch.uint8).share_memory_(), None, False
-            number, mapped = len(self._buffers), False
+            return torch.empty(size, dtype=torch.uint8), None, 0, False
+        self._take_messages(self.free_buffers[worker.id], iteration)
+        if self._free:
+            number = self._free.pop()
+        elif len(self._buffers) < POOL_BUFFERS:
+            number = len(self._buffers)
             self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        else:
+            return torch.empty(size, dtype=torch.uint8).share_memory_(), None, 0, False
         if self._buffers[number].numel() < size:  # overflow to spare: a new buffer to map
             room = max(size, count * self._largest_sample) * 9 // 8
             self._buffers[number] = torch.empty(room, dtype=torch.uint8).share_memory_()
-            mapped = False
-        return self._buffers[number], worker.id * POOL_BUFFERS + number, mapped
+            self._mapped.discard(number)
+        self._tickets += 1
+        self._out[number] = (iteration, self._tickets)
+        pool_number = worker.id * POOL_BUFFERS + number
+        return self._buffers[number], pool_number, self._tickets, number in self._mapped
 
     def _fitted(self, data: bytes, bucket: tuple[int, int], crop_seed: bytes, out: np.ndarray):
         """Decode an image not decoded in place (not a JPEG, or asked for another bucket than
@@ -257,7 +296,7 @@ class BatchReader(torch.utils.data.Dataset):
         sizes = [_in_place_size(data, bucket) for data in encoded]  # None: re-fit
         places = [bucket if size is None else size for size in sizes]  # (width, height)
         ends = np.cumsum([width * height * 3 for width, height in places]).tolist()
-        buffer, number, mapped = self._output(ends[-1], len(batch.items))
+        buffer, number, ticket, mapped = self._output(ends[-1], len(batch.items), batch.iteration)
         flat = buffer.numpy()
         starts, row_bytes = [], []
         for data, size, (width, height), seed, end in zip(
@@ -279,6 +318,7 @@ class BatchReader(torch.utils.data.Dataset):
             ends[-1],
             None if mapped else buffer,
             number,
+            ticket,
         )
         return Batch(None, batch.captions, batch.keys, batch.epoch, batch.step), layout
 
@@ -359,6 +399,8 @@ class Loader:
         return None
 
     def __iter__(self):
+        for messages in self.free_buffers or ():
+            messages.put(LOADER_ATTACHED)
         for batch, layout in self.dataloader:
             buffer = layout.buffer
             if buffer is None:
@@ -372,7 +414,7 @@ class Loader:
             pixels = to_float(buffer, layout, self._float_buffer(math.prod(layout.shape)))
             if layout.pool_number is not None:  # converted or copied off: free to write again
                 worker, number = divmod(layout.pool_number, POOL_BUFFERS)
-                self.free_buffers[worker].put(number)
+                self.free_buffers[worker].put((number, layout.ticket))
             yield batch._replace(pixels=pixels)
 
 
