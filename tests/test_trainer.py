@@ -259,6 +259,21 @@ def test_leaving_epochs_early_loses_no_pooled_buffer(prepared):
         assert keys == expected_keys and torch.equal(pixels, expected)
 
 
+def test_spawned_workers_deliver_the_same_batches(prepared):
+    """Workers started with spawn (macOS's default) get everything they need by pickling."""
+    data = PreparedData(prepared)
+    delivered = {}
+    for workers, start_method in ((0, None), (1, "spawn")):
+        batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=4)
+        loader = make_loader(data, batches, num_workers=workers, start_method=start_method)
+        delivered[workers] = []
+        for epoch in range(2):
+            batches.set_epoch(epoch)
+            delivered[workers] += [(b.keys, b.pixels) for b in loader]
+    for (keys, pixels), (expected_keys, expected) in zip(*delivered.values(), strict=True):
+        assert keys == expected_keys and torch.equal(pixels, expected)
+
+
 def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):
     """Without the Loader handing buffers back, workers never overwrite a batch held."""
     data = PreparedData(prepared)

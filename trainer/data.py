@@ -431,14 +431,16 @@ def make_loader(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     prefetch_factor: int = 2,
+    start_method: str | None = None,
 ) -> Loader:
     """Whole single-resolution Batches, read by `num_workers` processes, delivered on `device`.
 
     A worker keeps a core busy decoding; the trainer's process needs one too (on the CPU it
     converts every batch to float), so give each rank at most its share of cores minus one.
+    `start_method` starts the workers ("fork", "spawn", "forkserver"); None: the platform's.
     """
     device = torch.device(device)
-    context = torch.multiprocessing.get_context()
+    context = torch.multiprocessing.get_context(start_method)
     free_buffers = [context.Queue() for _ in range(num_workers)] if num_workers else None
     dataloader = torch.utils.data.DataLoader(
         BatchReader(data, batches.seed, free_buffers),
