@@ -212,6 +212,12 @@ def test_each_sample_is_a_bucket_sized_window_of_its_stored_image(dataset, reque
     assert any(left for left, _ in offsets) and any(top for _, top in offsets), "both overflows"
 
 
+def assert_same_batches(delivered: list, expected: list) -> None:
+    """(keys, pixels) pairs equal one by one, pixels bit for bit."""
+    for (keys, pixels), (expected_keys, expected_pixels) in zip(delivered, expected, strict=True):
+        assert keys == expected_keys and torch.equal(pixels, expected_pixels)
+
+
 def test_workers_reusing_their_buffers_deliver_the_in_process_pixels(prepared):
     """Several epochs of more batches than a worker has pooled buffers: every pixel right."""
     data = PreparedData(prepared)
@@ -223,8 +229,7 @@ def test_workers_reusing_their_buffers_deliver_the_in_process_pixels(prepared):
             batches.set_epoch(epoch)
             out.extend((b.keys, b.pixels) for b in loader)
     assert len(delivered) == len(expected) > 3 * POOL_BUFFERS
-    for (keys, pixels), (expected_keys, expected_pixels) in zip(delivered, expected, strict=True):
-        assert keys == expected_keys and torch.equal(pixels, expected_pixels)
+    assert_same_batches(delivered, expected)
 
 
 class RecordingDataLoader:
@@ -255,8 +260,7 @@ def test_leaving_epochs_early_loses_no_pooled_buffer(prepared):
                 if step == 1:
                     break  # with 3 more batches prefetched
     assert None not in recording.pool_numbers, "every batch in a pooled buffer"
-    for (keys, pixels), (expected_keys, expected) in zip(*delivered.values(), strict=True):
-        assert keys == expected_keys and torch.equal(pixels, expected)
+    assert_same_batches(*delivered.values())
 
 
 def test_spawned_workers_deliver_the_same_batches(prepared):
@@ -270,8 +274,7 @@ def test_spawned_workers_deliver_the_same_batches(prepared):
         for epoch in range(2):
             batches.set_epoch(epoch)
             delivered[workers] += [(b.keys, b.pixels) for b in loader]
-    for (keys, pixels), (expected_keys, expected) in zip(*delivered.values(), strict=True):
-        assert keys == expected_keys and torch.equal(pixels, expected)
+    assert_same_batches(*delivered.values())
 
 
 def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):
