@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from trainer.diffusion import load_parts, save_parts, tiny_parts
 from trainer.hypernetwork import (
     Hypernetwork,
     HypernetworkConfig,
+    HypernetworkModule,
     cross_attentions,
     from_a1111,
     load,
@@ -208,26 +212,363 @@ def test_safetensors_and_a1111_round_trips(parts, tmp_path):
         per_depth.save(tmp_path / "per_depth.pt")
 
 
-def test_an_a1111_file_as_that_tool_writes_it_loads():
-    """AUTOMATIC1111's layout: {width: (k_state, v_state)} plus metadata, tuples and all."""
-    config = HypernetworkConfig(
-        widths=(768, 320), activation="relu", layer_norm=True, dropout=0.1, per_depth=False
-    )
-    source = Hypernetwork(config)
-    state = {width: tuple(m.state_dict() for m in source.pairs[str(width)]) for width in (768, 320)}
+# AUTOMATIC1111's side, restated from its source (stable-diffusion-webui: HypernetworkModule,
+# parse_dropout_structure, Hypernetwork.__init__ / save / load in
+# modules/hypernetworks/hypernetwork.py; check_pt and RestrictedUnpickler in modules/safe.py),
+# to hold ours against: what it builds from a file, what it writes, what it lets torch.load read.
+
+A1111_ACTIVATIONS = {  # what its activation_dict gives for the names used here
+    "relu": nn.ReLU, "tanh": nn.Tanh, "swish": nn.Hardswish, "gelu": nn.GELU, "mish": nn.Mish,
+    "prelu": nn.PReLU,
+}  # fmt: skip
+A1111_OLD_NAMES = {  # fix_old_state_dict: NovelAI's names -> A1111's
+    "linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
+    "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias",
+}  # fmt: skip
+
+
+class A1111Module(nn.Module):
+    """Its HypernetworkModule: for each pair of layer_structure entries a Linear; then the
+    activation unless there is none ("linear" or None) or this is the last Linear and not
+    activate_output; a LayerNorm with add_layer_norm; a Dropout where dropout_structure[i + 1] > 0.
+    A state dict has NovelAI's names renamed, then loads strictly."""
+
+    def __init__(self, dim, state, layer_structure, activation_func, add_layer_norm,
+                 activate_output, dropout_structure):  # fmt: skip
+        super().__init__()
+        count = len(layer_structure)
+        layers: list[nn.Module] = []
+        for i in range(count - 1):
+            size_out = int(dim * layer_structure[i + 1])
+            layers.append(nn.Linear(int(dim * layer_structure[i]), size_out))
+            last = i >= count - 2
+            if activation_func not in ("linear", None) and not (last and not activate_output):
+                layers.append(A1111_ACTIVATIONS[activation_func]())
+            if add_layer_norm:
+                layers.append(nn.LayerNorm(size_out))
+            if dropout_structure is not None and dropout_structure[i + 1] > 0:
+                layers.append(nn.Dropout(p=dropout_structure[i + 1]))
+        self.linear = nn.Sequential(*layers)
+        if state is not None:
+            for old, new in A1111_OLD_NAMES.items():
+                if old in state:
+                    state[new] = state.pop(old)
+            self.load_state_dict(state)
+
+    def forward(self, x):
+        return x + self.linear(x)
+
+
+def a1111_parse_dropout_structure(layer_structure, use_dropout, last_layer_dropout):
+    """Its structure for files without one: 0.3 after each hidden layer but the last; the last
+    too with last_layer_dropout (what older releases built from these two flags)."""
+    if not use_dropout:
+        return [0] * len(layer_structure)
+    inner = [0.3] * (len(layer_structure) - 3)
+    return [0, *inner, 0.3 if last_layer_dropout else 0, 0]
+
+
+def a1111_modules(hypernetwork: dict, states=None, seed: int = 0) -> dict:
+    """{size: (k, v)} built with its arguments, from `states` or with random weights, eval mode."""
+    arguments = [hypernetwork[key] for key in (
+        "layer_structure", "activation_func", "add_layer_norm", "activate_output",
+        "dropout_structure",
+    )]  # fmt: skip
+    layers = {}
+    for size in hypernetwork["sizes"]:
+        pair = []
+        for i in range(2):
+            module = A1111Module(size, states and states[size][i], *arguments)
+            pair.append(module if states else randomized(module, seed + 2 * size + i))
+        layers[size] = tuple(module.eval() for module in pair)
+    return layers
+
+
+def a1111_save(hypernetwork: dict, layers: dict, path: Path, omit=()) -> None:
+    """Its save(): the pairs as tuples of state dicts, then its fields (`omit`: those an older
+    release did not write yet); torch.save's default (zip) format."""
+    state: dict = {size: tuple(m.state_dict() for m in pair) for size, pair in layers.items()}
+    dropout_structure = hypernetwork["dropout_structure"]
     state.update(
-        step=1200, name="anime", layer_structure=[1, 2, 1], activation_func="relu",
-        is_layer_norm=True, weight_initialization="Normal", use_dropout=True,
-        dropout_structure=[0, 0.1, 0], activate_output=False, last_layer_dropout=False,
-        sd_checkpoint="a1b2c3", sd_checkpoint_name="model", optional_info=None,
+        step=120, name=hypernetwork["name"], layer_structure=hypernetwork["layer_structure"],
+        activation_func=hypernetwork["activation_func"],
+        is_layer_norm=hypernetwork["add_layer_norm"], weight_initialization="Normal",
+        sd_checkpoint="a1b2c3", sd_checkpoint_name="model",
+        activate_output=hypernetwork["activate_output"], use_dropout=hypernetwork["use_dropout"],
+        dropout_structure=dropout_structure, last_layer_dropout=dropout_structure[-2] != 0,
+        optional_info=None,
     )  # fmt: skip
-    loaded = from_a1111(state)
-    assert loaded.config.widths == (320, 768) and loaded.config.activation == "relu"
-    assert [type(layer).__name__ for layer in loaded.pairs["768"][0].linear] == [
-        "Linear", "ReLU", "LayerNorm", "Dropout", "Linear", "LayerNorm",
-    ]  # fmt: skip
-    expected = source.state_dict()
-    assert all(torch.equal(t, expected[k]) for k, t in loaded.state_dict().items())
+    for key in omit:
+        del state[key]
+    torch.save(state, path)
+
+
+def a1111_load(path: Path) -> tuple[dict, dict]:
+    """Its load(): (its fields, {size: (k, v)}), defaults as it takes them. (It runs check_pt
+    first, which files a1111_save writes here fail: torch 2.13's zip, not its torch's.)"""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # as it loads, after the check
+    dropout_structure = state.get("dropout_structure", None)
+    use_dropout = state.get("use_dropout", False)
+    if dropout_structure is not None and any(dropout_structure):
+        use_dropout = True
+    hypernetwork = {
+        "name": state.get("name", path.stem),
+        "sizes": [size for size in state if type(size) is int],
+        "layer_structure": state.get("layer_structure", [1, 2, 1]),
+        "activation_func": state.get("activation_func", None),
+        "add_layer_norm": state.get("is_layer_norm", False),
+        "use_dropout": use_dropout,
+        "activate_output": state.get("activate_output", True),
+        "dropout_structure": dropout_structure,
+    }
+    if dropout_structure is None:
+        hypernetwork["dropout_structure"] = a1111_parse_dropout_structure(
+            hypernetwork["layer_structure"], use_dropout, state.get("last_layer_dropout", False)
+        )
+    return hypernetwork, a1111_modules(hypernetwork, state)
+
+
+A1111_ZIP_MEMBER = re.compile(
+    r"[^/]+/(data\.pkl|version|byteorder|\.data/serialization_id|data/\d+)"
+)
+A1111_GLOBALS = {  # those every release read allows (later ones add a few)
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch", "FloatStorage"), ("torch", "HalfStorage"),
+    ("torch", "IntStorage"), ("torch", "LongStorage"), ("torch", "DoubleStorage"),
+    ("torch", "ByteStorage"), ("torch.nn.modules.container", "ParameterDict"),
+    ("numpy.core.multiarray", "scalar"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("__builtin__", "set"),
+}  # fmt: skip
+
+
+class A1111Unpickler(pickle.Unpickler):
+    """Its RestrictedUnpickler: storages come back empty, globals from its list alone."""
+
+    def persistent_load(self, saved_id):
+        assert saved_id[0] == "storage"
+        return torch.storage.TypedStorage(_internal=True)
+
+    def find_class(self, module, name):
+        if (module, name) not in A1111_GLOBALS:
+            raise ValueError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+
+def a1111_check_pt(path: Path) -> None:
+    """Its check before every torch.load: a zip may hold only torch's data.pkl, version, byteorder,
+    .data/serialization_id and data/N under one folder, and its data.pkl must unpickle
+    restrictedly; a file that is no zip (torch's legacy format) must, all five pickles of it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for name in names:
+                if not A1111_ZIP_MEMBER.fullmatch(name):
+                    raise ValueError(f"bad file inside {path}: {name}")
+            (data,) = [name for name in names if name.endswith("/data.pkl")]
+            with archive.open(data) as file:
+                A1111Unpickler(file).load()
+    except zipfile.BadZipFile:
+        with open(path, "rb") as file:
+            unpickler = A1111Unpickler(file)
+            for _ in range(5):
+                unpickler.load()
+
+
+def randomized(module: nn.Module, seed: int) -> nn.Module:
+    """Every parameter random (LayerNorms and the last Linear too), so layouts tell in outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return module
+
+
+def pairs_of(hypernetwork: Hypernetwork) -> dict:
+    return {int(width): tuple(pair) for width, pair in hypernetwork.pairs.items()}
+
+
+def assert_same_modules(layers: dict, expected: dict) -> None:
+    """Same widths, same `linear` layouts, identical outputs, both in eval mode."""
+    assert sorted(layers) == sorted(expected)
+    for size, pair in expected.items():
+        context = torch.randn((2, 5, size), generator=torch.Generator().manual_seed(size))
+        for module, reference in zip(layers[size], pair, strict=True):
+            assert [type(layer) for layer in module.linear] == [
+                type(layer) for layer in reference.linear
+            ]
+            assert not module.training and not reference.training
+            with torch.no_grad():
+                assert torch.equal(module(context), reference(context))
+
+
+def a1111_hypernetwork(sizes=(32, 48), layer_structure=(1, 2, 1), activation_func=None,
+                       add_layer_norm=False, use_dropout=False, activate_output=False,
+                       dropout_structure=None, last_layer_dropout=True) -> dict:  # fmt: skip
+    """Its Hypernetwork(...) as created (and as older releases built theirs): a dropout_structure
+    from use_dropout and last_layer_dropout where none is given."""
+    if dropout_structure is None:
+        dropout_structure = a1111_parse_dropout_structure(
+            layer_structure, use_dropout, last_layer_dropout
+        )
+    return {
+        "name": "theirs", "sizes": list(sizes), "layer_structure": list(layer_structure),
+        "activation_func": activation_func, "add_layer_norm": add_layer_norm,
+        "use_dropout": use_dropout, "activate_output": activate_output,
+        "dropout_structure": dropout_structure,
+    }  # fmt: skip
+
+
+A1111_FILES = {  # id: (how A1111 built it, the fields its release did not write yet)
+    "today's": (
+        dict(activation_func="relu", add_layer_norm=True, use_dropout=True,
+             dropout_structure=[0, 0.1, 0]),
+        (),
+    ),
+    "activated output": (dict(layer_structure=(1, 1.5, 1), activation_func="tanh",
+                              activate_output=True), ()),
+    "no activate_output field": (dict(activation_func="swish", activate_output=True),
+                                 ("activate_output",)),
+    "no activate_output field, layer norm": (
+        dict(activation_func="relu", add_layer_norm=True, activate_output=True),
+        ("activate_output",),
+    ),
+    "use_dropout, no dropout_structure": (
+        dict(layer_structure=(1, 2, 2, 1), activation_func="relu", use_dropout=True,
+             last_layer_dropout=False),
+        ("dropout_structure",),
+    ),
+    "use_dropout and last_layer_dropout, no dropout_structure": (
+        dict(layer_structure=(1, 2, 2, 1), activation_func="relu", add_layer_norm=True,
+             use_dropout=True, last_layer_dropout=True),
+        ("dropout_structure",),
+    ),
+    "dropout after the first hidden layer only": (
+        dict(layer_structure=(1, 2, 2, 1), activation_func="relu", add_layer_norm=True,
+             use_dropout=True, dropout_structure=[0, 0.3, 0, 0]),
+        (),
+    ),
+    "dropout after the last hidden layer only": (
+        dict(layer_structure=(1, 2, 2, 1), activation_func="gelu", use_dropout=True,
+             dropout_structure=[0, 0, 0.2, 0]),
+        (),
+    ),
+    "an activation with weights": (dict(activation_func="prelu", activate_output=True), ()),
+    "mish, activated output, no fields of today": (
+        dict(activation_func="mish", activate_output=True),
+        ("activate_output", "dropout_structure", "last_layer_dropout", "use_dropout"),
+    ),
+}  # fmt: skip
+
+
+def write_novelai(path: Path, sizes=(32, 48)) -> dict:
+    """NovelAI's files: {size: [k_state, v_state]} with `linear1` / `linear2` keys, no fields."""
+    hypernetwork = a1111_hypernetwork(sizes)
+    layers = a1111_modules(hypernetwork)
+    renamed = {new: old for old, new in A1111_OLD_NAMES.items()}
+    state = {
+        size: [{renamed[key]: t for key, t in m.state_dict().items()} for m in pair]
+        for size, pair in layers.items()
+    }
+    torch.save(state, path)
+    return layers
+
+
+def written_as_a1111_writes(variant: str, path: Path) -> dict:
+    if variant == "NovelAI":
+        return write_novelai(path)
+    arguments, omit = A1111_FILES[variant]
+    hypernetwork = a1111_hypernetwork(**arguments)
+    layers = a1111_modules(hypernetwork)
+    a1111_save(hypernetwork, layers, path, omit)
+    return layers
+
+
+@pytest.mark.parametrize("variant", [*A1111_FILES, "NovelAI"])
+def test_a1111_and_novelai_files_read_as_a1111_reads_them_and_come_back(variant, tmp_path):
+    """Theirs -> ours (eval mode) -> our .pt -> A1111 (past check_pt) -> its save -> ours: the
+    same layouts and outputs at every step, and the same fields as A1111 takes from theirs."""
+    theirs = tmp_path / "theirs.pt"
+    built = written_as_a1111_writes(variant, theirs)
+    their_fields, their_layers = a1111_load(theirs)
+    assert_same_modules(their_layers, built)  # the restatement reads its own file back
+    ours = load(theirs)
+    assert not any(module.training for module in ours.modules())
+    assert_same_modules(pairs_of(ours), built)
+
+    ours.save(tmp_path / "mine.pt")
+    a1111_check_pt(tmp_path / "mine.pt")
+    fields, layers = a1111_load(tmp_path / "mine.pt")
+    assert_same_modules(layers, built)
+    assert (fields["name"], their_fields["name"]) == ("mine", "theirs")
+    no_activation = their_fields["activation_func"] or "linear"  # None and "linear" alike
+    assert fields == {**their_fields, "name": "mine", "activation_func": no_activation}
+    written = torch.load(tmp_path / "mine.pt", weights_only=True)
+    assert written["last_layer_dropout"] == (written["dropout_structure"][-2] != 0)
+
+    a1111_save(fields, layers, tmp_path / "again.pt")
+    assert_same_modules(pairs_of(load(tmp_path / "again.pt")), built)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        HypernetworkConfig(widths=(32, 48), layer_structure=(1, 2, 2, 1), activation="relu",
+                           layer_norm=True, dropout=0.1, per_depth=False),
+        HypernetworkConfig(widths=(32,), layer_structure=(1, 2, 2, 1), activation="tanh",
+                           dropout_structure=(0, 0.3, 0, 0), activate_output=True,
+                           per_depth=False),
+    ],
+    ids=["trainer's dropout", "per-layer dropout, activated output"],
+)  # fmt: skip
+def test_our_files_load_in_a1111_new_and_old_and_come_back(config, tmp_path):
+    ours = randomized(Hypernetwork(config), seed=1).eval()
+    ours.save(tmp_path / "mine.pt")
+    a1111_check_pt(tmp_path / "mine.pt")
+    fields, layers = a1111_load(tmp_path / "mine.pt")
+    assert_same_modules(layers, pairs_of(ours))
+    assert fields["name"] == "mine"
+    state = torch.load(tmp_path / "mine.pt", weights_only=True)
+    older = a1111_parse_dropout_structure(  # older releases build from these two flags
+        state["layer_structure"], state["use_dropout"], state["last_layer_dropout"]
+    )
+    old_layers = a1111_modules({**fields, "dropout_structure": older}, state)
+    assert_same_modules(old_layers, pairs_of(ours))
+
+    a1111_save(fields, layers, tmp_path / "again.pt")
+    assert_same_modules(pairs_of(load(tmp_path / "again.pt")), pairs_of(ours))
+    ours.save(tmp_path / "mine.safetensors")
+    loaded = load(tmp_path / "mine.safetensors")
+    assert loaded.config == config
+    assert_same_modules(pairs_of(loaded), pairs_of(ours))
+
+
+def test_our_pt_passes_a1111s_check_where_torch_saves_zip_does_not(tmp_path):
+    """A1111 refuses the zip torch.save writes today (its .format_version, .storage_alignment)."""
+    ours = Hypernetwork(HypernetworkConfig(widths=(32,), dropout=0.1, per_depth=False))
+    ours.save(tmp_path / "mine.pt")
+    a1111_check_pt(tmp_path / "mine.pt")
+    if zipfile.is_zipfile(tmp_path / "mine.pt"):
+        names = zipfile.ZipFile(tmp_path / "mine.pt").namelist()
+        assert all(A1111_ZIP_MEMBER.fullmatch(name) for name in names), names
+    torch.save(ours.a1111_state("zip"), tmp_path / "zip.pt")
+    with pytest.raises(ValueError, match=r"bad file inside .*zip\.pt: zip/\.format_version"):
+        a1111_check_pt(tmp_path / "zip.pt")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"activation_func": "swiglu"}, "activation 'swiglu'"),
+        ({"dropout_structure": [0, 0.3, 0, 0]}, "one entry per layer_structure entry"),
+        ({"dropout_structure": [0, 1.0, 0]}, r"not in \[0, 1\)"),
+        ({"layer_structure": [2, 1]}, "must start and end with 1"),
+    ],
+)
+def test_what_we_cannot_represent_is_refused_with_what(fields, message):
+    module_state = HypernetworkModule(32, HypernetworkConfig()).state_dict()
+    state = {32: (module_state, module_state), **fields}
+    with pytest.raises(ValueError, match=message):
+        from_a1111(state)
 
 
 class _Bomb:
@@ -258,6 +599,19 @@ def test_sampling_with_guidance_and_a_hypernetwork(parts, tmp_path):
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1])), "untrained: no change"
     assert all(not h._forward_pre_hooks for _, _, a in cross_attentions(parts.unet)
                for h in (a.to_k, a.to_v)), "hooks removed after sampling"  # fmt: skip
+
+
+def test_sampling_renders_a_hypernetwork_in_eval_mode_and_leaves_its_mode(parts):
+    width = parts.text_encoder.config.hidden_size
+    config = HypernetworkConfig(widths=(width,), dropout=0.5, per_depth=False)
+    hypernetwork = randomized(Hypernetwork(config), seed=2)
+    images = []
+    for training in (True, True, False):
+        hypernetwork.train(training)
+        image = sample(parts, "a cat", "", 64, 32, steps=2, seed=1, hypernetwork=hypernetwork)
+        images.append(np.asarray(image))
+        assert hypernetwork.training == training
+    assert all(np.array_equal(images[0], image) for image in images[1:]), "no dropout"
 
 
 def test_a_local_diffusers_checkpoint_trains_a_hypernetwork_and_samples(tmp_path, prepared):

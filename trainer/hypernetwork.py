@@ -11,13 +11,18 @@ overfit first: an L2 penalty on each depth's weights. `per_depth=False` shares o
 width across depths, as AUTOMATIC1111 and NovelAI files do.
 
 Files: `.safetensors` (tensors, with the config in the metadata), and the `.pt` that AUTOMATIC1111
-and NovelAI users share, `{width: [k_state, v_state], "layer_structure": ..., ...}` (shared pairs
-only), read with `torch.load(weights_only=True)`, which refuses pickled code.
+and NovelAI users share, `{width: (k_state, v_state), "layer_structure": ..., ...}` (shared pairs
+only), read with `torch.load(weights_only=True)`, which refuses pickled code. A `.pt` is read as
+A1111 reads it (modules/hypernetworks/hypernetwork.py, `Hypernetwork.load`): its defaults for
+missing fields, its dropout structure derived from older files' flags, NovelAI's `linear1` /
+`linear2` key names; and written as A1111's `save` writes it, in a form its pre-load check
+(modules/safe.py, `check_pt`) accepts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import pickle
@@ -30,17 +35,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-ACTIVATIONS = {  # AUTOMATIC1111's names
-    "linear": None,
-    "relu": nn.ReLU,
-    "leakyrelu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "swish": nn.Hardswish,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-}
+
+def _activations() -> dict[str, type[nn.Module] | None]:
+    """AUTOMATIC1111's activation names, built as it builds them (`HypernetworkModule`): "linear"
+    (none) and "swish" (Hardswish), then every class of torch.nn.modules.activation, lower-cased
+    (threshold and multiheadattention among them: they need arguments, so neither tool builds them).
+    """
+    module = nn.modules.activation
+    classes = inspect.getmembers(module, inspect.isclass)
+    torch_names = {name.lower(): cls for name, cls in classes if cls.__module__ == module.__name__}
+    return {"linear": None, "swish": nn.Hardswish, **torch_names}
+
+
+ACTIVATIONS = _activations()
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,13 @@ class HypernetworkConfig:
     layer_structure: tuple[float, ...] = (1, 2, 1)  # layer sizes as multiples of the width
     activation: str = "linear"  # one of ACTIVATIONS
     layer_norm: bool = False  # a LayerNorm after every linear layer
-    dropout: float = 0.0  # after every hidden layer, in training
+    dropout: float = 0.0  # after every hidden layer, in training (a dropout_structure shorthand)
+    # The dropout after each layer of layer_structure (A1111's; entry 0 is unused): e.g. (0, 0.3,
+    # 0, 0) for one after the first hidden layer only. None: from `dropout`.
+    dropout_structure: tuple[float, ...] | None = None
+    # The activation after the last linear layer too (A1111 files may have it; with it an
+    # untrained module is no longer the identity).
+    activate_output: bool = False
     per_depth: bool = True  # one pair per U-Net depth (needed by depth_penalty), else shared
     depths: tuple[int, ...] = (0, 1, 2, 3)  # U-Net depths with cross-attention (SD 1.x's)
     depth_penalty: tuple[float, ...] = (1e-2,)  # L2 weight on depth 0, 1, ...; missing: 0
@@ -62,24 +75,48 @@ class HypernetworkConfig:
             raise ValueError("layer_structure must start and end with 1 (the module is residual)")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if self.dropout_structure is not None:
+            if self.dropout:
+                raise ValueError("give dropout or dropout_structure, not both")
+            if len(self.dropout_structure) != len(structure):
+                raise ValueError(
+                    f"dropout_structure {list(self.dropout_structure)} needs one entry per "
+                    f"layer_structure entry {list(structure)}"
+                )
+            if not all(0 <= p < 1 for p in self.dropout_structure[1:]):
+                raise ValueError(f"dropout_structure {list(self.dropout_structure)}: not in [0, 1)")
+
+    @property
+    def dropouts(self) -> tuple[float, ...]:
+        """The dropout after each layer of layer_structure: dropout_structure, or from dropout."""
+        if self.dropout_structure is not None:
+            return self.dropout_structure
+        return (0.0, *[self.dropout] * (len(self.layer_structure) - 2), 0.0)
 
 
 class HypernetworkModule(nn.Module):
-    """x + mlp(x), the MLP laid out as AUTOMATIC1111 lays it out (its state dicts load as is)."""
+    """x + mlp(x), the MLP laid out as AUTOMATIC1111 lays it out (its state dicts load as is).
+
+    After each linear layer, in this order: the activation (not after the last unless
+    activate_output), a LayerNorm (layer_norm), a Dropout (where dropouts has one); the indices
+    of `linear` are A1111's. The last linear layer starts at zero, so without activate_output an
+    untrained module is the identity.
+    """
 
     def __init__(self, width: int, config: HypernetworkConfig):
         super().__init__()
         sizes = [int(width * multiple) for multiple in config.layer_structure]
+        activation = ACTIVATIONS[config.activation]
         layers: list[nn.Module] = []
-        for i, (size_in, size_out) in enumerate(itertools.pairwise(sizes)):
-            last = i == len(sizes) - 2
+        for i, (size_in, size_out) in enumerate(itertools.pairwise(sizes), start=1):
+            last = i == len(sizes) - 1
             layers.append(nn.Linear(size_in, size_out))
-            if ACTIVATIONS[config.activation] is not None and not last:
-                layers.append(ACTIVATIONS[config.activation]())
+            if activation is not None and (config.activate_output or not last):
+                layers.append(activation())
             if config.layer_norm:
                 layers.append(nn.LayerNorm(size_out))
-            if config.dropout > 0 and not last:
-                layers.append(nn.Dropout(config.dropout))
+            if config.dropouts[i] > 0:
+                layers.append(nn.Dropout(config.dropouts[i]))
         self.linear = nn.Sequential(*layers)
         for layer in self.linear:
             if isinstance(layer, nn.Linear):
@@ -170,46 +207,53 @@ class Hypernetwork(nn.Module):
         return total
 
     def save(self, path: str | Path) -> None:
-        """`.safetensors` (with the config), or AUTOMATIC1111's `.pt` (shared pairs only)."""
+        """`.safetensors` (with the config), or AUTOMATIC1111's `.pt` (shared pairs only).
+
+        The `.pt` is in torch's legacy (non-zip) format: A1111 checks a zip's member names
+        before loading it (modules/safe.py, `check_pt`) and refuses the `.format_version` and
+        `.storage_alignment` that torch.save's zip now holds; a legacy file it unpickles with
+        its restricted unpickler instead, which passes. `name` is the file's stem: A1111 keeps
+        loaded hypernetworks by name and takes the file's `name` for it.
+        """
         path = Path(path)
         if path.suffix == ".pt":
-            torch.save(self.a1111_state(), path)
+            state = self.a1111_state(path.stem)
+            torch.save(state, path, _use_new_zipfile_serialization=False)
             return
         config = json.dumps(dataclasses.asdict(self.config))
         save_file(self.state_dict(), path, metadata={"hypernetwork_config": config})
 
-    def a1111_state(self, name: str = "hypernetwork") -> dict:
+    def a1111_state(self, name: str) -> dict:
+        """What A1111's `Hypernetwork.save` writes, less what it alone knows (step, checkpoint)."""
         if self.config.per_depth:
             raise ValueError("AUTOMATIC1111's format holds one pair per width: use per_depth=False")
-        state: dict = {int(k): [m.state_dict() for m in pair] for k, pair in self.pairs.items()}
+        state: dict = {int(k): tuple(m.state_dict() for m in p) for k, p in self.pairs.items()}
+        dropouts = list(self.config.dropouts)
         state.update(
             name=name,
             layer_structure=list(self.config.layer_structure),
             activation_func=self.config.activation,
             is_layer_norm=self.config.layer_norm,
             weight_initialization="Normal",
-            use_dropout=self.config.dropout > 0,
-            dropout_structure=_dropout_structure(self.config),
-            activate_output=False,
-            last_layer_dropout=False,
+            activate_output=self.config.activate_output,
+            use_dropout=any(dropouts),
+            dropout_structure=dropouts,
+            # what older A1111 releases build their layers from (with use_dropout)
+            last_layer_dropout=dropouts[-2] != 0,
         )
         return state
 
 
-def _dropout_structure(config: HypernetworkConfig) -> list[float]:
-    inner = [config.dropout] * (len(config.layer_structure) - 2)
-    return [0.0, *inner, 0.0]
-
-
 def load(path: str | Path) -> Hypernetwork:
-    """A hypernetwork from `.safetensors` (ours) or `.pt` (AUTOMATIC1111 / NovelAI)."""
+    """A hypernetwork from `.safetensors` (ours) or `.pt` (AUTOMATIC1111 / NovelAI), in eval mode
+    (no dropout): ready for inference; call `.train()` to train it further."""
     path = Path(path)
     if path.suffix == ".pt":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             raise ValueError(f"{path}: refused, it holds more than weights: {error}") from None
-        return from_a1111(state)
+        return from_a1111(state).eval()
     with safe_open(path, framework="pt") as file:
         fields = json.loads(file.metadata()["hypernetwork_config"])
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
@@ -217,29 +261,51 @@ def load(path: str | Path) -> Hypernetwork:
                                    for k, v in fields.items()})  # fmt: skip
     hypernetwork = Hypernetwork(config)
     hypernetwork.load_state_dict(tensors)
-    return hypernetwork
+    return hypernetwork.eval()
 
 
 def from_a1111(state: dict) -> Hypernetwork:
-    """A hypernetwork from an AUTOMATIC1111 / NovelAI state (one pair per width)."""
+    """A hypernetwork from an AUTOMATIC1111 / NovelAI state (one pair per width), read as A1111's
+    `Hypernetwork.load` reads it: its defaults for missing fields (an activated output layer
+    included), its dropout structure for files without one, NovelAI's key names."""
     widths = tuple(sorted(k for k in state if isinstance(k, int)))
-    dropouts = set(state.get("dropout_structure") or [0.0])
-    dropout = max(dropouts) if state.get("use_dropout") else 0.0
-    if state.get("use_dropout") and len(dropouts - {0.0}) > 1:
-        raise ValueError(f"per-layer dropout {state['dropout_structure']} is not supported")
-    if state.get("activate_output"):
-        raise ValueError("an activated output layer is not supported (it is not residual)")
+    layer_structure = tuple(state.get("layer_structure") or (1, 2, 1))
     config = HypernetworkConfig(
         widths=widths,
-        layer_structure=tuple(state.get("layer_structure") or (1, 2, 1)),
+        layer_structure=layer_structure,
         activation=state.get("activation_func") or "linear",
-        layer_norm=bool(state.get("is_layer_norm")),
-        dropout=dropout,
+        layer_norm=bool(state.get("is_layer_norm", False)),
+        dropout_structure=_a1111_dropout_structure(state, len(layer_structure)),
+        activate_output=bool(state.get("activate_output", True)),
         per_depth=False,
         depth_penalty=(),
     )
     hypernetwork = Hypernetwork(config)
     for width in widths:
         for module, module_state in zip(hypernetwork.pairs[str(width)], state[width], strict=True):
-            module.load_state_dict(module_state)
+            module.load_state_dict(_a1111_names(module_state))
     return hypernetwork
+
+
+def _a1111_dropout_structure(state: dict, layers: int) -> tuple[float, ...]:
+    """The file's dropout_structure, else the one A1111 derives for it (`parse_dropout_structure`)
+    from the flags older releases built their layers from: with use_dropout, 0.3 after every
+    hidden layer but the last, and after the last too with last_layer_dropout."""
+    if state.get("dropout_structure") is not None:
+        return tuple(state["dropout_structure"])
+    if not state.get("use_dropout", False):
+        return (0.0,) * layers
+    last = 0.3 if state.get("last_layer_dropout", False) else 0.0
+    # for layer_structure [1, 1] A1111 derives three entries and reads the first two
+    return (0.0, *[0.3] * (layers - 3), last, 0.0)[:layers]
+
+
+# NovelAI's names for the two linear layers of its (1, 2, 1) modules, renamed as A1111 renames
+# them (`HypernetworkModule.fix_old_state_dict`)
+_NOVELAI_NAMES = {
+    f"linear{n}.{p}": f"linear.{n - 1}.{p}" for n in (1, 2) for p in ("weight", "bias")
+}
+
+
+def _a1111_names(module_state: dict) -> dict:
+    return {_NOVELAI_NAMES.get(key, key): tensor for key, tensor in module_state.items()}

@@ -39,9 +39,13 @@ def sample(
     clip_skip: int = 2,
     layout: str = "full",
 ) -> Image.Image:
-    """One image from `prompt`: DDIM steps on the U-Net with classifier-free guidance."""
+    """One image from `prompt`: DDIM steps on the U-Net with classifier-free guidance.
+
+    The hypernetwork renders in eval mode (no dropout) whatever its mode; its mode is restored.
+    """
     device = next(parts.unet.parameters()).device
-    handles = hypernetwork.to(device).attach(parts.unet) if hypernetwork is not None else []
+    training = hypernetwork is not None and hypernetwork.training
+    handles = hypernetwork.to(device).eval().attach(parts.unet) if hypernetwork is not None else []
     try:
         encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, max_tokens, clip_skip, layout)
         unconditional, conditional = encoder([negative, prompt]).chunk(2)
@@ -65,6 +69,8 @@ def sample(
     finally:
         for handle in handles:
             handle.remove()
+        if training:
+            hypernetwork.train()
     image = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte()
     return Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()))
 
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     for module in (parts.unet, parts.text_encoder, parts.vae):
         if module is not None:
             module.to(device).eval()
-    hypernetwork = load_hypernetwork(args.hypernetwork).eval() if args.hypernetwork else None
+    hypernetwork = load_hypernetwork(args.hypernetwork) if args.hypernetwork else None
     image = sample(
         parts, args.prompt, args.negative, args.width, args.height, args.steps, args.scale,
         args.seed, hypernetwork, args.max_tokens, args.clip_skip, args.prompt_layout,
