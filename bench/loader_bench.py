@@ -41,7 +41,8 @@ def prepared_dataset(workdir: Path, images: int) -> Path:
         return output
     import ray
 
-    from pipeline.prepare import PrepareConfig, run
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import run
 
     source = workdir / f"loader-images-{images}"
     rng = np.random.default_rng(0)

@@ -97,7 +97,7 @@ def fit_and_encode(files: list[Path], reference_every: int) -> None:
         return buffer.getvalue()
 
     def ours(path: Path, bucket) -> bytes:
-        return encode(fitted_image(path.read_bytes(), bucket, "center"), "jpg", 95)
+        return encode(fitted_image(path.read_bytes(), bucket, "center").image, "jpg", 95)
 
     runs = {
         "ours (draft, q95)": lambda p, b: ours(p, b),
@@ -167,7 +167,8 @@ def job_once(input_folder: str, cpus: int, tiny: bool) -> dict:
 def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
     import ray
 
-    from pipeline.prepare import PrepareConfig, run
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import run
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     buckets = (

@@ -11,83 +11,169 @@ See docs/format.md for what OUT holds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import ray
-
 from pipeline.buckets import METRICS, BucketConfig
+from pipeline.config import PrepareConfig
+from pipeline.errors import UsageError
 from pipeline.imaging import CROPS, ENCODERS
-from pipeline.prepare import PrepareConfig, run
-from pipeline.scan import DEFAULT_MAX_PIXELS
 from pipeline.shard_writer import WriteOptions
+from pipeline.sources import absolute, check_input, check_separate
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig, argparse.Namespace]:
-    bucket_defaults, write_defaults = BucketConfig(), WriteOptions()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every optional option's help; the module docstring as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default is the configs' own."""
+    config, buckets, write = PrepareConfig("", ""), BucketConfig(), WriteOptions()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument(
         "--input", required=True, help="image folder, URL (s3://, gs://), or .parquet/.csv listing"
     )
     parser.add_argument("--output", required=True, help="folder or URL for the prepared dataset")
-    buckets = parser.add_argument_group("buckets")
-    buckets.add_argument("--max-area", type=int, default=bucket_defaults.max_area)
-    buckets.add_argument("--max-side", type=int, default=bucket_defaults.max_side)
-    buckets.add_argument("--min-side", type=int, default=bucket_defaults.min_side)
-    buckets.add_argument("--step", type=int, default=bucket_defaults.step)
-    buckets.add_argument("--square", type=int, default=bucket_defaults.square)
-    buckets.add_argument(
-        "--no-upscale", action="store_true", help="kohya's bucket_no_upscale, on a fixed grid"
+    group = parser.add_argument_group("buckets (the source's defaults: SD 1.x at 512x768)")
+    group.add_argument(
+        "--max-area", type=int, default=buckets.max_area, help="largest bucket area in pixels"
     )
-    buckets.add_argument("--metric", choices=sorted(METRICS), default=bucket_defaults.metric)
-    buckets.add_argument(
-        "--max-log-aspect-error", type=float, default=bucket_defaults.max_log_aspect_error,
-        help="drop images whose |log(bucket aspect / image aspect)| exceeds this (default ln 2)",
-    )  # fmt: skip
-    images = parser.add_argument_group("images")
-    images.add_argument("--format", choices=sorted(ENCODERS), default=write_defaults.image_format)
-    images.add_argument("--quality", type=int, default=write_defaults.quality)
-    images.add_argument(
-        "--crop", choices=sorted(CROPS), default=write_defaults.crop,
-        help="none: store the fitted image with its overflow for a random crop at load time",
-    )  # fmt: skip
-    images.add_argument(
+    group.add_argument("--max-side", type=int, default=buckets.max_side, help="largest bucket side")
+    group.add_argument(
+        "--min-side", type=int, default=buckets.min_side, help="smallest bucket side"
+    )
+    group.add_argument(
+        "--step", type=int, default=buckets.step, help="every bucket side is a multiple of this"
+    )
+    group.add_argument(
+        "--square",
+        type=int,
+        default=buckets.square,
+        help="side of the square bucket that is always present",
+    )
+    group.add_argument(
+        "--no-upscale",
+        action="store_true",
+        default=buckets.no_upscale,
+        help="kohya's bucket_no_upscale, on a fixed grid: never enlarge an image",
+    )
+    group.add_argument(
+        "--metric",
+        choices=sorted(METRICS),
+        default=buckets.metric,
+        help="how the nearest bucket's aspect is measured",
+    )
+    group.add_argument(
+        "--max-log-aspect-error",
+        type=float,
+        default=buckets.max_log_aspect_error,
+        help="drop images whose |log(bucket aspect / image aspect)| exceeds this",
+    )
+    group = parser.add_argument_group("images")
+    group.add_argument(
+        "--format",
+        choices=sorted(ENCODERS),
+        default=write.image_format,
+        help="how stored images are encoded",
+    )
+    group.add_argument(
+        "--quality", type=int, default=write.quality, help="JPEG/WebP quality of stored images"
+    )
+    group.add_argument(
+        "--crop",
+        choices=sorted(CROPS),
+        default=write.crop,
+        help="none: store each image with its overflow for a random crop at load "
+        "time (the source's way); center/random: store it cropped",
+    )
+    group.add_argument(
         "--background",
-        default=",".join(map(str, write_defaults.background)),
-        help="R,G,B under transparency",
+        default=",".join(map(str, write.background)),
+        help="R,G,B composited under transparency",
     )
-    images.add_argument("--max-upscale", type=float, default=2.0)
-    images.add_argument(
-        "--max-crop", type=float, default=0.5, help="largest share of area a fit may crop"
+    group.add_argument(
+        "--max-upscale",
+        type=float,
+        default=config.max_upscale,
+        help="reject images that must be enlarged more than this factor",
     )
-    images.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    layout = parser.add_argument_group("output")
-    layout.add_argument("--samples-per-shard", type=int, default=1000)
-    layout.add_argument("--seed", type=int, default=write_defaults.seed)
-    layout.add_argument(
-        "--batch-size", type=int, default=32, help="recorded for the trainer and the epoch report"
+    group.add_argument(
+        "--max-crop",
+        type=float,
+        default=config.max_crop,
+        help="reject images whose fit crops more than this share of their area",
     )
-    layout.add_argument(
-        "--world-size", type=int, default=1, help="recorded for the trainer and the epoch report"
+    group.add_argument(
+        "--max-pixels",
+        type=int,
+        default=config.max_pixels,
+        help="reject images with more pixels, before decoding them",
     )
-    layout.add_argument(
-        "--incremental", action="store_true", help="add new and changed images to a complete OUT"
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=config.samples_per_shard,
+        help="images per tar (one bucket per tar)",
     )
-    layout.add_argument("--overwrite", action="store_true", help="rebuild OUT from scratch")
-    cluster = parser.add_argument_group("ray")
-    cluster.add_argument(
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=write.seed,
+        help="seed of prepare-time random crops and of the epoch report",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=config.batch_size,
+        help="per-rank batch size you will train with: shapes the epoch report",
+    )
+    group.add_argument(
+        "--world-size",
+        type=int,
+        default=config.world_size,
+        help="number of ranks you will train with: shapes the epoch report",
+    )
+    group.add_argument(
+        "--incremental",
+        action="store_true",
+        default=config.incremental,
+        help="add new and changed images to a complete OUT",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=config.overwrite,
+        help="rebuild OUT from scratch",
+    )
+    group = parser.add_argument_group("ray")
+    group.add_argument(
         "--ray-address",
         default=os.environ.get("RAY_ADDRESS"),
-        help="default: $RAY_ADDRESS, else local",
+        help="a running cluster to join ($RAY_ADDRESS); none: an embedded local Ray",
     )
-    cluster.add_argument(
-        "--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray"
+    group.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the embedded local Ray (none: all of this machine's)",
     )
-    cluster.add_argument("--files-per-scan-task", type=int, default=500)
-    cluster.add_argument("--max-in-flight", type=int, default=None)
+    group.add_argument(
+        "--files-per-scan-task",
+        type=int,
+        default=config.files_per_scan_task,
+        help="files whose headers one scan task reads",
+    )
+    group.add_argument("--max-in-flight", type=int, default=config.max_in_flight,
+                       help="tasks submitted at once (none: two per cluster CPU)")  # fmt: skip
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig, argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = PrepareConfig(
@@ -115,16 +201,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
+    try:  # local mistakes are answered before Ray starts
+        check_input(config.input)
+        check_separate(config.input, config.output)
+    except UsageError as error:
+        print(f"prepare: {error}", file=sys.stderr)
+        return 2
+    import ray  # here, not at the top: --help and the checks above answer at once
+
+    from pipeline.output import OutputDir
+    from pipeline.prepare import run
+    from pipeline.report import summary
+
     if args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False)
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         manifest = run(config)
-    except ValueError as error:  # a refused OUT: say why, no traceback
+    except UsageError as error:  # a refused OUT, an input with nothing to prepare
         print(f"prepare: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(manifest["counts"]))
+    out = OutputDir(absolute(config.output))
+    print(summary(out.read_json(out.path("stats.json")), len(manifest["shards"]), out.uri))
     return 0
 
 

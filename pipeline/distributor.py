@@ -37,9 +37,7 @@ def map_unordered(
     remote = ray.remote(function).options(max_retries=max_retries, retry_exceptions=[OSError])
     limit = max_in_flight or default_in_flight()
     pending: list[ray.ObjectRef] = []
-    with tqdm(
-        total=total_items, desc=description, unit="img", unit_scale=True, smoothing=0.1
-    ) as bar:
+    with tqdm(total=total_items, desc=description, unit="img", smoothing=0.1) as bar:
 
         def next_result():
             nonlocal pending

@@ -13,6 +13,8 @@ resize: about 3x faster per image at a higher PSNR at the same JPEG quality.
 from __future__ import annotations
 
 import io
+import re
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -53,6 +55,78 @@ ENCODERS = {  # extension -> (Pillow format, options given quality)
 Image.MAX_IMAGE_PIXELS = None
 
 
+class Header(NamedTuple):
+    """What the scan and the writer both take from a file's header, decided in one place."""
+
+    width: int  # after orientation: the size the image is shown at
+    height: int
+    orientation: int  # the EXIF orientation the decoded pixels still need (1: none)
+    format: str
+    mode: str
+    note: str | None  # metadata that was ignored, and why
+
+
+def _pillow_orients_tiff() -> bool:
+    """Whether Pillow applies a TIFF's orientation tag itself (Pillow 13 does, at open for the
+    size and at load for the pixels), probed once on a 2x1 image."""
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    Image.new("L", (2, 1)).save(buffer, "TIFF", exif=exif)
+    return Image.open(buffer).size == (1, 2)
+
+
+PILLOW_ORIENTS_TIFF = _pillow_orients_tiff()
+XMP_ORIENTATION = re.compile(rb'tiff:Orientation(?:="|>)(\d)')  # as Pillow's getexif reads it
+
+
+def read_header(image: Image.Image) -> Header:
+    """The header of an opened image; reads no pixels.
+
+    Orientation comes from the EXIF block (JPEG APP1, WebP's EXIF chunk, PNG's eXIf chunk when it
+    precedes the image data, as the PNG spec places it), else from XMP's tiff:Orientation, else
+    from a TIFF's own tag. A damaged block or a value outside 1..8 costs the metadata (orientation
+    1, noted), never the image.
+    """
+    orientation, note = _orientation(image)
+    width, height = image.size
+    if orientation in TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return Header(width, height, orientation, image.format, image.mode, note)
+
+
+def _orientation(image: Image.Image) -> tuple[int, str | None]:
+    if image.format == "TIFF":
+        tag = image.tag_v2.get(EXIF_ORIENTATION, 1)
+        return (1, None) if PILLOW_ORIENTS_TIFF else _valid(tag)
+    orientation, note = None, None
+    if "exif" in image.info:
+        exif = Image.Exif()
+        try:
+            exif.load(image.info["exif"])
+            orientation = exif.get(EXIF_ORIENTATION)
+        except Exception as error:  # any parser failure: the block is unusable, not the image
+            note = f"unreadable EXIF block ignored ({type(error).__name__}: {error})"
+    if orientation is None:
+        xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp") or b""
+        match = XMP_ORIENTATION.search(xmp.encode() if isinstance(xmp, str) else xmp)
+        orientation = int(match[1]) if match else 1
+    orientation, invalid = _valid(orientation)
+    return orientation, note or invalid
+
+
+def _valid(orientation: object) -> tuple[int, str | None]:
+    if orientation in range(1, 9):
+        return int(orientation), None
+    return 1, f"EXIF orientation {orientation!r} is not one of 1..8: ignored"
+
+
+def max_file_bytes(pixels: int) -> int:
+    """The largest file an image of `pixels` can need: 16 bytes a pixel (16-bit RGBA stored raw,
+    twice) plus 64 MiB of metadata. Anything larger is junk or a sparse file."""
+    return 16 * pixels + (64 << 20)
+
+
 def to_rgb(
     image: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND
 ) -> Image.Image:
@@ -68,29 +142,40 @@ def to_rgb(
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class Fitted(NamedTuple):
+    image: Image.Image  # RGB, fitted to the bucket (cropped or with its overflow)
+    header: Header  # the file's, as `read_header` gives it
+    note: str | None  # metadata ignored, from the header or found while decoding
+
+
 def fitted_image(
-    data: bytes,
+    source: bytes | BinaryIO,
     bucket: tuple[int, int],
     crop: str = "none",
     rng: np.random.Generator | None = None,
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
-) -> Image.Image:
-    """Decode `data` and fit it to `bucket` (width, height); raises on undecodable data."""
-    with Image.open(io.BytesIO(data)) as image:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        transposed = orientation in TRANSPOSED_ORIENTATIONS
-        width, height = image.size[::-1] if transposed else image.size
-        scaled = fit(width, height, *bucket)
+) -> Fitted:
+    """Decode `source` (bytes, or a file read only as far as the decoder needs) and fit it to
+    `bucket` (width, height); raises on undecodable data."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        header = read_header(image)
+        transposed = header.orientation in TRANSPOSED_ORIENTATIONS
+        scaled = fit(header.width, header.height, *bucket)
         stored = scaled[::-1] if transposed else scaled  # the fitted size before orienting
         if image.format in ("JPEG", "MPO"):
             image.draft("RGB", (stored[0] * DRAFT_MARGIN, stored[1] * DRAFT_MARGIN))
-        image = to_rgb(image, background)
-        enlarging = stored[0] > image.width
-        image = image.resize(stored, RESAMPLING[enlarging], reducing_gap=3.0)
-    if orientation in ORIENTATION_TRANSPOSE:  # oriented after the resize: fewer pixels to move
-        image = image.transpose(ORIENTATION_TRANSPOSE[orientation])
+        exif_before = "exif" in image.info
+        image.load()
+        note = header.note
+        if image.format == "PNG" and "exif" in image.info and not exif_before:
+            note = "eXIf chunk after the image data ignored (the PNG spec puts it before)"
+        rgb = to_rgb(image, background)
+        enlarging = stored[0] > rgb.width
+        rgb = rgb.resize(stored, RESAMPLING[enlarging], reducing_gap=3.0)
+    if header.orientation in ORIENTATION_TRANSPOSE:  # after the resize: fewer pixels to move
+        rgb = rgb.transpose(ORIENTATION_TRANSPOSE[header.orientation])
     box = CROPS[crop](scaled, bucket, rng)
-    return image if box is None else image.crop(box)
+    return Fitted(rgb if box is None else rgb.crop(box), header, note)
 
 
 def encode(image: Image.Image, extension: str = "jpg", quality: int = 95) -> bytes:

@@ -11,89 +11,34 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.buckets import REJECT_ASPECT, BucketConfig, bucketize
+from pipeline.buckets import REJECT_ASPECT, bucketize
+from pipeline.config import PrepareConfig, fingerprint
 from pipeline.distributor import default_in_flight, map_unordered
+from pipeline.errors import UsageError
 from pipeline.fit import fit
 from pipeline.output import FORMAT_VERSION, OutputDir
+from pipeline.rejects import Reason, rejects_table
 from pipeline.report import dataset_stats, draw_buckets
-from pipeline.scan import DEFAULT_MAX_PIXELS, scan_batch
+from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, plan_shards
-from pipeline.shard_writer import PART_SCHEMA, WriteOptions, write_shard
-from pipeline.sources import InputRoot, absolute, input_root, list_input
-
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("reason", pa.string()),  # a stable code: docs/format.md lists them
-        ("message", pa.string()),
-        ("key", pa.string()),
-        ("size", pa.int64()),
-        ("mtime_ns", pa.int64()),
-    ]
+from pipeline.shard_writer import PART_SCHEMA, write_shard
+from pipeline.sources import (
+    InputRoot,
+    absolute,
+    check_input,
+    check_separate,
+    input_root,
+    list_input,
 )
+
 INDEX_SCHEMA = pa.schema([f for f in PART_SCHEMA if f.name not in ("reject", "message")])
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Everything a prepare run needs; validated once, here."""
-
-    input: str  # directory, URL, or .parquet/.csv listing
-    output: str  # directory or URL of the prepared dataset
-    buckets: BucketConfig = field(default_factory=BucketConfig)
-    write: WriteOptions = field(default_factory=WriteOptions)
-    max_upscale: float = 2.0  # reject images that must be enlarged by more than this factor
-    max_crop: float = 0.5  # reject images whose fit crops more than this share of their area
-    max_pixels: int = DEFAULT_MAX_PIXELS  # reject larger images before decoding them
-    samples_per_shard: int = 1000
-    batch_size: int = 32  # for the trainer and the epoch report; not part of the output
-    world_size: int = 1
-    incremental: bool = False  # update a complete dataset with new or changed images
-    overwrite: bool = False  # rebuild OUT from scratch, whatever it holds
-    files_per_scan_task: int = 500
-    max_in_flight: int | None = None  # tasks submitted at once; default 2 per cluster CPU
-
-    def __post_init__(self) -> None:
-        checks = {
-            "max_upscale": self.max_upscale >= 1,
-            "max_crop": 0 <= self.max_crop <= 1,
-            "max_pixels": self.max_pixels >= 1,
-            "samples_per_shard": self.samples_per_shard >= 1,
-            "batch_size": self.batch_size >= 1,
-            "world_size": self.world_size >= 1,
-            "files_per_scan_task": self.files_per_scan_task >= 1,
-            "max_in_flight": self.max_in_flight is None or self.max_in_flight >= 1,
-        }
-        for name, valid in checks.items():
-            if not valid:
-                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
-        if self.incremental and self.overwrite:
-            raise ValueError("incremental and overwrite exclude each other")
-
-    def settings(self) -> dict:
-        """The settings that shape the output: OUT is rebuilt when one of them changes."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "buckets": dataclasses.asdict(self.buckets),
-            "write": dataclasses.asdict(self.write) | {"background": list(self.write.background)},
-            "max_upscale": self.max_upscale,
-            "max_crop": self.max_crop,
-            "max_pixels": self.max_pixels,
-            "samples_per_shard": self.samples_per_shard,
-        }
-
-
-def fingerprint(value: object) -> str:
-    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def run(config: PrepareConfig) -> dict:
@@ -101,10 +46,18 @@ def run(config: PrepareConfig) -> dict:
     config = dataclasses.replace(
         config, input=absolute(config.input), output=absolute(config.output)
     )
+    check_input(config.input)
+    check_separate(config.input, config.output)
+    listing = list_input(config.input)
+    if not len(listing.filter(pc.is_null(listing["reject"]))):
+        raise UsageError(
+            f"--input {config.input} holds no image files to prepare "
+            f"({len(listing)} entries listed, none usable)"
+        )
     out = OutputDir(config.output)
     _begin(out, config)
     root = input_root(config.input)
-    scanned = _scan(list_input(config.input), root, config)
+    scanned = _scan(listing, root, config)
     accepted, assign_rejects, buckets = _assign(scanned, config)
     previous = _finished_shards(out) if config.incremental else None
     keys = _keys(accepted["key"])
@@ -158,23 +111,35 @@ def _begin(out: OutputDir, config: PrepareConfig) -> None:
     if config.overwrite:
         _clear(out)
     elif written_with is not None and written_with != settings:
-        changed = sorted(
-            k
-            for k in settings.keys() | written_with.keys()
-            if settings.get(k) != written_with.get(k)
-        )
-        raise ValueError(
-            f"{config.output} was prepared with other settings (changed: {', '.join(changed)}); "
-            "pass --overwrite to rebuild it"
+        old, new = _flat(written_with), _flat(settings)
+        changed = [
+            f"{name}: {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
+            for name in sorted(old.keys() | new.keys())
+            if old.get(name) != new.get(name)
+        ]
+        raise UsageError(
+            f"{config.output} was prepared with other settings ({'; '.join(changed)}); "
+            "pass --overwrite to rebuild it, or rerun with the old values"
         )
     elif complete and not config.incremental:
-        raise ValueError(
+        raise UsageError(
             f"{config.output} already holds a complete dataset: pass --incremental to add new and "
             "changed images, or --overwrite to rebuild it"
         )
     out.make_dirs()
     out.delete(out.path("manifest.json"))
     out.write_json(out.path("config.json"), settings)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as {"write.quality": 95, ...}."""
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{name}.")
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def _clear(out: OutputDir) -> None:
@@ -211,20 +176,6 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     return pa.concat_tables(list(tables)).sort_by("source")
 
 
-def _rejects(table: pa.Table, reasons, messages) -> pa.Table:
-    return pa.table(
-        {
-            "source": table["source"],
-            "reason": pa.array(reasons, pa.string()),
-            "message": pa.array(messages, pa.string()),
-            "key": table["key"],
-            "size": table["size"],
-            "mtime_ns": table["mtime_ns"],
-        },
-        schema=REJECTS_SCHEMA,
-    )
-
-
 def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """(accepted images with their bucket columns, rejections so far, the bucket list)."""
     failed = scanned.filter(pc.is_valid(scanned["reject"]))
@@ -243,19 +194,19 @@ def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Tabl
     reasons = np.full(len(width), None, dtype=object)
     messages = np.full(len(width), None, dtype=object)
     checks = [  # the first failed check names the reason; a bucket must exist to fit to it
-        ("duplicate", duplicate, lambda i: "the same file is listed more than once"),
-        ("aspect", index == REJECT_ASPECT,
+        (Reason.DUPLICATE, duplicate, lambda i: "the same file is listed more than once"),
+        (Reason.ASPECT, index == REJECT_ASPECT,
          lambda i: f"aspect {width[i] / height[i]:.3f} is too far from every bucket"),
-        ("too_small", index < 0,
+        (Reason.TOO_SMALL, index < 0,
          lambda i: f"{width[i]}x{height[i]} is under every bucket it could use without upscaling"),
-        ("upscale", upscale > config.max_upscale,
+        (Reason.UPSCALE, upscale > config.max_upscale,
          lambda i: f"needs {upscale[i]:.2f}x upscaling, over max_upscale={config.max_upscale}"),
-        ("crop", cropped > config.max_crop,
+        (Reason.CROP, cropped > config.max_crop,
          lambda i: f"fit crops {cropped[i]:.0%} of the area, over max_crop={config.max_crop:.0%}"),
     ]  # fmt: skip
-    for code, failed_check, message in reversed(checks):
+    for reason, failed_check, message in reversed(checks):
         for i in np.flatnonzero(failed_check):
-            reasons[i], messages[i] = code, message(i)
+            reasons[i], messages[i] = reason.value, message(i)
     ok = reasons == None  # noqa: E711 (element-wise comparison)
     accepted = candidates.filter(pa.array(ok))
     for name, values in zip(BUCKET_COLUMNS, (index, bucket_w, bucket_h, aspect_error), strict=True):
@@ -264,8 +215,8 @@ def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Tabl
     rejected = candidates.filter(pa.array(~ok))
     rejects = pa.concat_tables(
         [
-            _rejects(failed, failed["reject"], failed["message"]),
-            _rejects(rejected, reasons[~ok], messages[~ok]),
+            rejects_table(failed, failed["reject"], failed["message"]),
+            rejects_table(rejected, reasons[~ok], messages[~ok]),
         ]
     )
     return accepted.sort_by("key"), rejects, buckets
@@ -296,12 +247,13 @@ def _finish(
     index_path = out.path("index.parquet")
     temporary = out.temporary(index_path)
     rejected = [assign_rejects]
+    names = sorted(shard.name for shard in shards)  # the manifest's order
     with pq.ParquetWriter(temporary, INDEX_SCHEMA, filesystem=filesystem) as writer:
-        for shard in shards:  # one part at a time: the driver never holds the whole index
-            part = pq.read_table(out.part(shard.name), filesystem=filesystem)
+        for name in names:  # one part at a time: the driver never holds the whole index
+            part = pq.read_table(out.part(name), filesystem=filesystem)
             writer.write_table(part.filter(pc.is_null(part["reject"])).select(INDEX_SCHEMA.names))
             failed = part.filter(pc.is_valid(part["reject"]))  # write-time rejections
-            rejected.append(_rejects(failed, failed["reject"], failed["message"]))
+            rejected.append(rejects_table(failed, failed["reject"], failed["message"]))
     out.commit(temporary, index_path)
     rejects = pa.concat_tables(rejected).sort_by("source")
     out.write_table(out.path("rejects.parquet"), rejects)
@@ -331,7 +283,7 @@ def _finish(
         "settings": config.settings(),
         "buckets": buckets.tolist(),
         "counts": {"images": stats["images"], "rejected": stats["rejected"], "shards": len(shards)},
-        "shards": sorted(f"shards/{name}.tar" for name in planned),
+        "shards": [f"shards/{name}.tar" for name in names],
         "trainer": {
             "batch_size": config.batch_size,
             "world_size": config.world_size,

@@ -71,6 +71,7 @@ def dataset_stats(
     cropped = 1.0 - (bucket_w * bucket_h) / (scaled_w * scaled_h) if len(width) else np.zeros(0)
     upscale = scaled_w / width
     counts = np.bincount(bucket, minlength=len(buckets))
+    epoch = epoch_report(bucket, width / height, buckets, batch_size, world_size, seed)
     return {
         "images": len(width),
         "rejected": len(reject_reasons),
@@ -88,8 +89,42 @@ def dataset_stats(
         "area_cropped": _summary(cropped),
         "upscaled_share": float(np.mean(upscale > 1)) if len(width) else None,
         "upscale_factor": _summary(upscale[upscale > 1]),
-        "epoch": epoch_report(bucket, width / height, buckets, batch_size, world_size, seed),
+        "epoch": epoch,
+        "warnings": _warnings(len(width), epoch),
     }
+
+
+DROPPED_WARNING_SHARE = 0.05  # warn when truncation leaves out more of an epoch than this
+
+
+def _warnings(images: int, epoch: dict) -> list[str]:
+    if not images or epoch["images_dropped"] <= DROPPED_WARNING_SHARE * images:
+        return []
+    return [
+        f"an epoch at batch size {epoch['batch_size']} x world size {epoch['world_size']} uses "
+        f"{epoch['images_used']} of {images} images: every rank needs whole batches. Give "
+        "--batch-size and --world-size as you will train (they only shape this report), or "
+        "train with smaller batches"
+    ]
+
+
+def summary(stats: dict, shards: int, output: str) -> str:
+    """What a run made, for people: kept and rejected, buckets, an epoch's use, where it is."""
+    used_buckets = sum(bucket["images"] > 0 for bucket in stats["buckets"])
+    reasons = ", ".join(f"{r} {n}" for r, n in stats["rejections_by_reason"].items())
+    epoch = stats["epoch"]
+    share = epoch["images_used"] / stats["images"] if stats["images"] else 0.0
+    lines = [
+        f"{stats['images']} images kept in {used_buckets} buckets, {shards} shards: {output}",
+        f"{stats['rejected']} rejected" + (f": {reasons} (see rejects.parquet)" if reasons else ""),
+        f"one epoch at batch size {epoch['batch_size']} x world size {epoch['world_size']}: "
+        f"{epoch['images_used']} of {stats['images']} images ({share:.0%}), "
+        f"{epoch['catch_all_images']} of them in catch-all batches",
+        *(f"warning: {warning}" for warning in stats["warnings"]),
+        f"files: {output}/index.parquet, shards/, rejects.parquet, stats.json, buckets.png; "
+        "docs/format.md describes them",
+    ]
+    return "\n".join(lines)
 
 
 def draw_buckets(stats: dict) -> bytes:

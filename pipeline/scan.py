@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.imaging import EXIF_ORIENTATION, TRANSPOSED_ORIENTATIONS
+from pipeline.imaging import Header, max_file_bytes, read_header
+from pipeline.rejects import Reason, reject
 from pipeline.sources import LISTING_SCHEMA, InputRoot
 
 # Formats we decode; Pillow identifies more (PSD, ICO, PPM...), which are rejected by name.
@@ -31,7 +35,8 @@ SCAN_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("format", pa.string()),
         ("mode", pa.string()),
-        ("orientation", pa.int8()),
+        ("orientation", pa.int8()),  # what the decoded pixels still need (imaging.Header)
+        ("note", pa.string()),  # metadata ignored, and why
     ]
 )
 
@@ -58,74 +63,82 @@ def scan_batch(rows: pa.Table, root: InputRoot, max_pixels: int = DEFAULT_MAX_PI
 def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
     if row["reject"]:
         return row
+    if "\0" in row["source"]:
+        return row | reject(Reason.BAD_PATH, "the path holds a NUL character")
     try:
         filesystem, path = root.resolve(row["source"])
-        if row["size"] is None:
-            info = filesystem.get_file_info(path)
-            row |= {"size": info.size, "mtime_ns": info.mtime_ns}
+    except (ValueError, pa.ArrowException) as error:  # NUL in a path, a scheme pyarrow lacks
+        hint = " (download http URLs first)" if row["source"].startswith("http") else ""
+        return row | reject(Reason.BAD_PATH, f"{error}{hint}")
+    try:
+        if row["size"] is None:  # a listing row: what is there?
+            row |= _listed_file(filesystem, path)
+            if row.get("reject"):
+                return row
         row["key"] = sample_key(row)
         if not row["size"]:
-            return row | _reject("not_an_image", "empty file")
+            return row | reject(Reason.NOT_AN_IMAGE, "empty file")
         stream = root.open(row["source"], HEADER_BYTES)
     except OSError as error:
-        return row | _reject("unreadable", f"{type(error).__name__}: {error}")
+        return row | reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
     try:
-        width, height, orientation, header = _read_header(stream, root, row["source"])
+        header = _read_header(stream, root, row["source"])
     except UnidentifiedImageError:
-        return row | _reject("not_an_image", "not a recognised image file")
+        return row | reject(Reason.NOT_AN_IMAGE, "not a recognised image file")
     except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three on bad headers
-        return row | _reject("corrupt", f"{type(error).__name__}: {error}")
-    if header["format"] not in SUPPORTED_FORMATS:
-        return (
-            row
-            | header
-            | _reject("unsupported_format", f"{header['format']} images are not supported")
+        return row | reject(Reason.CORRUPT, f"{type(error).__name__}: {error}")
+    row |= {
+        "width": header.width,
+        "height": header.height,
+        "format": header.format,
+        "mode": header.mode,
+        "orientation": header.orientation,
+        "note": header.note,
+    }
+    if header.format not in SUPPORTED_FORMATS:
+        return row | reject(Reason.UNSUPPORTED_FORMAT, f"{header.format} images are not supported")
+    pixels = header.width * header.height
+    if pixels > max_pixels:
+        return row | reject(
+            Reason.TOO_MANY_PIXELS,
+            f"{header.width}x{header.height} is over max_pixels={max_pixels:,}",
         )
-    if orientation not in range(1, 9):
-        orientation = 1
-    if orientation in TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
-    row |= header | {"width": width, "height": height, "orientation": orientation}
-    if width * height > max_pixels:
-        return row | _reject(
-            "too_many_pixels", f"{width}x{height} is over max_pixels={max_pixels:,}"
+    if row["size"] > max_file_bytes(pixels):
+        return row | reject(
+            Reason.FILE_TOO_LARGE,
+            f"{row['size']:,} bytes for a {header.width}x{header.height} image "
+            f"(at most {max_file_bytes(pixels):,}): junk after the image, or a sparse file",
         )
     return row
 
 
-def _read_header(stream: BinaryIO, root: InputRoot, source: str) -> tuple[int, int, int, dict]:
+def _listed_file(filesystem: pafs.FileSystem, path: str) -> dict:
+    """Size and mtime of a file a listing names, or its rejection: missing, not a file."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return reject(Reason.UNREADABLE, "no such file")
+        if stat.S_ISDIR(info.st_mode):
+            return reject(Reason.NOT_A_FILE, "a directory")
+        if not stat.S_ISREG(info.st_mode):
+            return reject(Reason.NOT_A_FILE, "not a regular file (a FIFO, socket or device)")
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return reject(Reason.UNREADABLE, "no such file")
+    if info.type != pafs.FileType.File:
+        return reject(Reason.NOT_A_FILE, f"not a file ({info.type.name})")
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _read_header(stream: BinaryIO, root: InputRoot, source: str) -> Header:
     """The header from `stream`; from the whole file when a remote file's first bytes fall short."""
     with stream:
         try:
-            return _header(stream)
+            return read_header(Image.open(stream))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             if not (isinstance(stream, io.BytesIO) and len(stream.getbuffer()) == HEADER_BYTES):
                 raise
     with root.open(source) as whole:
-        return _header(whole)
-
-
-def _header(stream: BinaryIO) -> tuple[int, int, int, dict]:
-    """(stored width, stored height, EXIF orientation, format and mode); reads no pixels."""
-    image = Image.open(stream)
-    return *image.size, _orientation(image), {"format": image.format, "mode": image.mode}
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation, as `ImageOps.exif_transpose` will apply it, from the header only.
-
-    Pillow's `getexif()` parses more than this needs, and for a PNG decodes the pixels to look
-    for a late eXIf chunk; it is used only where XMP may carry the orientation instead.
-    """
-    if image.format == "TIFF":
-        return image.tag_v2.get(EXIF_ORIENTATION, 1)
-    if "xmp" in image.info or "XML:com.adobe.xmp" in image.info:
-        return image.getexif().get(EXIF_ORIENTATION, 1)
-    exif = Image.Exif()
-    if "exif" in image.info:
-        exif.load(image.info["exif"])
-    return exif.get(EXIF_ORIENTATION, 1)
-
-
-def _reject(code: str, message: str) -> dict:
-    return {"reject": code, "message": message}
+        return read_header(Image.open(whole))

@@ -17,6 +17,7 @@ from webdataset import TarWriter
 
 from pipeline.imaging import CROPS, DEFAULT_BACKGROUND, ENCODERS, encode, fitted_image
 from pipeline.output import OutputDir
+from pipeline.rejects import Reason, Rejected
 from pipeline.sources import InputRoot
 
 TAR_MTIME = 0
@@ -41,8 +42,9 @@ PART_SCHEMA = pa.schema(
         ("image_size", pa.int64()),
         ("json_offset", pa.int64()),
         ("json_size", pa.int64()),
-        ("txt_offset", pa.int64()),  # null when the image has no caption
+        ("txt_offset", pa.int64()),  # the caption member: empty when the image has none
         ("txt_size", pa.int64()),
+        ("note", pa.string()),  # metadata ignored while reading the image, and why
         ("reject", pa.string()),  # set on write-time rejections, which have no members
         ("message", pa.string()),
     ]
@@ -79,21 +81,41 @@ def _read_caption(row: dict, root: InputRoot) -> str | None:
 
 
 def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, dict]:
-    """(webdataset sample, its index fields); raises for an unusable image or caption."""
-    try:
-        caption = _read_caption(row, root)
-        data = root.read_bytes(row["source"])
-    except UnicodeDecodeError as error:
-        raise _Rejected("caption_encoding", f"caption is not UTF-8: {error}") from None
-    except OSError as error:
-        raise _Rejected("unreadable", f"{type(error).__name__}: {error}") from None
+    """(webdataset sample, its index fields); raises Rejected for an unusable image or caption.
+
+    The image is read only as far as its decoder needs: junk after it is never loaded.
+    """
     bucket = (row["bucket_width"], row["bucket_height"])
     rng = np.random.default_rng([options.seed, int(row["key"], 16)])
     try:
-        image = fitted_image(data, bucket, options.crop, rng, options.background)
-    except Exception as error:  # any decoder failure on a corrupt file is that file's alone
-        raise _Rejected("corrupt", f"{type(error).__name__}: {error}") from None
-    fields = {"caption": caption, "stored_width": image.width, "stored_height": image.height}
+        caption = _read_caption(row, root)
+        stream = root.open(row["source"])
+    except UnicodeDecodeError as error:
+        raise Rejected(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}") from None
+    except OSError as error:
+        raise Rejected(Reason.UNREADABLE, f"{type(error).__name__}: {error}") from None
+    with stream:
+        try:
+            fitted = fitted_image(stream, bucket, options.crop, rng, options.background)
+        except Exception as error:  # any decoder failure on a corrupt file is that file's alone
+            raise Rejected(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
+    header, image = fitted.header, fitted.image
+    if (header.width, header.height, header.orientation) != (
+        row["width"],
+        row["height"],
+        row["orientation"],
+    ):
+        raise Rejected(
+            Reason.CHANGED,
+            f"scanned as {row['width']}x{row['height']} (orientation {row['orientation']}), "
+            f"now {header.width}x{header.height} (orientation {header.orientation})",
+        )
+    fields = {
+        "caption": caption,
+        "stored_width": image.width,
+        "stored_height": image.height,
+        "note": fitted.note,
+    }
     metadata = {
         "source": row["source"],
         "width": row["width"],
@@ -108,16 +130,9 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         "__key__": row["key"],
         options.image_format: encode(image, options.image_format, options.quality),
         "json": json.dumps(metadata, sort_keys=True).encode(),
+        "txt": (caption or "").encode(),  # always there: plain webdataset tuples need it
     }
-    if caption is not None:
-        sample["txt"] = caption.encode()
     return sample, fields
-
-
-class _Rejected(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def write_shard(
@@ -136,8 +151,8 @@ def write_shard(
         for row in rows.to_pylist():
             try:
                 sample, fields = _sample(row, root, options)
-            except _Rejected as rejected:
-                records.append(row | {"reject": rejected.code, "message": rejected.message})
+            except Rejected as rejected:
+                records.append(row | {"reject": rejected.reason.value, "message": rejected.message})
                 continue
             writer.write(sample)
             records.append(row | fields | {"shard": f"shards/{name}.tar"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import posixpath
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline.errors import UsageError
+from pipeline.rejects import Reason, reject
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTION_EXTENSIONS = (".txt", ".caption")  # a .txt sidecar wins over a .caption one
@@ -94,6 +98,55 @@ def input_root(uri: str) -> InputRoot:
     return InputRoot(uri.rstrip("/") or "/")
 
 
+def check_input(uri: str) -> None:
+    """Refuse a local input that cannot be one, before anything starts (a URL is checked by
+    listing it): a missing path, a file that is not a listing, a folder without images."""
+    filesystem, path = split_uri(absolute(uri))
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return
+    if not os.path.exists(path):
+        raise UsageError(f"--input {uri} does not exist")
+    if os.path.isfile(path):
+        if not _is_listing_file(uri):
+            raise UsageError(
+                f"--input {uri} is a file, not a folder of images or a .parquet/.csv listing "
+                "with a 'path' column"
+            )
+    elif not _has_image_file(path):
+        raise UsageError(
+            f"--input {uri} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+            "in it or in its subfolders"
+        )
+
+
+def _has_image_file(root: str) -> bool:
+    for _, _, files in os.walk(root):
+        if any(_extension(name) in IMAGE_EXTENSIONS for name in files):
+            return True
+    return False
+
+
+def check_separate(input_uri: str, output_uri: str) -> None:
+    """Refuse an OUT inside the input folder (a rerun would list the job's own files as images)
+    or an input inside OUT (--overwrite clears OUT)."""
+    if _is_listing_file(input_uri):
+        return  # a listing names its files: nothing under its folder is listed by accident
+    input_fs, input_path = split_uri(absolute(input_uri))
+    output_fs, output_path = split_uri(absolute(output_uri))
+    if input_fs.type_name != output_fs.type_name:
+        return
+    if isinstance(input_fs, pafs.LocalFileSystem):
+        input_path, output_path = os.path.realpath(input_path), os.path.realpath(output_path)
+    common = posixpath.commonpath([input_path, output_path])
+    if common == input_path:
+        raise UsageError(
+            f"--output {output_uri} is inside --input {input_uri}: the next run would take the "
+            "prepared files for images; put OUT beside the input"
+        )
+    if common == output_path:
+        raise UsageError(f"--input {input_uri} is inside --output {output_uri}: keep them apart")
+
+
 def list_input(uri: str) -> pa.Table:
     """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source.
 
@@ -123,25 +176,33 @@ def _walk_local(root: str) -> Iterator[list[dict]]:
         entries = []
         for name in sorted(files):
             full = os.path.join(directory, name)
-            entry = {"source": PurePosixPath(os.path.relpath(full, root)).as_posix()}
+            source = PurePosixPath(os.path.relpath(full, root)).as_posix()
             try:
-                info = os.stat(full)  # follows a link: a loop or dangling link raises here
-            except OSError as error:
-                entries.append(entry | _rejected("unreadable", f"cannot stat: {error.strerror}"))
-                continue
-            if (
-                os.path.islink(full)
-                and os.path.commonpath([real_root, os.path.realpath(full)]) != real_root
-            ):
+                source.encode()
+            except UnicodeEncodeError:  # bytes Python could not decode: an old archive's name
+                shown = os.fsencode(source).decode("utf-8", "backslashreplace")
                 entries.append(
-                    entry | _rejected("outside_root", "symlink points outside the input root")
+                    {"source": shown} | reject(Reason.BAD_NAME, "the file name is not UTF-8")
                 )
                 continue
-            if not stat.S_ISREG(info.st_mode):
-                entries.append(entry | _rejected("not_a_file", "not a regular file"))
-                continue
-            entries.append(entry | {"size": info.st_size, "mtime_ns": info.st_mtime_ns})
+            entries.append({"source": source} | _local_entry(full, real_root))
         yield entries
+
+
+def _local_entry(full: str, real_root: str) -> dict:
+    """A local file's size and mtime, or why it cannot be an input."""
+    try:
+        info = os.stat(full)  # follows a link: a loop or dangling link raises here
+    except OSError as error:
+        return reject(Reason.UNREADABLE, f"cannot stat: {error.strerror}")
+    if (
+        os.path.islink(full)
+        and os.path.commonpath([real_root, os.path.realpath(full)]) != real_root
+    ):
+        return reject(Reason.OUTSIDE_ROOT, "symlink points outside the input root")
+    if not stat.S_ISREG(info.st_mode):
+        return reject(Reason.NOT_A_FILE, "not a regular file")
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
 def _walk_remote(filesystem: pafs.FileSystem, root: str) -> Iterator[list[dict]]:
@@ -155,13 +216,17 @@ def _walk_remote(filesystem: pafs.FileSystem, root: str) -> Iterator[list[dict]]
         ]
 
 
-def _rejected(code: str, message: str) -> dict:
-    return {"reject": code, "message": message}
-
-
 def _pair_captions(entries: list[dict]) -> Iterator[dict]:
-    """One directory's images with their sidecars; unknown and orphan files become rejections."""
+    """One directory's images with their sidecars; unknown and orphan files become rejections.
+
+    Sidecar extensions match in any case (`photo.TXT`), as image extensions do.
+    """
     by_source = {entry["source"]: entry for entry in entries}
+    sidecars = {
+        (_stem(source), _extension(source)): entry
+        for source, entry in by_source.items()
+        if _extension(source) in CAPTION_EXTENSIONS
+    }
     image_stems = {_stem(source) for source in by_source if _extension(source) in IMAGE_EXTENSIONS}
     for source, entry in by_source.items():
         extension = _extension(source)
@@ -169,7 +234,7 @@ def _pair_captions(entries: list[dict]) -> Iterator[dict]:
             yield entry
         elif extension in IMAGE_EXTENSIONS:
             for caption_extension in CAPTION_EXTENSIONS:
-                sidecar = by_source.get(_stem(source) + caption_extension)
+                sidecar = sidecars.get((_stem(source), caption_extension))
                 if sidecar and not sidecar.get("reject"):
                     entry |= {
                         "caption_source": sidecar["source"],
@@ -180,12 +245,12 @@ def _pair_captions(entries: list[dict]) -> Iterator[dict]:
             yield entry
         elif extension in CAPTION_EXTENSIONS:
             if _stem(source) not in image_stems:
-                yield entry | _rejected(
-                    "orphan_caption", "caption file without an image of the same name"
+                yield entry | reject(
+                    Reason.ORPHAN_CAPTION, "caption file without an image of the same name"
                 )
         else:
-            yield entry | _rejected(
-                "unsupported_format", f"not an image extension: {extension or 'none'}"
+            yield entry | reject(
+                Reason.UNSUPPORTED_FORMAT, f"not an image extension: {extension or 'none'}"
             )
 
 
@@ -210,6 +275,6 @@ def _read_listing_file(uri: str) -> pa.Table:
     columns["source"] = pc.fill_null(paths, "")
     if "caption" in table.column_names:
         columns["caption"] = table["caption"].cast(pa.string())
-    columns["reject"] = pc.if_else(missing, "no_path", columns["reject"])
+    columns["reject"] = pc.if_else(missing, Reason.NO_PATH.value, columns["reject"])
     columns["message"] = pc.if_else(missing, "listing row has no path", columns["message"])
     return pa.table(columns, schema=LISTING_SCHEMA)

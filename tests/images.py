@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
 
 def detailed(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -70,3 +70,106 @@ def all_modes(folder: Path) -> dict[str, Path]:
     files["tall.jpg"] = save(rgb(300, 1100, 14), folder / "tall.jpg", quality=90)
     files["small.jpg"] = save(rgb(300, 300, 15), folder / "small.jpg", quality=90)
     return files
+
+
+QUADRANT_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 255))  # TL, TR, BL, BR
+
+
+def quadrants(width: int, height: int) -> Image.Image:
+    """An image whose way up shows: red, green / blue, white quadrants."""
+    pixels = np.empty((height, width, 3), np.uint8)
+    top, left = height // 2, width // 2
+    for (rows, columns), colour in zip(
+        [(slice(0, top), slice(0, left)), (slice(0, top), slice(left, None)),
+         (slice(top, None), slice(0, left)), (slice(top, None), slice(left, None))],
+        QUADRANT_COLOURS,
+        strict=True,
+    ):  # fmt: skip
+        pixels[rows, columns] = colour
+    return Image.fromarray(pixels)
+
+
+def quadrant_colours(image: Image.Image) -> list[tuple[int, ...]]:
+    """The colour at the centre of each quadrant of `image`: TL, TR, BL, BR."""
+    width, height = image.size
+    points = [(width // 4, height // 4), (3 * width // 4, height // 4),
+              (width // 4, 3 * height // 4), (3 * width // 4, 3 * height // 4)]  # fmt: skip
+    return [image.convert("RGB").getpixel(point) for point in points]
+
+
+def stored_for(upright: Image.Image, orientation: int) -> Image.Image:
+    """The pixels a camera stores so that applying EXIF `orientation` shows `upright`."""
+    for transpose in [None, *Image.Transpose]:
+        stored = upright if transpose is None else upright.transpose(transpose)
+        shown = ImageOps.exif_transpose(_tagged(stored, orientation))
+        if np.array_equal(np.asarray(shown), np.asarray(upright)):
+            return stored
+    raise AssertionError(f"no transpose undoes orientation {orientation}")
+
+
+def _tagged(image: Image.Image, orientation: int) -> Image.Image:
+    tagged = image.copy()
+    exif = tagged.getexif()
+    exif[0x0112] = orientation
+    tagged.info["exif"] = exif.tobytes()
+    return tagged
+
+
+def xmp_orientation(orientation: int) -> bytes:
+    return (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description '
+        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="%d"/>'
+        b"</rdf:RDF></x:xmpmeta>" % orientation
+    )
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, whole chunk bytes) of a PNG, in file order."""
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append((data[position + 4 : position + 8], data[position : position + 12 + length]))
+        position += 12 + length
+    return chunks
+
+
+def oriented_file(kind: str, upright: Image.Image, orientation: int) -> bytes:
+    """File bytes of `kind` whose metadata says `orientation` and which shows `upright`.
+
+    Kinds: jpeg, png (eXIf before IDAT), png-late (eXIf after IDAT), tiff, webp, jpeg-xmp
+    (orientation in XMP only), png-xmp.
+    """
+    stored = stored_for(upright, orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    if kind == "jpeg":
+        stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    elif kind in ("png", "png-late"):
+        stored.save(buffer, "PNG", exif=exif.tobytes())
+    elif kind == "tiff":
+        stored.save(buffer, "TIFF", exif=exif)
+    elif kind == "webp":
+        stored.save(buffer, "WEBP", lossless=True, exif=exif.tobytes())
+    elif kind == "jpeg-xmp":
+        stored.save(buffer, "JPEG", quality=95, xmp=xmp_orientation(orientation))
+    elif kind == "png-xmp":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp_orientation(orientation).decode())
+        stored.save(buffer, "PNG", pnginfo=info)
+    else:
+        raise ValueError(kind)
+    data = buffer.getvalue()
+    if kind == "png-late":  # move eXIf behind the image data
+        chunks = png_chunks(data)
+        exif_chunk = next(chunk for name, chunk in chunks if name == b"eXIf")
+        rest = [chunk for name, chunk in chunks if name not in (b"eXIf", b"IEND")]
+        data = data[:8] + b"".join(rest) + exif_chunk + chunks[-1][1]
+    return data
+
+
+def damaged_exif_jpeg(image: Image.Image) -> bytes:
+    """A JPEG whose APP1 EXIF block is garbage; its pixels decode fine."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=b"Exif\x00\x00" + b"\x13\x37" * 40)
+    return buffer.getvalue()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from images import rgb, save
 from PIL import Image
 
+from pipeline.config import PrepareConfig
 from pipeline.fit import fit
-from pipeline.prepare import PrepareConfig, run
+from pipeline.prepare import run
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -70,6 +72,15 @@ def build_corpus(root, outside):
     bad["escape.jpg"] = "outside_root"
     os.mkfifo(root / "pipe.jpg")
     bad["pipe.jpg"] = "not_a_file"
+    # A name from an old Latin-1 archive: not UTF-8, shown with the byte escaped.
+    with open(os.fsencode(root) + b"/caf\xe9 old archive.jpg", "wb") as file:
+        file.write(jpeg_bytes(640, 480, 6))
+    bad["caf\\xe9 old archive.jpg"] = "bad_name"
+    # A JPEG followed by 3 GB of nothing (a sparse file): refused from its size, never read.
+    with open(root / "junk tail.jpg", "wb") as file:
+        file.write(jpeg_bytes(640, 480, 7))
+        file.truncate(3 << 30)
+    bad["junk tail.jpg"] = "file_too_large"
 
     good = {
         "with spaces in name.jpg": jpeg_bytes(800, 600, 1),
@@ -85,6 +96,11 @@ def build_corpus(root, outside):
             write(name, data)
     os.symlink(root / "UPPER.JPG", root / "nested" / "link inside root.jpg")
     good["nested/link inside root.jpg"] = None
+    write("Shouting.JPG", jpeg_bytes(768, 1024, 8))  # upper-case sidecars are sidecars too
+    (root / "Shouting.TXT").write_text("an upper-case caption sidecar")
+    write("Mixed.png", png_bytes(600, 600))
+    (root / "Mixed.Caption").write_text("a mixed-case caption sidecar")
+    good |= {"Shouting.JPG": None, "Mixed.png": None}
     assert len(bad) >= 20
     return set(good), bad
 
@@ -109,6 +125,43 @@ def test_bad_inputs_are_rejected_with_their_reasons(tmp_path):
     index = pq.read_table(output / "index.parquet").to_pylist()
     assert {row["source"] for row in index} == good
     assert all("." not in row["key"] and "/" not in row["key"] for row in index)
+    captions = {row["source"]: row["caption"] for row in index}
+    assert captions["Shouting.JPG"] == "an upper-case caption sidecar"
+    assert captions["Mixed.png"] == "a mixed-case caption sidecar"
+    listed = [row["source"] for row in index] + list(rejects)
+    assert len(listed) == len(set(listed)) == len(good) + len(bad), "every input exactly once"
+
+
+def test_unusable_listing_rows_are_rejections_one_each(tmp_path):
+    """A listing names anything: each bad row is one rejection with its own reason."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.jpg").write_bytes(jpeg_bytes(800, 600))
+    (images / "a folder.jpg").mkdir()
+    os.mkfifo(images / "fifo.jpg")
+    rows = {
+        str(images / "good.jpg"): None,
+        str(images / "missing.jpg"): "unreadable",
+        str(images / "a folder.jpg"): "not_a_file",
+        str(images / "fifo.jpg"): "not_a_file",
+        "/dev/zero": "not_a_file",
+        str(images / "nul\0byte.jpg"): "bad_path",
+        "http://example.com/cat.jpg": "bad_path",
+        "ftp://example.com/cat.jpg": "bad_path",
+    }
+    listing = tmp_path / "listing.parquet"
+    pq.write_table(pa.table({"path": list(rows)}), listing)
+    run(PrepareConfig(input=str(listing), output=str(tmp_path / "out")))
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert {r["source"]: r["reason"] for r in rejects} == {
+        path: reason for path, reason in rows.items() if reason
+    }
+    messages = {r["source"]: r["message"] for r in rejects}
+    assert "no such file" in messages[str(images / "missing.jpg")]
+    assert "directory" in messages[str(images / "a folder.jpg")]
+    assert "http" in messages["http://example.com/cat.jpg"]
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    assert [row["source"] for row in index] == [str(images / "good.jpg")]
 
 
 def test_default_pixel_limit_accepts_a_170_megapixel_wallpaper(tmp_path):

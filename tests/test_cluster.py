@@ -19,7 +19,8 @@ import ray
 from images import rgb, save
 from ray.cluster_utils import Cluster
 
-from pipeline.prepare import PrepareConfig, run
+from pipeline.config import PrepareConfig
+from pipeline.prepare import run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,10 +145,11 @@ def test_the_readme_command_on_the_example_images(tmp_path):
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+    assert json.loads((output / "manifest.json").read_text())["counts"] == {
         "images": 12,
         "rejected": 1,
         "shards": 7,
     }
+    assert "12 images kept" in done.stdout and "corrupt 1" in done.stdout
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--incremental" in refused.stderr

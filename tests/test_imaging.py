@@ -18,7 +18,7 @@ def test_every_exif_orientation_matches_pillows_exif_transpose(orientation):
     data = with_orientation(rgb(1200, 800, orientation), orientation)
     expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     bucket = (512, 768) if orientation >= 5 else (768, 512)
-    ours = fitted_image(data, bucket)
+    ours = fitted_image(data, bucket).image
     assert ours.size == fit(*expected.size, *bucket)
     reference = np.asarray(expected.resize(ours.size, Image.Resampling.LANCZOS), np.float64)
     assert np.abs(np.asarray(ours, np.float64) - reference).mean() < 4, "same picture, same way up"
@@ -54,14 +54,14 @@ def test_sixteen_bit_is_scaled_not_clipped():
 def test_cmyk_converts_to_the_right_colour():
     buffer = io.BytesIO()
     Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(buffer, "JPEG", quality=95)
-    red, green, blue = fitted_image(buffer.getvalue(), (64, 64)).getpixel((32, 32))
+    red, green, blue = fitted_image(buffer.getvalue(), (64, 64)).image.getpixel((32, 32))
     assert red > 200 and green < 60 and blue < 60
 
 
 def test_draft_decoding_keeps_the_quality_of_a_full_decode():
     data = io.BytesIO()
     rgb(4000, 3000, 5).save(data, "JPEG", quality=92)
-    ours = np.asarray(fitted_image(data.getvalue(), (704, 512)), np.float64)
+    ours = np.asarray(fitted_image(data.getvalue(), (704, 512)).image, np.float64)
     full = Image.open(io.BytesIO(data.getvalue())).convert("RGB")
     reference = np.asarray(
         full.resize(fit(4000, 3000, 704, 512), Image.Resampling.LANCZOS), np.float64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -18,9 +19,10 @@ from images import all_modes, rgb, save
 from PIL import Image
 
 from pipeline.buckets import bucket_aspects
+from pipeline.config import PrepareConfig
 from pipeline.fit import fit
 from pipeline.plan import plan_epoch
-from pipeline.prepare import PrepareConfig, run
+from pipeline.prepare import run
 from pipeline.shard_writer import WriteOptions
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -240,7 +242,9 @@ def test_incremental_processes_only_new_and_changed_images(corpus, tmp_path):
 def test_other_settings_are_refused_unless_overwrite(corpus, tmp_path):
     output = tmp_path / "out"
     prepare(corpus / "many", output)
-    with pytest.raises(ValueError, match=r"other settings \(changed: write\).*--overwrite"):
+    with pytest.raises(
+        ValueError, match=r"other settings \(write.quality: 95 -> 80\).*--overwrite"
+    ):
         prepare(corpus / "many", output, write=WriteOptions(quality=80))
     manifest = prepare(corpus / "many", output, write=WriteOptions(quality=80), overwrite=True)
     assert manifest["settings"]["write"]["quality"] == 80
@@ -287,3 +291,46 @@ def test_file_urls_for_input_and_output(corpus, tmp_path):
     manifest = prepare(f"file://{corpus / 'many'}", f"file://{output}")
     assert manifest["counts"]["images"] == 12
     assert {row["source"] for row in index_of(output)} == {f"landscape {i}.jpg" for i in range(12)}
+
+
+def test_index_lists_shards_in_the_manifests_order(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    shards = [row["shard"] for row in index_of(prepared)]
+    in_order = list(dict.fromkeys(shards))
+    assert in_order == manifest["shards"]
+    assert all(
+        a["key"] < b["key"]
+        for a, b in zip(index_of(prepared), index_of(prepared)[1:], strict=False)
+        if a["shard"] == b["shard"]
+    )
+
+
+def test_plain_webdataset_tuples_and_bucket_sized_batches(prepared):
+    """What the README shows plain webdataset users: every sample has a caption member (empty
+    when there is none), and a crop to the bucket makes uniform batches."""
+    urls = [str(p) for p in sorted((prepared / "shards").glob("*.tar"))]
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt"))
+    assert len(pairs) == len(index_of(prepared))
+    assert "" in {caption for _, caption in pairs}, "uncaptioned images have an empty caption"
+
+    def crop_to_bucket(sample):
+        info = sample["json"]
+        left = (info["stored_width"] - info["bucket_width"]) // 2
+        top = (info["stored_height"] - info["bucket_height"]) // 2
+        box = (left, top, left + info["bucket_width"], top + info["bucket_height"])
+        return np.asarray(sample["jpg"].crop(box)), sample["txt"]
+
+    for url in urls:  # one bucket per tar: batches of one shape
+        dataset = wds.WebDataset(url, shardshuffle=False).decode("pil").map(crop_to_bucket)
+        for pixels, captions in dataset.batched(3):
+            assert pixels.ndim == 4 and len(captions) == len(pixels)
+
+
+def test_the_format_doc_lists_every_rejection_reason():
+    from pipeline.rejects import DESCRIPTIONS, Reason
+
+    document = (Path(__file__).resolve().parent.parent / "docs" / "format.md").read_text()
+    section = document.split("## rejects.parquet")[1].split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", section, re.MULTILINE))
+    assert set(DESCRIPTIONS) == set(Reason)
+    assert rows == {reason.value: text for reason, text in DESCRIPTIONS.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import prepare_small
+from conftest import SMALL_BUCKETS, prepare_small
 from images import rgb
 from PIL import Image
 
@@ -321,3 +321,38 @@ def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
     losses = np.array([(a["loss"] + b["loss"]) / 2 for a, b in zip(first, second, strict=True)])
     assert losses[-10:].mean() < 0.97 * losses[:10].mean()
     assert (tmp_path / "checkpoints" / "hypernetwork.safetensors").exists()
+
+
+def test_more_shards_than_open_files_allowed(tmp_path):
+    """400 shards of one image each, read under `ulimit -n 128` (10M images at 1000 a shard are
+    10,000 shards, over the usual 1024): the loader bounds the shards it keeps open."""
+    import ray
+
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import run
+
+    (tmp_path / "images").mkdir()
+    for i in range(400):
+        pixels = np.full((64, 64, 3), i % 256, np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i:03d}.png")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run(PrepareConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
+                          buckets=SMALL_BUCKETS, samples_per_shard=1))  # fmt: skip
+    finally:
+        ray.shutdown()
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
+        "from trainer.data import EpochBatches, PreparedData, make_loader\n"
+        f"data = PreparedData({str(tmp_path / 'out')!r})\n"
+        "batches = EpochBatches(data, batch_size=8, world_size=1, rank=0)\n"
+        "for workers in (0, 1):\n"
+        "    seen = sum(len(b.keys) for b in make_loader(data, batches, num_workers=workers))\n"
+        "    assert seen == 400, seen\n"
+        "print('read', seen)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "read 400" in done.stdout, done.stderr[-3000:]

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,50 +35,73 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer.data import EpochBatches, PreparedData, make_loader
 
 
+def _option(default, help: str):
+    """A Config field with its command-line help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
-    data: str = ""  # a prepared dataset (jobs/prepare.py --output)
-    out_dir: str = "checkpoints"  # checkpoints are written here by rank 0
-    batch_size: int = 4  # per rank
-    epochs: int = 1
-    max_steps: int = 0  # stop after this many steps of this run (0: all epochs)
-    lr: float = 1e-3
-    seed: int = 0  # data order, crops and the model's initialisation
-    num_workers: int = 2  # DataLoader workers per rank
-    checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
-    resume: bool = False  # continue from out_dir/checkpoint.pt exactly where it stopped
-    log_every: int = 10  # steps between log lines
-    model: str = "conv"  # "conv" (a small denoiser) or "sd" (U-Net + CLIP, see above)
-    channels: int = 32  # conv: width
-    noise: float = 0.5  # conv: noise level of the denoising objective
-    pretrained: str = ""  # sd: local diffusers-layout checkpoint folder; empty: tiny random models
-    train_part: str = "hypernetwork"  # sd: "hypernetwork" (U-Net frozen) or "unet"
-    max_tokens: int = 225  # sd: prompt limit, a multiple of 75
-    clip_skip: int = 2  # sd: 2 = penultimate CLIP layer (the source's), 1 = last
-    prompt_layout: str = "full"  # sd: "full" 77-state chunks (231 for 225) or "trimmed" (227)
-    caption_dropout: float = 0.1  # sd: share of captions replaced by the empty prompt
-    hypernetwork_structure: str = "1,2,1"  # layer sizes in multiples of the context width
-    hypernetwork_activation: str = "linear"  # trainer.hypernetwork.ACTIVATIONS
-    hypernetwork_layer_norm: bool = False
-    hypernetwork_dropout: float = 0.0
-    hypernetwork_shared: bool = False  # one pair per width for all depths (AUTOMATIC1111's .pt)
-    depth_penalty: str = "0.01"  # L2 weight per U-Net depth, shallowest first (per-depth pairs)
-    batch_log: str = ""  # if set, every rank appends each batch's keys and shape here (JSONL)
+    data: str = _option("", "a prepared dataset (jobs/prepare.py --output)")
+    out_dir: str = _option("checkpoints", "where rank 0 writes checkpoints and results")
+    batch_size: int = _option(4, "images per batch on each rank")
+    epochs: int = _option(1, "epochs to train")
+    max_steps: int = _option(0, "stop after this many steps of this run (0: all epochs)")
+    lr: float = _option(1e-3, "AdamW learning rate")
+    seed: int = _option(0, "data order, crops and the model's initialisation")
+    num_workers: int = _option(2, "DataLoader workers per rank (at most its cores minus one)")
+    checkpoint_every: int = _option(100, "steps between checkpoints (and one at the end)")
+    resume: bool = _option(False, "continue from OUT_DIR/checkpoint.pt exactly where it stopped")
+    log_every: int = _option(10, "steps between log lines")
+    model: str = _option("conv", "conv (a small denoiser, a smoke test) or sd (U-Net + CLIP)")
+    channels: int = _option(32, "conv: width")
+    noise: float = _option(0.5, "conv: noise level of the denoising objective")
+    pretrained: str = _option(
+        "", "sd: local diffusers-layout checkpoint folder (empty: tiny random models)"
+    )
+    train_part: str = _option("hypernetwork", "sd: hypernetwork (U-Net frozen) or unet")
+    max_tokens: int = _option(225, "sd: prompt limit in tokens, a multiple of 75")
+    clip_skip: int = _option(2, "sd: 2 = CLIP's penultimate layer (the source's), 1 = the last")
+    prompt_layout: str = _option(
+        "full",
+        "sd: full 77-state chunks (231 states for 225 tokens, A1111's) or trimmed (227, kohya's)",
+    )
+    caption_dropout: float = _option(0.1, "sd: share of captions replaced by the empty prompt")
+    hypernetwork_structure: str = _option("1,2,1", "layer sizes in multiples of the context width")
+    hypernetwork_activation: str = _option("linear", "an activation of trainer.hypernetwork")
+    hypernetwork_layer_norm: bool = _option(False, "a LayerNorm after every hypernetwork layer")
+    hypernetwork_dropout: float = _option(0.0, "dropout after every hidden hypernetwork layer")
+    hypernetwork_shared: bool = _option(
+        False, "one pair per width for all depths (also written as AUTOMATIC1111's hypernetwork.pt)"
+    )
+    depth_penalty: str = _option("0.01", "L2 weight per U-Net depth, shallowest first")
+    batch_log: str = _option("", "tests: every rank appends each batch's keys and shape here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one option per Config field, its help and default shown."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    for option in dataclasses.fields(Config):
+        name = f"--{option.name.replace('_', '-')}"
+        if option.type == "bool":
+            parser.add_argument(name, action="store_true", help=option.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[option.type]
+            parser.add_argument(
+                name, type=kind, default=option.default, help=option.metadata["help"]
+            )
+    return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every optional option's help; the module docstring as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required else super()._get_help_string(action)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field in dataclasses.fields(Config):
-        if field.type == "bool":
-            parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true")
-        else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(
-                f"--{field.name.replace('_', '-')}", type=kind, default=field.default
-            )
-    return Config(**vars(parser.parse_args(argv)))
+    return Config(**vars(build_parser().parse_args(argv)))
 
 
 class ConvDenoiser(nn.Module):

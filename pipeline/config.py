@@ -1,0 +1,71 @@
+"""The prepare job's settings: one frozen dataclass, validated once; the CLI takes its defaults.
+
+Kept free of Ray and of the stages, so that `jobs/prepare.py --help` and a mistake in a setting
+are answered at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from pipeline.buckets import BucketConfig
+from pipeline.output import FORMAT_VERSION
+from pipeline.scan import DEFAULT_MAX_PIXELS
+from pipeline.shard_writer import WriteOptions
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything a prepare run needs; validated once, here."""
+
+    input: str  # directory, URL, or .parquet/.csv listing
+    output: str  # directory or URL of the prepared dataset
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    write: WriteOptions = field(default_factory=WriteOptions)
+    max_upscale: float = 2.0  # reject images that must be enlarged by more than this factor
+    max_crop: float = 0.5  # reject images whose fit crops more than this share of their area
+    max_pixels: int = DEFAULT_MAX_PIXELS  # reject larger images before decoding them
+    samples_per_shard: int = 1000
+    batch_size: int = 32  # for the trainer and the epoch report; not part of the output
+    world_size: int = 1
+    incremental: bool = False  # update a complete dataset with new or changed images
+    overwrite: bool = False  # rebuild OUT from scratch, whatever it holds
+    files_per_scan_task: int = 500
+    max_in_flight: int | None = None  # tasks submitted at once; default 2 per cluster CPU
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_upscale": self.max_upscale >= 1,
+            "max_crop": 0 <= self.max_crop <= 1,
+            "max_pixels": self.max_pixels >= 1,
+            "samples_per_shard": self.samples_per_shard >= 1,
+            "batch_size": self.batch_size >= 1,
+            "world_size": self.world_size >= 1,
+            "files_per_scan_task": self.files_per_scan_task >= 1,
+            "max_in_flight": self.max_in_flight is None or self.max_in_flight >= 1,
+        }
+        for name, valid in checks.items():
+            if not valid:
+                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        if self.incremental and self.overwrite:
+            raise ValueError("incremental and overwrite exclude each other")
+
+    def settings(self) -> dict:
+        """The settings that shape the output: OUT is rebuilt when one of them changes."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "buckets": dataclasses.asdict(self.buckets),
+            "write": dataclasses.asdict(self.write) | {"background": list(self.write.background)},
+            "max_upscale": self.max_upscale,
+            "max_crop": self.max_crop,
+            "max_pixels": self.max_pixels,
+            "samples_per_shard": self.samples_per_shard,
+        }
+
+
+def fingerprint(value: object) -> str:
+    """16 hex digits of a JSON-able value: names shards and inputs."""
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=8).hexdigest()

@@ -1,0 +1,130 @@
+"""jobs/prepare.py as a new user meets it: mistakes answered clearly before Ray starts, and a
+summary at the end of every run."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from images import rgb, save
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prepare(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "jobs/prepare.py", *args, "--num-cpus=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def four_images(folder: Path) -> Path:
+    for i, size in enumerate([(800, 600), (600, 800), (700, 700), (900, 600)]):
+        save(rgb(*size, i), folder / f"image {i}.jpg", quality=85)
+    return folder
+
+
+def refused_before_ray(done: subprocess.CompletedProcess, output: Path) -> str:
+    assert done.returncode == 2, done.stderr
+    assert "Started a local Ray" not in done.stderr, "answered before Ray starts"
+    assert "Traceback" not in done.stderr
+    assert not output.exists(), "nothing is created"
+    return done.stderr
+
+
+def test_a_missing_input_is_named(tmp_path):
+    message = refused_before_ray(
+        prepare("--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")),
+        tmp_path / "out",
+    )
+    assert str(tmp_path / "nowhere") in message and "does not exist" in message
+
+
+def test_an_empty_folder_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not an image")
+    message = refused_before_ray(
+        prepare("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out")),
+        tmp_path / "out",
+    )
+    assert str(tmp_path / "empty") in message and "no image files" in message
+
+
+def test_a_file_that_is_not_a_listing_is_named(tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8 not really")
+    message = refused_before_ray(
+        prepare("--input", str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "out")),
+        tmp_path / "out",
+    )
+    assert "photo.jpg" in message and ".parquet" in message and ".csv" in message
+
+
+@pytest.mark.parametrize("inside", ["output in input", "input in output"])
+def test_output_and_input_must_not_nest(tmp_path, inside):
+    if inside == "output in input":
+        images, output = four_images(tmp_path / "images"), tmp_path / "images" / "prepared"
+    else:
+        images, output = four_images(tmp_path / "out" / "images"), tmp_path / "out"
+    done = prepare("--input", str(images), "--output", str(output))
+    assert done.returncode == 2 and "inside" in done.stderr, done.stderr
+    assert "Started a local Ray" not in done.stderr
+    assert not (output / "config.json").exists()
+
+
+def test_a_run_ends_with_a_summary_and_warns_when_an_epoch_drops_images(tmp_path):
+    images, output = four_images(tmp_path / "images"), tmp_path / "out"
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    done = prepare("--input", str(images), "--output", str(output), "--batch-size", "32")
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout
+    assert "4 images kept" in summary
+    assert "1 rejected" in summary and "corrupt 1" in summary
+    assert str(output) in summary and "rejects.parquet" in summary
+    assert re.search(r"epoch .*0 of 4 images", summary)
+    assert "warning" in summary.lower() and "--batch-size" in summary
+    assert not re.search(r"\d+\.\d+/\d+\.\d+", done.stderr), "progress counts are integers"
+    assert re.search(r"\b5/5\b", done.stderr), "the scan counts its 5 files"
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["warnings"] and stats["epoch"]["images_used"] == 0
+
+    again = prepare("--input", str(images), "--output", str(output), "--quality", "80")
+    assert again.returncode == 2
+    assert "write.quality: 95 -> 80" in again.stderr, again.stderr
+
+
+def test_help_is_fast_and_complete():
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['prepare.py', '--help']\n"
+        "try:\n    runpy.run_path('jobs/prepare.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('RAY IMPORTED' if 'ray' in sys.modules else 'NO RAY')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip().endswith("NO RAY"), "--help answers without importing Ray"
+    parser = runpy.run_path(str(REPO / "jobs" / "prepare.py"))["build_parser"]()
+    assert_every_option_explained(parser)
+
+
+def test_the_trainers_help_is_complete():
+    sys.path.insert(0, str(REPO))
+    from trainer.train import build_parser
+
+    assert_every_option_explained(build_parser())
+
+
+def assert_every_option_explained(parser) -> None:
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        if not action.required:
+            assert "default" in formatter._expand_help(action), action.option_strings
