@@ -19,12 +19,13 @@ import pyarrow.parquet as pq
 
 from pipeline.buckets import REJECT_ASPECT, bucketize
 from pipeline.config import PrepareConfig, fingerprint
-from pipeline.distributor import default_in_flight, map_unordered
+from pipeline.distributor import cluster_cpus, default_in_flight, fit_then_write, map_unordered
 from pipeline.errors import UsageError
 from pipeline.fit import fit
 from pipeline.output import FORMAT_VERSION, OutputDir
 from pipeline.rejects import Reason, rejects_table
 from pipeline.report import dataset_stats, draw_buckets
+from pipeline.samples import fit_samples
 from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, plan_shards
 from pipeline.shard_writer import PART_SCHEMA, write_shard
@@ -36,6 +37,7 @@ from pipeline.sources import (
     input_root,
     list_input,
 )
+from pipeline.work_plan import estimate_cost, heaviest_first, plan_tasks, task_budget
 
 INDEX_SCHEMA = pa.schema([f for f in PART_SCHEMA if f.name not in ("reject", "message")])
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
@@ -78,16 +80,35 @@ def run(config: PrepareConfig) -> dict:
 def _write(
     shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config
 ) -> None:
-    """Write every shard that is not finished yet, one task each."""
+    """Fit the images of every shard not finished yet, in tasks of bounded estimated cost
+    (work_plan.py), and write each shard once all its pieces are fitted."""
     finished = set(out.list_names("shards", ".tar"))
-    # Largest first, so that no big shard starts last and leaves the other workers idle.
-    todo = sorted((s for s in shards if s.name not in finished), key=lambda s: -len(s.rows))
-    results = map_unordered(
+    todo = [shard for shard in shards if shard.name not in finished]
+    if not todo:
+        return
+    pixels = pc.multiply(accepted["width"].cast(pa.int64()), accepted["height"].cast(pa.int64()))
+    cost = estimate_cost(pixels.to_numpy(), accepted["format"].to_numpy(zero_copy_only=False))
+    todo = [todo[i] for i in heaviest_first([shard.rows for shard in todo], cost)]
+    shard_rows = [shard.rows for shard in todo]
+    budget = task_budget(float(sum(cost[rows].sum() for rows in shard_rows)), cluster_cpus())
+    tasks = plan_tasks(shard_rows, cost, budget)
+    pieces_of = np.bincount([piece.shard for task in tasks for piece in task.pieces])
+    fit_arguments = (
+        (
+            ([accepted.take(shard_rows[p.shard][p.start : p.stop]) for p in task.pieces],
+             root, config.write),
+            [piece.shard for piece in task.pieces],
+            sum(piece.stop - piece.start for piece in task.pieces),
+        )
+        for task in tasks
+    )  # fmt: skip
+    results = fit_then_write(
+        fit_samples,
+        fit_arguments,
         write_shard,
-        ((shard.name, accepted.take(shard.rows), root, out, config.write) for shard in todo),
-        description="write",
-        total_items=sum(len(shard.rows) for shard in todo),
-        items_of=lambda result: result["written"] + result["rejected"],
+        [(shard.name, out) for shard in todo],
+        pieces_of.tolist(),
+        total_items=sum(len(rows) for rows in shard_rows),
         max_in_flight=config.max_in_flight,
     )
     collections.deque(results, maxlen=0)  # run them all; results are in the shards' parts

@@ -24,7 +24,10 @@ from pipeline.sources import LISTING_SCHEMA, InputRoot
 # Formats we decode; Pillow identifies more (PSD, ICO, PPM...), which are rejected by name.
 # MPO is what Pillow calls the JPEGs many phones write (a JPEG with extra frames).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
-DEFAULT_MAX_PIXELS = 250_000_000  # room for 170-megapixel wallpapers and 200 MP phone shots
+# A guard against decompression bombs, checked from the header before any decoding. libvips
+# streams PNG and TIFF, so a worker's memory does not grow with the pixel count (a 625 MP PNG
+# peaks at 0.2 GB): gigapixel scans and panoramas pass.
+DEFAULT_MAX_PIXELS = 1_000_000_000
 HEADER_BYTES = 1 << 16  # enough for the header and EXIF block of nearly every image file
 
 SCAN_SCHEMA = pa.schema(

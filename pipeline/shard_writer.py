@@ -1,24 +1,20 @@
-"""Writing one shard: fit and encode its images, write the tar and its index part atomically.
+"""Writing one shard: its fitted samples into a tar, and its index part, atomically.
 
-`write_shard` is the unit of work of the write stage. A bad image or caption becomes a
-rejection row in the shard's part; only a failure of the output itself raises, so that the
-task is retried. Tars are byte-reproducible: members in key order, fixed mtime and owner.
+`write_shard` is the unit of work of the write stage; the samples come fitted and encoded from
+the fit stage (samples.py) through Ray's object store. Only a failure of the output raises, so
+that the task is retried. Tars are byte-reproducible: members in key order, fixed mtime and owner.
 """
 
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 from webdataset import TarWriter
 
-from pipeline.imaging import CROPS, DEFAULT_BACKGROUND, ENCODERS, encode, fitted_image
+from pipeline.imaging import CROPS, DEFAULT_BACKGROUND, ENCODERS
 from pipeline.output import OutputDir
-from pipeline.rejects import Reason, Rejected
-from pipeline.sources import InputRoot
 
 TAR_MTIME = 0
 
@@ -72,97 +68,28 @@ class WriteOptions:
             raise ValueError(f"background must be three values in 0..255, got {self.background!r}")
 
 
-def _read_caption(row: dict, root: InputRoot) -> str | None:
-    if row["caption"] is not None:
-        return row["caption"]
-    if row["caption_source"] is None:
-        return None
-    return root.read_bytes(row["caption_source"]).decode("utf-8").strip()
-
-
-def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, dict]:
-    """(webdataset sample, its index fields); raises Rejected for an unusable image or caption.
-
-    The image is read only as far as its decoder needs: junk after it is never loaded.
-    """
-    bucket = (row["bucket_width"], row["bucket_height"])
-    rng = np.random.default_rng([options.seed, int(row["key"], 16)])
-    try:
-        caption = _read_caption(row, root)
-        stream = root.open(row["source"])
-    except UnicodeDecodeError as error:
-        raise Rejected(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}") from None
-    except OSError as error:
-        raise Rejected(Reason.UNREADABLE, f"{type(error).__name__}: {error}") from None
-    with stream:
-        try:
-            fitted = fitted_image(stream, bucket, options.crop, rng, options.background)
-        except Exception as error:  # any decoder failure on a corrupt file is that file's alone
-            raise Rejected(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
-    header, image = fitted.header, fitted.image
-    if (header.width, header.height, header.orientation) != (
-        row["width"],
-        row["height"],
-        row["orientation"],
-    ):
-        raise Rejected(
-            Reason.CHANGED,
-            f"scanned as {row['width']}x{row['height']} (orientation {row['orientation']}), "
-            f"now {header.width}x{header.height} (orientation {header.orientation})",
-        )
-    fields = {
-        "caption": caption,
-        "stored_width": image.width,
-        "stored_height": image.height,
-        "note": fitted.note,
-    }
-    metadata = {
-        "source": row["source"],
-        "width": row["width"],
-        "height": row["height"],
-        "bucket": row["bucket"],
-        "bucket_width": bucket[0],
-        "bucket_height": bucket[1],
-        "stored_width": image.width,
-        "stored_height": image.height,
-    }
-    sample = {
-        "__key__": row["key"],
-        options.image_format: encode(image, options.image_format, options.quality),
-        "json": json.dumps(metadata, sort_keys=True).encode(),
-        "txt": (caption or "").encode(),  # always there: plain webdataset tuples need it
-    }
-    return sample, fields
-
-
-def write_shard(
-    name: str, rows: pa.Table, root: InputRoot, out: OutputDir, options: WriteOptions
-) -> dict:
-    """Write shard `name` from `rows` (scan rows plus bucket columns, in key order).
+def write_shard(name: str, out: OutputDir, *pieces: list[dict]) -> dict:
+    """Write shard `name` from its fitted records (`samples.fit_samples`' pieces, in key order).
 
     Returns counts; the shard's index rows and rejections are in its part file.
     """
     filesystem = out.filesystem[0]
     tar_path = out.shard(name)
     temporary_tar = out.temporary(tar_path)
-    records = []
+    records = [record for piece in pieces for record in piece]
     with filesystem.open_output_stream(temporary_tar) as stream:
         writer = TarWriter(stream, mtime=TAR_MTIME, user="arb", group="arb")
-        for row in rows.to_pylist():
-            try:
-                sample, fields = _sample(row, root, options)
-            except Rejected as rejected:
-                records.append(row | {"reject": rejected.reason.value, "message": rejected.message})
-                continue
-            writer.write(sample)
-            records.append(row | fields | {"shard": f"shards/{name}.tar"})
+        for record in records:
+            if record.get("reject") is None:
+                writer.write({"__key__": record["key"], **record["members"]})
         writer.close()
-    members = _member_offsets(filesystem, temporary_tar)
-    columns = {options.image_format: "image", "json": "json", "txt": "txt"}
+    offsets = _member_offsets(filesystem, temporary_tar)
     for record in records:
         if record.get("reject") is None:
-            for extension, column in columns.items():
-                offset, size = members.get(f"{record['key']}.{extension}", (None, None))
+            record["shard"] = f"shards/{name}.tar"
+            for extension in record.pop("members"):
+                column = extension if extension in ("json", "txt") else "image"
+                offset, size = offsets[f"{record['key']}.{extension}"]
                 record[f"{column}_offset"], record[f"{column}_size"] = offset, size
     out.write_table(out.part(name), pa.Table.from_pylist(records, schema=PART_SCHEMA))
     out.commit(temporary_tar, tar_path)  # last: the shard now counts as finished

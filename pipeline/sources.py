@@ -81,6 +81,11 @@ class InputRoot:
         with self.open(source) as stream:
             return stream.read()
 
+    def local_path(self, source: str) -> str | None:
+        """The file's path when it is on this machine's filesystem, else None."""
+        filesystem, path = self.resolve(source)
+        return path if isinstance(filesystem, pafs.LocalFileSystem) else None
+
 
 def absolute(uri: str) -> str:
     """A URL as it is; a local path made absolute, as Ray workers elsewhere must read it."""

@@ -1,0 +1,95 @@
+"""Turning listed images into shard samples: read, fit, encode; the fit stage's unit of work.
+
+`fit_samples` takes pieces of shards (rows in key order, see work_plan.py) and returns for each
+piece its records in the same order: a sample's tar members with its index fields, or a
+rejection with its reason. A bad image or caption is that file's rejection; only a failure of
+the infrastructure raises, so that the task is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.imaging import encode, fitted_image
+from pipeline.rejects import Reason, Rejected
+from pipeline.shard_writer import WriteOptions
+from pipeline.sources import InputRoot
+
+
+def fit_samples(pieces: list[pa.Table], root: InputRoot, options: WriteOptions) -> list[list]:
+    """Each piece's records: its rows with the sample's `members` and index fields added, or
+    with `reject` and `message` set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's and libvips' warnings on odd but usable files
+        return [[_record(row, root, options) for row in piece.to_pylist()] for piece in pieces]
+
+
+def _record(row: dict, root: InputRoot, options: WriteOptions) -> dict:
+    try:
+        members, fields = _sample(row, root, options)
+    except Rejected as rejected:
+        return row | {"reject": rejected.reason.value, "message": rejected.message}
+    return row | fields | {"members": members}
+
+
+def _read_caption(row: dict, root: InputRoot) -> str | None:
+    if row["caption"] is not None:
+        return row["caption"]
+    if row["caption_source"] is None:
+        return None
+    return root.read_bytes(row["caption_source"]).decode("utf-8").strip()
+
+
+def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, dict]:
+    """(tar members by extension, index fields); raises Rejected for an unusable image or
+    caption. A local image is read only as far as its decoder needs."""
+    bucket = (row["bucket_width"], row["bucket_height"])
+    rng = np.random.default_rng([options.seed, int(row["key"], 16)])
+    try:
+        caption = _read_caption(row, root)
+        source = root.local_path(row["source"]) or root.read_bytes(row["source"])
+    except UnicodeDecodeError as error:
+        raise Rejected(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}") from None
+    except OSError as error:
+        raise Rejected(Reason.UNREADABLE, f"{type(error).__name__}: {error}") from None
+    try:
+        fitted = fitted_image(source, bucket, options.crop, rng, options.background)
+    except Exception as error:  # any decoder failure on a corrupt file is that file's alone
+        raise Rejected(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
+    header, image = fitted.header, fitted.image
+    if (header.width, header.height, header.orientation) != (
+        row["width"],
+        row["height"],
+        row["orientation"],
+    ):
+        raise Rejected(
+            Reason.CHANGED,
+            f"scanned as {row['width']}x{row['height']} (orientation {row['orientation']}), "
+            f"now {header.width}x{header.height} (orientation {header.orientation})",
+        )
+    fields = {
+        "caption": caption,
+        "stored_width": image.width,
+        "stored_height": image.height,
+        "note": fitted.note,
+    }
+    metadata = {
+        "source": row["source"],
+        "width": row["width"],
+        "height": row["height"],
+        "bucket": row["bucket"],
+        "bucket_width": bucket[0],
+        "bucket_height": bucket[1],
+        "stored_width": image.width,
+        "stored_height": image.height,
+    }
+    members = {
+        options.image_format: encode(image, options.image_format, options.quality),
+        "json": json.dumps(metadata, sort_keys=True).encode(),
+        "txt": (caption or "").encode(),  # always there: plain webdataset tuples need it
+    }
+    return members, fields
