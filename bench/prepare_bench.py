@@ -1,13 +1,17 @@
-"""The prepare job's speed and memory, each against a baseline measured in the same run.
+"""The prepare job's speed and memory on data that looks real, each against a baseline measured
+in the same run.
 
-    python bench/prepare_bench.py                 # 300 photos + 20 PNGs, 10k/100k tiny files
-    python bench/prepare_bench.py --photos 60 --tiny 2000 20000   # a quicker look
+    python bench/prepare_bench.py                     # the whole corpus (bench/corpus.py), ~10 min
+    python bench/prepare_bench.py --scale 0.25 --no-huge --tiny 2000 20000   # a quicker look
 
-1. fit-and-encode, one process: `imaging.fitted_image` + `encode` (draft decoding, q95) against
-   a naive PIL loop (full decode, convert, LANCZOS resize, centre crop, save with defaults),
-   with the PSNR of both against a full-quality reference (full decode, LANCZOS, no encoding);
+1. per format class, one core: our fit-and-encode (`imaging.fitted_image` + `encode`, q95)
+   against a naive Pillow loop (open, convert RGB, Lanczos, centre crop, q95) and against the
+   Pillow engine (the previous path: draft decoding, composite, bicubic), with PSNR against a
+   full-quality reference (full decode, colour-managed to sRGB, composited, float Lanczos);
 2. scan, one process: `scan.scan_batch` against a bare `Image.open(path).size` loop;
-3. the whole job on a local Ray with 2 CPUs against the same with 1;
+3. the whole job on a local Ray with 2 CPUs against the naive loop over the same files (the sum
+   of section 1's naive times) and against the job on 1 CPU, with the peak memory summed over
+   the job's processes (RSS, and PSS, which counts shared pages once);
 4. the driver's peak memory per image scanned, from runs on two numbers of tiny files.
 Corpora are generated once into --workdir (kept between runs).
 """
@@ -18,125 +22,118 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import pyvips
+from corpus import make_corpus
 from PIL import Image
 
 from pipeline.buckets import BucketConfig, bucketize
 from pipeline.fit import crop_box, fit
-from pipeline.imaging import encode, fitted_image
+from pipeline.imaging import _pillow_pixels, encode, fitted_image, read_header
 from pipeline.scan import scan_batch
 from pipeline.sources import input_root, list_input
 
-
-def photo(seed: int) -> Image.Image:
-    """A multi-megapixel image with detail at every scale, like a photo (1/f spectrum)."""
-    rng = np.random.default_rng(seed)
-    width, height = (
-        int(v)
-        for v in rng.choice([(4000, 3000), (3000, 4000), (3264, 2448), (2592, 1944), (4032, 2268)])
-    )
-    image = np.zeros((height, width, 3), np.float32)
-    for scale, amplitude in ((96, 80.0), (24, 40.0), (6, 16.0), (2, 6.0)):
-        small = rng.normal(0, 1, (height // scale + 1, width // scale + 1, 3)).astype(np.float32)
-        layer = Image.fromarray(np.clip(small * 40 + 128, 0, 255).astype(np.uint8)).resize(
-            (width, height), Image.Resampling.BICUBIC
-        )
-        image += (np.asarray(layer, np.float32) - 128) * (amplitude / 40)
-    return Image.fromarray(np.clip(image + 128, 0, 255).astype(np.uint8))
+PSNR_FILES = 3  # per class: references are full decodes and float resizes
+HUGE = 300_000_000  # pixels over which the Pillow paths and the reference are skipped
 
 
-def make_photo(args: tuple[Path, int]) -> None:
-    folder, seed = args
-    path = folder / f"photo-{seed:04d}.jpg"
-    if not path.exists():
-        photo(seed).save(path, quality=90)
+def bucket_of(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        header = read_header(image)
+    buckets, index, _ = bucketize(np.array([header.width]), np.array([header.height]))
+    return tuple(int(v) for v in buckets[index[0]])
 
 
-def make_png(args: tuple[Path, int]) -> None:
-    folder, seed = args
-    path = folder / f"art-{seed:04d}.png"
-    if not path.exists():
-        image = photo(10_000 + seed).quantize(64).convert("RGB")  # flat-ish art, large PNG
-        image.save(path, compress_level=6)
+def centre(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    return image.crop(crop_box(*image.size, *bucket))
 
 
-def corpus(workdir: Path, photos: int, pngs: int) -> Path:
-    folder = workdir / f"photos-v2-{photos}-{pngs}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with Pool(os.cpu_count()) as pool:
-        pool.map(make_photo, [(folder, i) for i in range(photos)])
-        pool.map(make_png, [(folder, i) for i in range(pngs)])
-    return folder
+def naive(path: Path, bucket: tuple[int, int]) -> bytes:
+    image = Image.open(path).convert("RGB")
+    return encode(centre(image.resize(fit(*image.size, *bucket), Image.Resampling.LANCZOS), bucket))
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+def ours(path: Path, bucket: tuple[int, int]) -> bytes:
+    return encode(fitted_image(str(path), bucket, "center").image)
+
+
+def pillow_engine(path: Path, bucket: tuple[int, int]) -> bytes:
+    with Image.open(path) as image:
+        header = read_header(image)
+    scaled = fit(header.width, header.height, *bucket)
+    pixels, _ = _pillow_pixels(str(path), header, scaled, (255, 255, 255))
+    return encode(centre(Image.fromarray(pixels), bucket))
+
+
+def reference(path: Path, bucket: tuple[int, int]) -> np.ndarray:
+    """Full decode, to sRGB through any profile, composited on white, float Lanczos, cropped."""
+    image = pyvips.Image.new_from_file(str(path))
+    if image.interpretation == "cmyk" or image.get_typeof("icc-profile-data"):
+        image = image.icc_transform("srgb", embedded=True, input_profile="cmyk")
+    image = image.colourspace("srgb")
+    if image.hasalpha():
+        image = image.flatten(background=[255, 255, 255])
+    pixels = image.numpy().astype(np.float32)
+    scaled = fit(pixels.shape[1], pixels.shape[0], *bucket)
+    channels = [
+        np.asarray(Image.fromarray(pixels[..., c], "F").resize(scaled, Image.Resampling.LANCZOS))
+        for c in range(3)
+    ]
+    left, top, right, bottom = crop_box(*scaled, *bucket)
+    return np.stack(channels, -1)[top:bottom, left:right]
+
+
+def psnr(encoded: bytes, expected: np.ndarray) -> float:
+    got = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), np.float64)
+    mse = np.mean((got - np.clip(expected, 0, 255)) ** 2)
     return float(10 * np.log10(255**2 / mse)) if mse else float("inf")
 
 
-def fit_and_encode(files: list[Path], reference_every: int) -> None:
-    sizes = [Image.open(p).size for p in files]
-    buckets, index, _ = bucketize(
-        np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes]), BucketConfig()
-    )
-    targets = [tuple(int(v) for v in buckets[i]) for i in index]
-
-    def naive(path: Path, bucket, quality: int | None) -> bytes:
-        image = Image.open(path).convert("RGB")
-        scaled = fit(*image.size, *bucket)
-        image = image.resize(scaled, Image.Resampling.LANCZOS).crop(crop_box(*scaled, *bucket))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", **({} if quality is None else {"quality": quality}))
-        return buffer.getvalue()
-
-    def ours(path: Path, bucket) -> bytes:
-        return encode(fitted_image(path.read_bytes(), bucket, "center").image, "jpg", 95)
-
-    runs = {
-        "ours (draft, q95)": lambda p, b: ours(p, b),
-        "naive (PIL defaults)": lambda p, b: naive(p, b, None),
-        "naive at q95": lambda p, b: naive(p, b, 95),
-    }
-    outputs, rates = {}, {}
-    for name, function in runs.items():
-        start = time.perf_counter()
-        outputs[name] = [function(p, b) for p, b in zip(files, targets, strict=True)]
-        rates[name] = len(files) / (time.perf_counter() - start)
-    quality = {name: [] for name in runs}
-    for i in range(0, len(files), reference_every):
-        image = Image.open(files[i]).convert("RGB")
-        scaled = fit(*image.size, *targets[i])
-        reference = np.asarray(
-            image.resize(scaled, Image.Resampling.LANCZOS).crop(crop_box(*scaled, *targets[i]))
-        )
-        for name in runs:
-            quality[name].append(
-                psnr(np.asarray(Image.open(io.BytesIO(outputs[name][i]))), reference)
-            )
-    base = rates["naive (PIL defaults)"]
-    print(
-        f"\n1. fit and encode, one process, {len(files)} images "
-        f"(PSNR on every {reference_every}th):"
-    )
-    for name in runs:
-        print(
-            f"   {name:22s} {rates[name]:6.2f} img/s  {rates[name] / base:5.2f}x  "
-            f"PSNR {np.mean(quality[name]):5.2f} dB"
-        )
+def per_class(corpus: dict[str, list[Path]]) -> float:
+    """Section 1; returns the naive loop's seconds over the whole corpus."""
+    print("\n1. fit and encode, one core, per class: img/s, x naive, PSNR against the reference")
+    print(f"   {'class':12s} {'files':>5s}  {'naive':>18s}  {'ours (libvips)':>24s}  "
+          f"{'Pillow engine':>24s}")  # fmt: skip
+    naive_total = 0.0
+    for name, files in corpus.items():
+        buckets = [bucket_of(path) for path in files]
+        huge = any(np.prod(Image.open(p).size) > HUGE for p in files)
+        runs = {"naive": naive, "ours": ours} | ({} if huge else {"pillow": pillow_engine})
+        seconds, outputs = {}, {}
+        for run, function in runs.items():
+            start = time.process_time()  # one core: CPU time of this process
+            outputs[run] = [function(p, b) for p, b in zip(files, buckets, strict=True)]
+            seconds[run] = time.process_time() - start
+        naive_total += seconds["naive"]
+        quality = {run: "" for run in runs}
+        if not huge:
+            references = [reference(p, b) for p, b in zip(files, buckets, strict=True)][:PSNR_FILES]
+            for run in runs:
+                values = [psnr(o, r) for o, r in zip(outputs[run], references, strict=False)]
+                quality[run] = f"{np.mean(values):5.2f} dB"
+        cells = []
+        for run in ("naive", "ours", "pillow"):
+            if run not in runs:
+                cells.append(f"{'(skipped: huge)':>24s}")
+                continue
+            rate = len(files) / seconds[run]
+            ratio = "" if run == "naive" else f" {seconds['naive'] / seconds[run]:5.2f}x"
+            cells.append(f"{rate:7.2f}/s{ratio} {quality[run]:>8s}")
+        print(f"   {name:12s} {len(files):5d}  " + "  ".join(cells))
+    return naive_total
 
 
 def scan_speed(folder: Path, repeats: int = 3) -> None:
     listing = list_input(str(folder))
     root = input_root(str(folder))
     paths = [folder / s for s in listing["source"].to_pylist()]
-    bare, ours = [], []
+    bare, scanned = [], []
     for _ in range(repeats):  # interleaved, best of each: the page cache is warm for both
         start = time.perf_counter()
         for path in paths:
@@ -144,24 +141,65 @@ def scan_speed(folder: Path, repeats: int = 3) -> None:
         bare.append(time.perf_counter() - start)
         start = time.perf_counter()
         scan_batch(listing, root)
-        ours.append(time.perf_counter() - start)
+        scanned.append(time.perf_counter() - start)
     n = len(paths)
     print(f"\n2. scan, one process, {n} files (best of {repeats}):")
     print(f"   bare Image.open(p).size  {n / min(bare):8.0f} files/s")
-    print(
-        f"   scan.scan_batch          {n / min(ours):8.0f} files/s  "
-        f"{min(bare) / min(ours):5.2f}x of bare"
-    )
+    print(f"   scan.scan_batch          {n / min(scanned):8.0f} files/s  "
+          f"{min(bare) / min(scanned):5.2f}x of bare")  # fmt: skip
 
 
-def job_once(input_folder: str, cpus: int, tiny: bool) -> dict:
-    """Run the whole job in a fresh process with a local Ray of `cpus` CPUs."""
-    output = Path(input_folder).parent / f"out-{Path(input_folder).name}-{cpus}"
-    command = [sys.executable, __file__, "--job", input_folder, str(output), str(cpus)] + (
-        ["--tiny-buckets"] if tiny else []
-    )
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc."""
+    pids, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    stack += [int(child) for child in children.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in bytes; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            fields = dict(line.split(":", 1) for line in rollup if ":" in line)
+        return (int(fields["Rss"].split()[0]) * 1024, int(fields["Pss"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def job_once(input_folder: Path, cpus: int, tiny: bool = False) -> dict:
+    """The whole job in a fresh process with a local Ray of `cpus` CPUs; peak memory of its tree."""
+    output = input_folder.parent / f"out-{input_folder.name}-{cpus}"
+    command = [sys.executable, __file__, "--job", str(input_folder), str(output), str(cpus)]
+    child = subprocess.Popen(
+        [*command, *(["--tiny-buckets"] if tiny else [])], stdout=subprocess.PIPE, text=True,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    peak = [0, 0, 0]  # RSS and PSS summed over the process tree; the driver's own RSS
+
+    def sample() -> None:
+        while child.poll() is None:
+            usage = [_memory(pid) for pid in _tree(child.pid)]
+            peak[0] = max(peak[0], sum(u[0] for u in usage))
+            peak[1] = max(peak[1], sum(u[1] for u in usage))
+            peak[2] = max(peak[2], usage[0][0])
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stdout, _ = child.communicate()
+    sampler.join()
+    if child.returncode:
+        raise RuntimeError(f"job failed with {child.returncode}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return result | {"rss": peak[0], "pss": peak[1], "driver_rss": peak[2]}
 
 
 def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
@@ -176,24 +214,23 @@ def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
         if tiny
         else BucketConfig()
     )
-    # Photos: 32 per shard, so that two workers have enough tasks to share (each shard is one).
-    per_shard = 500 if tiny else 32
-    config = PrepareConfig(
-        input=input_folder,
-        output=output,
-        buckets=buckets,
-        overwrite=True,
-        samples_per_shard=per_shard,
-    )
+    config = PrepareConfig(input=input_folder, output=output, buckets=buckets, overwrite=True)
     start = time.perf_counter()
     manifest = run(config)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {"seconds": seconds, "peak_kib": peak_kib, "images": manifest["counts"]["images"]}
-        )
-    )
+    print(json.dumps({"seconds": seconds, "images": manifest["counts"]["images"]}))
+
+
+def whole_job(folder: Path, naive_seconds: float) -> None:
+    one, two = (job_once(folder, cpus) for cpus in (1, 2))
+    print(f"\n3. whole job, {two['images']} images kept (default settings), "
+          f"naive loop {naive_seconds:.1f} s on one core:")  # fmt: skip
+    for cpus, result in ((1, one), (2, two)):
+        rss, pss = result["rss"] / 2**30, result["pss"] / 2**30
+        print(f"   {cpus} CPU{'s' if cpus > 1 else ' '} {result['seconds']:6.1f} s  "
+              f"{naive_seconds / result['seconds']:5.2f}x naive  peak memory of the job's "
+              f"processes: RSS {rss:.2f} GiB, PSS {pss:.2f} GiB")  # fmt: skip
+    print(f"   2 CPUs against 1: {one['seconds'] / two['seconds']:.2f}x")
 
 
 def tiny_files(workdir: Path, count: int) -> Path:
@@ -210,15 +247,25 @@ def tiny_files(workdir: Path, count: int) -> Path:
     return folder
 
 
+def driver_memory(workdir: Path, counts: list[int]) -> None:
+    small, large = (job_once(tiny_files(workdir, n), 2, tiny=True) for n in counts)
+    slope = (large["driver_rss"] - small["driver_rss"]) / (counts[1] - counts[0])
+    print("\n4. driver peak memory (RSS of the driver process, sampled every 0.2 s):")
+    for n, result in zip(counts, (small, large), strict=True):
+        print(f"   {n:>7,d} files  {result['driver_rss'] / 2**20:7.1f} MiB  "
+              f"({result['images']:,} kept)")  # fmt: skip
+    print(f"   per extra image scanned: {slope:.0f} bytes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/arb-bench"))
-    parser.add_argument("--photos", type=int, default=300)
-    parser.add_argument("--pngs", type=int, default=20)
+    parser.add_argument("--scale", type=float, default=1.0, help="files per class x this")
+    parser.add_argument("--no-huge", action="store_true", help="leave out the 625 MP PNG")
     parser.add_argument("--tiny", type=int, nargs=2, default=[10_000, 100_000])
-    parser.add_argument("--psnr-every", type=int, default=10)
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--job", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-buckets", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,32 +273,28 @@ def main() -> None:
         job_child(args.job[0], args.job[1], int(args.job[2]), args.tiny_buckets)
         return
 
-    folder = corpus(args.workdir, args.photos, args.pngs)
-    files = sorted(folder.glob("*.*"))
-    megapixels = np.mean([np.prod(Image.open(p).size) for p in files]) / 1e6
-    print(f"corpus: {len(files)} files, {megapixels:.1f} MP on average, in {folder}")
-    fit_and_encode(files, args.psnr_every)
-    scan_speed(folder)
+    root = args.workdir / f"real-{args.scale:g}{'-nohuge' if args.no_huge else ''}"
+    corpus = make_corpus(args.workdir / "real", args.scale, huge=not args.no_huge)
+    _link(corpus, root)  # the job's input: just this run's files
+    pixels = sum(np.prod(Image.open(p).size) for files in corpus.values() for p in files)
+    count = sum(len(files) for files in corpus.values())
+    print(f"corpus: {count} files, {pixels / 1e6:,.0f} MP in all, in {root}")
+    naive_seconds = per_class(corpus) if 1 in args.sections else float("nan")
+    if 2 in args.sections:
+        scan_speed(root)
+    if 3 in args.sections:  # against the naive loop when section 1 ran in the same run
+        whole_job(root, naive_seconds)
+    if 4 in args.sections:
+        driver_memory(args.workdir, args.tiny)
 
-    one, two = (job_once(str(folder), cpus, tiny=False) for cpus in (1, 2))
-    print(f"\n3. whole job, {one['images']} images kept:")
-    print(f"   1 CPU  {one['images'] / one['seconds']:6.2f} img/s")
-    print(
-        f"   2 CPUs {two['images'] / two['seconds']:6.2f} img/s  "
-        f"{one['seconds'] / two['seconds']:5.2f}x"
-    )
 
-    small, large = (job_once(str(tiny_files(args.workdir, n)), 2, tiny=True) for n in args.tiny)
-    n_small, n_large = args.tiny
-    slope = (large["peak_kib"] - small["peak_kib"]) * 1024 / (n_large - n_small)
-    print("\n4. driver peak memory (ru_maxrss of the driver process):")
-    print(
-        f"   {n_small:>7,d} files  {small['peak_kib'] / 1024:7.1f} MiB  ({small['images']:,} kept)"
-    )
-    print(
-        f"   {n_large:>7,d} files  {large['peak_kib'] / 1024:7.1f} MiB  ({large['images']:,} kept)"
-    )
-    print(f"   per extra image scanned: {slope:.0f} bytes")
+def _link(corpus: dict[str, list[Path]], root: Path) -> None:
+    """root/CLASS/FILE as hard links to the generated files."""
+    for name, files in corpus.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for path in files:
+            if not (root / name / path.name).exists():
+                os.link(path, root / name / path.name)
 
 
 if __name__ == "__main__":

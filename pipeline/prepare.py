@@ -37,7 +37,7 @@ from pipeline.sources import (
     input_root,
     list_input,
 )
-from pipeline.work_plan import estimate_cost, heaviest_first, plan_tasks, task_budget
+from pipeline.work_plan import estimate_cost, heaviest_first, plan_tasks
 
 INDEX_SCHEMA = pa.schema([f for f in PART_SCHEMA if f.name not in ("reject", "message")])
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
@@ -90,8 +90,7 @@ def _write(
     cost = estimate_cost(pixels.to_numpy(), accepted["format"].to_numpy(zero_copy_only=False))
     todo = [todo[i] for i in heaviest_first([shard.rows for shard in todo], cost)]
     shard_rows = [shard.rows for shard in todo]
-    budget = task_budget(float(sum(cost[rows].sum() for rows in shard_rows)), cluster_cpus())
-    tasks = plan_tasks(shard_rows, cost, budget)
+    tasks = plan_tasks(shard_rows, cost, cluster_cpus())
     pieces_of = np.bincount([piece.shard for task in tasks for piece in task.pieces])
     fit_arguments = (
         (

@@ -20,7 +20,7 @@ import numpy as np
 NS_PER_PIXEL = {"JPEG": 3.0, "MPO": 3.0, "WEBP": 9.0, "TIFF": 9.0, "PNG": 15.0, "GIF": 15.0}
 DEFAULT_NS_PER_PIXEL = 15.0  # BMP and anything else: decoded whole
 MS_PER_IMAGE = 3.0  # resize, encode, read and write overheads of one image
-TASKS_PER_CPU = 4  # enough that no task is more than a small share of the work
+TASKS_PER_CPU = 4  # of the work left: no task is more than a small share of it
 MIN_TASK_MS = 250.0  # below this a task costs more to schedule than to run
 MAX_TASK_MS = 30_000.0  # a retried task loses little; its output waits in the object store
 
@@ -43,9 +43,12 @@ def estimate_cost(pixels: np.ndarray, formats: np.ndarray) -> np.ndarray:
     return np.asarray(pixels, np.float64) * rates * 1e-6 + MS_PER_IMAGE
 
 
-def task_budget(total_cost: float, cpus: int) -> float:
-    """Milliseconds a task may hold: a TASKS_PER_CPU-th of a CPU's share, within the limits."""
-    return float(np.clip(total_cost / (TASKS_PER_CPU * max(1, cpus)), MIN_TASK_MS, MAX_TASK_MS))
+def task_budget(remaining_cost: float, cpus: int) -> float:
+    """Milliseconds the next task may hold: a TASKS_PER_CPU-th of each CPU's share of the work
+    left, within the limits. Tasks shrink as the work runs out (guided self-scheduling), so the
+    last ones are short and no CPU idles long while another finishes."""
+    share = remaining_cost / (TASKS_PER_CPU * max(1, cpus))
+    return float(np.clip(share, MIN_TASK_MS, MAX_TASK_MS))
 
 
 def heaviest_first(shard_rows: list[np.ndarray], cost: np.ndarray) -> list[int]:
@@ -55,15 +58,17 @@ def heaviest_first(shard_rows: list[np.ndarray], cost: np.ndarray) -> list[int]:
     return sorted(range(len(shard_rows)), key=lambda shard: keys[shard])
 
 
-def plan_tasks(shard_rows: list[np.ndarray], cost: np.ndarray, budget: float) -> list[Task]:
-    """Cut the shards' rows, in the order given, into tasks of at most `budget` estimated cost.
+def plan_tasks(shard_rows: list[np.ndarray], cost: np.ndarray, cpus: int) -> list[Task]:
+    """Cut the shards' rows, in the order given, into tasks of at most `task_budget` estimated
+    cost each, for a cluster of `cpus`.
 
     `shard_rows[s]` holds indices into `cost` (N,). Every row is in exactly one piece, pieces
-    keep each shard's order, and a task exceeds the budget only when it is a single image.
+    keep each shard's order, and a task exceeds its budget only when it is a single image.
     """
     tasks: list[Task] = []
     pieces: list[Piece] = []
-    spent = 0.0
+    remaining = float(sum(cost[rows].sum() for rows in shard_rows))
+    budget, spent = task_budget(remaining, cpus), 0.0
     for shard, rows in enumerate(shard_rows):
         start = 0
         for position, row_cost in enumerate(cost[rows]):
@@ -71,7 +76,9 @@ def plan_tasks(shard_rows: list[np.ndarray], cost: np.ndarray, budget: float) ->
                 if position > start:
                     pieces.append(Piece(shard, start, position))
                 tasks.append(Task(tuple(pieces), spent))
+                remaining -= spent
                 pieces, spent, start = [], 0.0, position
+                budget = task_budget(remaining, cpus)
             spent += float(row_cost)
         if len(rows) > start:
             pieces.append(Piece(shard, start, len(rows)))

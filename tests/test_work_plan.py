@@ -23,14 +23,14 @@ def layouts(draw):
     costs = np.array(draw(st.lists(st.floats(0.5, 5_000), min_size=n, max_size=n)))
     order = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).permutation(n)
     shard_rows = np.split(order, np.cumsum(sizes)[:-1])
-    budget = draw(st.floats(1.0, 20_000))
-    return shard_rows, costs, budget
+    cpus = draw(st.integers(1, 64))
+    return shard_rows, costs, cpus
 
 
 @given(layouts())
 def test_every_row_once_in_shard_order_and_within_budget(layout):
-    shard_rows, cost, budget = layout
-    tasks = plan_tasks(shard_rows, cost, budget)
+    shard_rows, cost, cpus = layout
+    tasks = plan_tasks(shard_rows, cost, cpus)
     walked = [
         (piece.shard, position)
         for task in tasks
@@ -39,11 +39,14 @@ def test_every_row_once_in_shard_order_and_within_budget(layout):
     ]
     expected = [(shard, i) for shard, rows in enumerate(shard_rows) for i in range(len(rows))]
     assert walked == expected, "every row once, shards and rows in order"
+    remaining = cost.sum()
     for task in tasks:
         rows = np.concatenate([shard_rows[p.shard][p.start : p.stop] for p in task.pieces])
         assert np.isclose(task.cost, cost[rows].sum())
-        assert task.cost <= budget + 1e-9 or len(rows) == 1, "over budget only alone"
+        budget = task_budget(remaining, cpus)
+        assert task.cost <= budget + 1e-6 or len(rows) == 1, "over budget only alone"
         assert all(p.stop > p.start for p in task.pieces)
+        remaining -= task.cost
 
 
 def test_a_shard_of_big_images_is_spread_over_tasks():
@@ -52,11 +55,11 @@ def test_a_shard_of_big_images_is_spread_over_tasks():
     formats = np.array(["PNG"] * 11 + ["JPEG"] * 204)
     cost = estimate_cost(pixels, formats)
     shard_rows = [np.arange(15), np.arange(15, 215)]
-    budget = task_budget(cost.sum(), cpus=2)
-    tasks = plan_tasks([shard_rows[i] for i in heaviest_first(shard_rows, cost)], cost, budget)
+    tasks = plan_tasks([shard_rows[i] for i in heaviest_first(shard_rows, cost)], cost, cpus=2)
     assert len(tasks) >= 8
-    assert max(task.cost for task in tasks) <= max(budget, cost.max())
+    assert max(task.cost for task in tasks) <= max(task_budget(cost.sum(), 2), cost.max())
     assert max(task.cost for task in tasks) < cost.sum() / 5, "no task holds the shard's work"
+    assert tasks[-1].cost < tasks[0].cost / 4, "tasks shrink as the work runs out"
 
 
 def test_shards_with_the_costliest_image_come_first():
