@@ -3,7 +3,8 @@
     python bench/loader_bench.py                   # 1000 photos prepared once into --workdir
 
 1. Throughput: epochs through `trainer.data.make_loader` with W workers (0: in the main
-   process), float batches delivered, against W times a bare single-process loop that reads the
+   process), float batches delivered, with pooled shared buffers and with plain DataLoader
+   batches (`pooled=False`), against W times a bare single-process loop that reads the
    same samples' bytes by offset and decodes them with the same decoder (the loader's overhead
    on top: planning, cropping, re-fitting catch-all batches, tensors, worker IPC, and here the
    float conversion, which a GPU trainer does on the GPU). Each epoch is followed by the bare
@@ -105,11 +106,13 @@ class Epoch(NamedTuple):
     trainer_cpu: float  # CPU seconds a sample in the process iterating the loader
 
 
-def loader_epochs(data: PreparedData, batch_size: int, workers: int, epochs: int) -> list[Epoch]:
+def loader_epochs(
+    data: PreparedData, batch_size: int, workers: int, epochs: int, pooled: bool = True
+) -> list[Epoch]:
     """Each epoch through the loader, then a bare loop over the same samples: in turns, so
     that the machine's drift falls on both alike."""
     batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0)
-    loader = make_loader(data, batches, num_workers=workers)
+    loader = make_loader(data, batches, num_workers=workers, pooled=pooled)
     next(iter(loader))  # workers started and warm, as in training after the first step
     measured = []
     for epoch in range(epochs):
@@ -177,6 +180,13 @@ def main() -> None:
                 f"      CPU per sample: workers {medians.workers_cpu * 1e3:.2f} ms against the bare"
                 f" loop's {1e3 / bare:.2f} ms ({1 / bare / medians.workers_cpu:.2f}x), trainer "
                 f"process {medians.trainer_cpu * 1e3:.2f} ms"
+            )
+            plain = loader_epochs(data, args.batch_size, workers, args.epochs, pooled=False)
+            plain_ratio = statistics.median(e.loader / (workers * e.bare) for e in plain)
+            print(
+                f"      plain DataLoader batches (pooled=False, a fresh buffer each): "
+                f"{statistics.median(e.loader for e in plain):6.1f} samples/s, "
+                f"{plain_ratio:.2f}x of {workers} x bare: the pool gives {ratio / plain_ratio:.2f}x"
             )
     print("   (the trainer process converts to float on the CPU here, on the GPU in training)")
     seconds = first_batch_seconds(prepared, args.workdir, args.index_items, args.batch_size)

@@ -233,14 +233,14 @@ def test_workers_reusing_their_buffers_deliver_the_in_process_pixels(prepared):
 
 
 class RecordingDataLoader:
-    """Iterates a loader's DataLoader, noting the pool number of each batch's buffer."""
+    """Iterates a loader's DataLoader, noting the worker pool (None: one-off) of each buffer."""
 
     def __init__(self, dataloader):
-        self.dataloader, self.pool_numbers = dataloader, []
+        self.dataloader, self.pools = dataloader, []
 
     def __iter__(self):
         for batch, layout in self.dataloader:
-            self.pool_numbers.append(layout.pool_number)
+            self.pools.append(layout.lease.worker)
             yield batch, layout
 
 
@@ -259,7 +259,7 @@ def test_leaving_epochs_early_loses_no_pooled_buffer(prepared):
                 delivered[workers].append((batch.keys, batch.pixels))
                 if step == 1:
                     break  # with 3 more batches prefetched
-    assert None not in recording.pool_numbers, "every batch in a pooled buffer"
+    assert None not in recording.pools, "every batch in a pooled buffer"
     assert_same_batches(*delivered.values())
 
 
@@ -284,10 +284,24 @@ def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prep
     expected = [b.pixels for b in make_loader(data, batches, num_workers=0)]
     kept = list(make_loader(data, batches, num_workers=2).dataloader)
     assert len(kept) > POOL_BUFFERS
-    buffers = {layout.buffer.untyped_storage().data_ptr() for _, layout in kept}
+    buffers = {layout.lease.buffer.untyped_storage().data_ptr() for _, layout in kept}
     assert len(buffers) == len(kept), "every batch in a buffer of its own"
     for (_, layout), pixels in zip(kept, expected, strict=True):
-        assert torch.equal(to_float(layout.buffer, layout), pixels)
+        assert torch.equal(to_float(layout.lease.buffer, layout), pixels)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_pooled_and_plain_dataloader_batches_are_the_same(prepared, pooled, monkeypatch):
+    """The pool is a speed switch: plain DataLoader batches (a fresh buffer each) are the same
+    pixels; so are float batches when torch's storage use count (a private API) is missing."""
+    data = PreparedData(prepared)
+    batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=6)
+    expected = [(b.keys, b.pixels.clone()) for b in make_loader(data, batches, num_workers=0)]
+    if not pooled:
+        monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
+    loader = make_loader(data, batches, num_workers=1, pooled=pooled)
+    assert (loader.pool is not None) == pooled
+    assert_same_batches([(b.keys, b.pixels.clone()) for b in loader], expected)
 
 
 def test_a_dataset_without_manifest_is_refused(prepared, tmp_path):

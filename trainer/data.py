@@ -24,7 +24,6 @@ import io
 import itertools
 import json
 import math
-import queue
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,9 +36,9 @@ from PIL import Image
 from pipeline.fit import crop_box, fit
 from pipeline.output import READABLE_FORMAT_VERSIONS
 from pipeline.plan import RankPlan, plan_epoch
+from trainer.batch_pool import Lease, TrainerPool, WorkerPool
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
-LOADER_ATTACHED = "loader attached"  # to a worker (see BatchReader._take_messages)
 FLOAT_BUFFERS = 3  # reused float batches on the CPU: the one trained on, the next, one spare
 INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket"]
 OPEN_SHARDS = 16  # shard files a worker keeps open: 10M images are 10,000 shards, over ulimit -n
@@ -171,33 +170,21 @@ class PixelLayout(NamedTuple):
     starts: tuple[int, ...]
     row_bytes: tuple[int, ...]
     size: int  # bytes used, from the buffer's start
-    buffer: torch.Tensor | None  # the whole buffer; None once the Loader has it mapped
-    pool_number: int | None  # worker * POOL_BUFFERS + number; None for a buffer used once
-    ticket: int  # this use of the pooled buffer, handed back with it
+    lease: Lease  # the buffer, or its number in its worker's pool (batch_pool.py)
 
 
 class BatchReader(torch.utils.data.Dataset):
     """Loads the batch a BatchPlan names: read by offset, decode (fit), into one flat buffer.
 
-    In a worker, batches are written into a small pool of shared-memory buffers that the
-    `Loader` hands back once it has converted a batch: a fresh shared-memory batch a step costs
-    its page faults twice (in the worker and in the trainer), and passing its file descriptor
-    costs a socket handshake. A buffer crosses to the trainer once; a batch in a buffer handed
-    back crosses as its `PixelLayout` alone. A buffer is reused only once handed back, or,
-    under a Loader, once a later iteration has begun (the DataLoader drops the batches an
-    earlier one left in flight); a worker whose buffers are all out (the DataLoader used
-    without the Loader, holding its batches) falls back to fresh ones.
+    With `returns` (one queue per worker, from `make_loader`), a worker writes its batches into
+    buffers of its `WorkerPool` (batch_pool.py), lent to the trainer and handed back; without,
+    into a fresh buffer a batch, which the DataLoader moves to shared memory to cross.
     """
 
-    def __init__(self, data: PreparedData, seed: int, free_buffers: list | None = None):
-        self.data, self.seed = data, seed
-        self.free_buffers = free_buffers  # per worker: a queue from the Loader (see _output)
+    def __init__(self, data: PreparedData, seed: int, returns: list | None = None):
+        self.data, self.seed, self.returns = data, seed, returns
         self._files: collections.OrderedDict = collections.OrderedDict()  # shard -> open file
-        self._buffers: list[torch.Tensor] = []  # this worker's pool, by number
-        self._free: set[int] = set()
-        self._out: dict[int, tuple[int, int]] = {}  # number -> (iteration, ticket) of its use
-        self._mapped: set[int] = set()  # numbers the Loader has mapped
-        self._tickets, self._reclaim = 0, False
+        self._pool: WorkerPool | None = None  # in a worker process, made on its first batch
         self._scratch = np.empty(0, dtype=np.uint8)  # JPEGs to re-fit
         self._largest_sample = int(data.buckets.prod(axis=1).max()) * 3
 
@@ -215,53 +202,16 @@ class BatchReader(torch.utils.data.Dataset):
         stream.seek(int(self.data.image_offset[item]))
         return stream.read(int(self.data.image_size[item]))
 
-    def _take_messages(self, messages, iteration: int) -> None:
-        """Buffers the Loader handed back, and the Loader's LOADER_ATTACHED, after which
-        buffers out since an earlier iteration are free too: a new iteration of the DataLoader
-        drops the batches a loop that broke early left in flight (and never reads them). A
-        hand-back whose ticket is not its buffer's current use (it crossed with a new iteration,
-        the buffer was taken again) is ignored."""
-        while True:
-            try:
-                message = messages.get_nowait()
-            except queue.Empty:
-                break
-            if message == LOADER_ATTACHED:
-                self._reclaim = True
-            elif self._out.get(message[0], (0, None))[1] == message[1]:
-                del self._out[message[0]]
-                self._free.add(message[0])
-                self._mapped.add(message[0])
-        if self._reclaim:
-            for number, (taken_in, _) in list(self._out.items()):
-                if taken_in < iteration:
-                    del self._out[number]
-                    self._free.add(number)
-
-    def _output(
-        self, size: int, count: int, iteration: int
-    ) -> tuple[torch.Tensor, int | None, int, bool]:
-        """A flat uint8 buffer of at least `size` bytes, its pool number and ticket, and
-        whether the Loader has it mapped already."""
+    def _output(self, size: int, count: int, iteration: int) -> tuple[torch.Tensor, Lease]:
+        """A flat uint8 buffer of at least `size` bytes for a batch of `count`, and its lease."""
         worker = torch.utils.data.get_worker_info()
-        if worker is None or self.free_buffers is None:
-            return torch.empty(size, dtype=torch.uint8), None, 0, False
-        self._take_messages(self.free_buffers[worker.id], iteration)
-        if self._free:
-            number = self._free.pop()
-        elif len(self._buffers) < POOL_BUFFERS:
-            number = len(self._buffers)
-            self._buffers.append(torch.empty(0, dtype=torch.uint8))
-        else:
-            return torch.empty(size, dtype=torch.uint8).share_memory_(), None, 0, False
-        if self._buffers[number].numel() < size:  # overflow to spare: a new buffer to map
-            room = max(size, count * self._largest_sample) * 9 // 8
-            self._buffers[number] = torch.empty(room, dtype=torch.uint8).share_memory_()
-            self._mapped.discard(number)
-        self._tickets += 1
-        self._out[number] = (iteration, self._tickets)
-        pool_number = worker.id * POOL_BUFFERS + number
-        return self._buffers[number], pool_number, self._tickets, number in self._mapped
+        if worker is None or self.returns is None:
+            buffer = torch.empty(size, dtype=torch.uint8)
+            return buffer, Lease(None, -1, 0, buffer)
+        if self._pool is None:
+            room = count * self._largest_sample  # the largest batch: buffers never regrow
+            self._pool = WorkerPool(worker.id, self.returns[worker.id], POOL_BUFFERS, room)
+        return self._pool.lend(size, iteration)
 
     def _fitted(self, data: bytes, bucket: tuple[int, int], crop_seed: bytes, out: np.ndarray):
         """Decode an image not decoded in place (not a JPEG, or asked for another bucket than
@@ -305,7 +255,7 @@ class BatchReader(torch.utils.data.Dataset):
         sizes = [_in_place_size(data, bucket) for data in encoded]  # None: re-fit
         places = [bucket if size is None else size for size in sizes]  # (width, height)
         ends = list(itertools.accumulate(width * height * 3 for width, height in places))
-        buffer, number, ticket, mapped = self._output(ends[-1], len(batch.items), batch.iteration)
+        buffer, lease = self._output(ends[-1], len(batch.items), batch.iteration)
         flat = buffer.numpy()
         starts, row_bytes = [], []
         for data, size, (width, height), seed, end in zip(
@@ -320,15 +270,8 @@ class BatchReader(torch.utils.data.Dataset):
                 left, top = crop_box(width, height, *bucket, seed)[:2]
             starts.append(begin + (top * width + left) * 3)
             row_bytes.append(width * 3)
-        layout = PixelLayout(
-            (len(batch.items), bucket[1], bucket[0], 3),
-            tuple(starts),
-            tuple(row_bytes),
-            ends[-1],
-            None if mapped else buffer,
-            number,
-            ticket,
-        )
+        shape = (len(batch.items), bucket[1], bucket[0], 3)
+        layout = PixelLayout(shape, tuple(starts), tuple(row_bytes), ends[-1], lease)
         return Batch(None, batch.captions, batch.keys, batch.epoch, batch.step), layout
 
     def __len__(self) -> int:  # a DataLoader asks; the sampler decides what is read
@@ -376,19 +319,18 @@ def _held_elsewhere(tensor: torch.Tensor) -> bool:
 class Loader:
     """Iterates a DataLoader of uint8 batches and hands them out as float tensors on `device`.
 
-    A batch's shared buffer goes back to its worker once converted; the whole buffer stays
-    mapped here, so a batch written into it again crosses as a few numbers. On the CPU, float
-    batches are written into a few reused buffers, each reused once nothing holds a batch in it.
+    With a `TrainerPool` (batch_pool.py), each batch's buffer goes back to its worker once
+    converted. On the CPU, float batches are written into a few reused buffers, each reused once
+    nothing holds a batch in it.
     """
 
     def __init__(
         self,
         dataloader: torch.utils.data.DataLoader,
         device: torch.device,
-        free_buffers: list | None = None,
+        pool: TrainerPool | None = None,
     ):
-        self.dataloader, self.device, self.free_buffers = dataloader, device, free_buffers
-        self._mapped: dict[int, torch.Tensor] = {}  # pool number -> the whole buffer
+        self.dataloader, self.device, self.pool = dataloader, device, pool
         self._floats: list[torch.Tensor] = []
 
     def __len__(self) -> int:
@@ -408,22 +350,18 @@ class Loader:
         return None
 
     def __iter__(self):
-        for messages in self.free_buffers or ():
-            messages.put(LOADER_ATTACHED)
+        if self.pool is not None:
+            self.pool.attach()
         for batch, layout in self.dataloader:
-            buffer = layout.buffer
-            if buffer is None:
-                buffer = self._mapped[layout.pool_number]
-            elif layout.pool_number is not None:
-                self._mapped[layout.pool_number] = buffer
+            lease = layout.lease
+            buffer = self.pool.buffer(lease) if self.pool is not None else lease.buffer
             buffer = buffer[: layout.size]
             if self.device.type == "cuda":  # staged in pinned memory: copied to the GPU async
                 buffer = buffer.pin_memory()
             buffer = buffer.to(self.device, non_blocking=True)
             pixels = to_float(buffer, layout, self._float_buffer(math.prod(layout.shape)))
-            if layout.pool_number is not None:  # converted or copied off: free to write again
-                worker, number = divmod(layout.pool_number, POOL_BUFFERS)
-                self.free_buffers[worker].put((number, layout.ticket))
+            if self.pool is not None:  # converted or copied off: free to write again
+                self.pool.hand_back(lease)
             yield batch._replace(pixels=pixels)
 
 
@@ -440,18 +378,21 @@ def make_loader(
     device: torch.device | str = "cpu",
     prefetch_factor: int = 2,
     start_method: str | None = None,
+    pooled: bool = True,
 ) -> Loader:
     """Whole single-resolution Batches, read by `num_workers` processes, delivered on `device`.
 
     A worker keeps a core busy decoding; the trainer's process needs one too (on the CPU it
     converts every batch to float), so give each rank at most its share of cores minus one.
     `start_method` starts the workers ("fork", "spawn", "forkserver"); None: the platform's.
+    `pooled`: workers lend reused shared buffers (batch_pool.py); False: a fresh buffer a batch,
+    the DataLoader's own way (the benchmark's baseline).
     """
     device = torch.device(device)
     context = torch.multiprocessing.get_context(start_method)
-    free_buffers = [context.Queue() for _ in range(num_workers)] if num_workers else None
+    returns = [context.Queue() for _ in range(num_workers)] if num_workers and pooled else None
     dataloader = torch.utils.data.DataLoader(
-        BatchReader(data, batches.seed, free_buffers),
+        BatchReader(data, batches.seed, returns),
         sampler=batches,
         batch_size=None,  # the sampler yields whole batches
         collate_fn=_as_loaded,
@@ -460,4 +401,4 @@ def make_loader(
         persistent_workers=num_workers > 0,
         multiprocessing_context=context if num_workers else None,
     )
-    return Loader(dataloader, device, free_buffers)
+    return Loader(dataloader, device, TrainerPool(returns) if returns else None)
