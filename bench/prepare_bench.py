@@ -218,7 +218,7 @@ def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
     start = time.perf_counter()
     manifest = run(config)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "images": manifest["counts"]["images"]}))
+    print(json.dumps({"seconds": seconds, "images": manifest.counts["images"]}))
 
 
 def whole_job(folder: Path, naive_seconds: float) -> None:

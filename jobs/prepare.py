@@ -15,6 +15,7 @@ import os
 import sys
 
 from pipeline.buckets import METRICS, BucketConfig
+from pipeline.cli import HelpFormatter
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
 from pipeline.imaging import CROPS, ENCODERS
@@ -22,17 +23,10 @@ from pipeline.shard_writer import WriteOptions
 from pipeline.sources import absolute, check_input, check_separate
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every optional option's help; the module docstring as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.required else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every default is the configs' own."""
     config, buckets, write = PrepareConfig("", ""), BucketConfig(), WriteOptions()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--input", required=True, help="image folder, URL (s3://, gs://), or .parquet/.csv listing"
     )
@@ -223,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
     out = OutputDir(absolute(config.output))
-    print(summary(out.read_json(out.path("stats.json")), len(manifest["shards"]), out.uri))
+    print(summary(out.read_json(out.path("stats.json")), len(manifest.shards), out.uri))
     return 0
 
 

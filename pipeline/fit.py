@@ -38,6 +38,19 @@ def fit(
     return np.where(width_binds, bw, rounded_w), np.where(width_binds, rounded_h, bh)
 
 
+def fit_measures(
+    width: np.ndarray, height: np.ndarray, bucket_w: np.ndarray, bucket_h: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(upscale factor, share of the area the crop removes) of fitting each image (N,) to its
+    bucket: what the job's limits check and what its report summarises."""
+    width = np.asarray(width, dtype=np.int64)
+    if not len(width):
+        return np.zeros(0), np.zeros(0)
+    scaled_w, scaled_h = fit(width, height, bucket_w, bucket_h)
+    area = np.asarray(bucket_w, np.int64) * np.asarray(bucket_h, np.int64)
+    return scaled_w / width, 1.0 - area / (scaled_w * scaled_h)
+
+
 def crop_box(
     scaled_w: int,
     scaled_h: int,

@@ -14,6 +14,7 @@ under temporary names, renames the part, and renames the tar last.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
@@ -35,11 +36,20 @@ class OutputDir:
     uri: str
 
     @cached_property
-    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+    def _split(self) -> tuple[pafs.FileSystem, str]:
         return split_uri(self.uri)
 
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self._split[0]
+
+    @property
+    def root(self) -> str:
+        """OUT's path inside its filesystem."""
+        return self._split[1]
+
     def path(self, *parts: str) -> str:
-        return "/".join([self.filesystem[1], *parts])
+        return "/".join([self.root, *parts])
 
     def shard(self, name: str) -> str:
         return self.path("shards", f"{name}.tar")
@@ -48,22 +58,22 @@ class OutputDir:
         return self.path("parts", f"{name}.parquet")
 
     def exists(self, path: str) -> bool:
-        return self.filesystem[0].get_file_info(path).type == pafs.FileType.File
+        return self.filesystem.get_file_info(path).type == pafs.FileType.File
 
     def make_dirs(self) -> None:
         for folder in ("shards", "parts"):
-            self.filesystem[0].create_dir(self.path(folder), recursive=True)
+            self.filesystem.create_dir(self.path(folder), recursive=True)
 
     def temporary(self, path: str) -> str:
         """A unique name beside `path`: attempts of the same shard never share one."""
         return f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
 
     def commit(self, temporary: str, path: str) -> None:
-        self.filesystem[0].move(temporary, path)
+        self.filesystem.move(temporary, path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         temporary = self.temporary(path)
-        with self.filesystem[0].open_output_stream(temporary) as stream:
+        with self.filesystem.open_output_stream(temporary) as stream:
             stream.write(data)
         self.commit(temporary, path)
 
@@ -73,17 +83,17 @@ class OutputDir:
     def read_json(self, path: str) -> object | None:
         if not self.exists(path):
             return None
-        with self.filesystem[0].open_input_file(path) as stream:
+        with self.filesystem.open_input_file(path) as stream:
             return json.loads(stream.readall())
 
     def write_table(self, path: str, table: pa.Table) -> None:
         temporary = self.temporary(path)
-        pq.write_table(table, temporary, filesystem=self.filesystem[0])
+        pq.write_table(table, temporary, filesystem=self.filesystem)
         self.commit(temporary, path)
 
     def list_names(self, folder: str, suffix: str) -> list[str]:
         """Stems of the finished files in `folder` ending in `suffix`, temporaries excluded."""
-        filesystem = self.filesystem[0]
+        filesystem = self.filesystem
         selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
         return sorted(
             info.base_name[: -len(suffix)]
@@ -93,12 +103,39 @@ class OutputDir:
 
     def delete(self, path: str) -> None:
         if self.exists(path):
-            self.filesystem[0].delete_file(path)
+            self.filesystem.delete_file(path)
 
     def delete_temporaries(self) -> None:
         """Leftovers of killed workers: never renamed, so never mistaken for finished files."""
-        filesystem = self.filesystem[0]
+        filesystem = self.filesystem
         for folder in (self.path("shards"), self.path("parts"), self.path()):
             for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
                 if TEMPORARY_MARK in info.base_name and info.type == pafs.FileType.File:
                     filesystem.delete_file(info.path)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, written last by the job and read first by the trainer (docs/format.md)."""
+
+    settings: dict  # as config.json: the settings that shape the output
+    buckets: list[list[int]]  # [width, height] per bucket id, ordered by aspect
+    counts: dict[str, int]  # images, rejected, shards
+    shards: list[str]  # tar paths relative to OUT, in the index's order
+    trainer: dict[str, int]  # batch_size, world_size, seed given to the job
+    input: dict[str, str]  # uri, fingerprint of every scanned file's key
+    format_version: int = FORMAT_VERSION
+
+    def write(self, out: OutputDir) -> None:
+        out.write_json(out.path("manifest.json"), dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, out: OutputDir) -> Manifest | None:
+        """OUT's manifest; None when OUT is not complete; ValueError for a version unknown."""
+        fields = out.read_json(out.path("manifest.json"))
+        if fields is None:
+            return None
+        if fields.get("format_version") not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"{out.uri}: format version {fields.get('format_version')} unknown")
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in fields.items() if name in names})

@@ -37,7 +37,7 @@ import numpy as np
 _GLOBAL_SHUFFLE, _BATCH_ORDER = 1, 2  # tags that keep the two random streams independent
 
 
-class Batch(NamedTuple):
+class PlannedBatch(NamedTuple):
     items: np.ndarray  # (batch_size,) item indices
     bucket: int  # bucket whose resolution the batch is fitted to
     catch_all: bool  # True when the items come from the catch-all list
@@ -62,8 +62,8 @@ class RankPlan:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, step: int) -> Batch:
-        return Batch(self.items[step], int(self.bucket[step]), bool(self.catch_all[step]))
+    def __getitem__(self, step: int) -> PlannedBatch:
+        return PlannedBatch(self.items[step], int(self.bucket[step]), bool(self.catch_all[step]))
 
     def __iter__(self):
         return (self[step] for step in range(len(self)))

@@ -21,9 +21,9 @@ from pipeline.buckets import REJECT_ASPECT, bucketize
 from pipeline.config import PrepareConfig, fingerprint
 from pipeline.distributor import cluster_cpus, default_in_flight, fit_then_write, map_unordered
 from pipeline.errors import UsageError
-from pipeline.fit import fit
-from pipeline.output import FORMAT_VERSION, OutputDir
-from pipeline.rejects import Reason, rejects_table
+from pipeline.fit import fit_measures
+from pipeline.output import Manifest, OutputDir
+from pipeline.rejects import REJECTS_SCHEMA, Reason, rejects_table
 from pipeline.report import dataset_stats, draw_buckets
 from pipeline.samples import fit_samples
 from pipeline.scan import scan_batch
@@ -204,9 +204,7 @@ def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Tabl
     height = candidates["height"].to_numpy(zero_copy_only=False).astype(np.int64)
     buckets, index, aspect_error = bucketize(width, height, config.buckets)
     bucket_w, bucket_h = buckets[index, 0], buckets[index, 1]  # rejected rows: any bucket
-    scaled_w, scaled_h = fit(width, height, bucket_w, bucket_h) if len(width) else (width, height)
-    upscale = scaled_w / width
-    cropped = 1.0 - bucket_w * bucket_h / (scaled_w * scaled_h)
+    upscale, cropped = fit_measures(width, height, bucket_w, bucket_h)
 
     duplicate = np.ones(len(width), dtype=bool)  # a listing may name a file twice: keep one
     duplicate[np.unique(_keys(candidates["key"]), return_index=True)[1]] = False
@@ -248,7 +246,7 @@ def _finished_shards(out: OutputDir) -> dict[str, np.ndarray]:
     for name in out.list_names("shards", ".tar"):
         if out.exists(out.part(name)):
             part = pq.read_table(
-                out.part(name), columns=["key", "reject"], filesystem=out.filesystem[0]
+                out.part(name), columns=["key", "reject"], filesystem=out.filesystem
             )
             kept = part.filter(pc.is_null(part["reject"]))["key"]
             previous[name] = _keys(kept)
@@ -262,54 +260,61 @@ def _finish(
     assign_rejects: pa.Table,
     buckets: np.ndarray,
     input_fingerprint: str,
-) -> dict:
-    filesystem = out.filesystem[0]
-    index_path = out.path("index.parquet")
-    temporary = out.temporary(index_path)
-    rejected = [assign_rejects]
+) -> Manifest:
+    """Index, rejects, pruning, report, and the manifest last: the dataset is complete."""
     names = sorted(shard.name for shard in shards)  # the manifest's order
-    with pq.ParquetWriter(temporary, INDEX_SCHEMA, filesystem=filesystem) as writer:
-        for name in names:  # one part at a time: the driver never holds the whole index
-            part = pq.read_table(out.part(name), filesystem=filesystem)
-            writer.write_table(part.filter(pc.is_null(part["reject"])).select(INDEX_SCHEMA.names))
-            failed = part.filter(pc.is_valid(part["reject"]))  # write-time rejections
-            rejected.append(rejects_table(failed, failed["reject"], failed["message"]))
-    out.commit(temporary, index_path)
-    rejects = pa.concat_tables(rejected).sort_by("source")
+    columns, write_rejects = _write_index(out, names)
+    rejects = pa.concat_tables([assign_rejects, write_rejects]).sort_by("source")
     out.write_table(out.path("rejects.parquet"), rejects)
-
-    planned = {shard.name for shard in shards}
-    for name in set(out.list_names("shards", ".tar")) - planned:
-        out.delete(out.shard(name))
-    for name in set(out.list_names("parts", ".parquet")) - planned:
-        out.delete(out.part(name))
-    out.delete_temporaries()
-
-    columns = pq.read_table(
-        index_path, columns=["width", "height", "bucket", "aspect_error"], filesystem=filesystem
-    )
+    _prune(out, set(names))
     stats = dataset_stats(
-        {name: columns[name].to_numpy() for name in columns.column_names},
-        buckets,
-        rejects["reason"],
-        config.batch_size,
-        config.world_size,
-        config.write.seed,
+        columns, buckets, rejects["reason"], config.batch_size, config.world_size, config.write.seed
     )
     out.write_json(out.path("stats.json"), stats)
     out.write_bytes(out.path("buckets.png"), draw_buckets(stats))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "settings": config.settings(),
-        "buckets": buckets.tolist(),
-        "counts": {"images": stats["images"], "rejected": stats["rejected"], "shards": len(shards)},
-        "shards": [f"shards/{name}.tar" for name in names],
-        "trainer": {
-            "batch_size": config.batch_size,
-            "world_size": config.world_size,
-            "seed": config.write.seed,
-        },
-        "input": {"uri": config.input, "fingerprint": input_fingerprint},
-    }
-    out.write_json(out.path("manifest.json"), manifest)  # last: the dataset is complete
+    manifest = Manifest(
+        settings=config.settings(),
+        buckets=buckets.tolist(),
+        counts={"images": stats["images"], "rejected": stats["rejected"], "shards": len(names)},
+        shards=[f"shards/{name}.tar" for name in names],
+        trainer={"batch_size": config.batch_size, "world_size": config.world_size,
+                 "seed": config.write.seed},
+        input={"uri": config.input, "fingerprint": input_fingerprint},
+    )  # fmt: skip
+    manifest.write(out)
     return manifest
+
+
+STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]
+
+
+def _write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray], pa.Table]:
+    """index.parquet from the shards' parts, one part at a time (the driver never holds the
+    index); returns the kept images' numeric columns for the report, and the write-time
+    rejections."""
+    index_path = out.path("index.parquet")
+    temporary = out.temporary(index_path)
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in STATS_COLUMNS}
+    rejected = [REJECTS_SCHEMA.empty_table()]
+    with pq.ParquetWriter(temporary, INDEX_SCHEMA, filesystem=out.filesystem) as writer:
+        for name in names:
+            part = pq.read_table(out.part(name), filesystem=out.filesystem)
+            kept = part.filter(pc.is_null(part["reject"]))
+            writer.write_table(kept.select(INDEX_SCHEMA.names))
+            for column in STATS_COLUMNS:
+                columns[column].append(kept[column].to_numpy())
+            failed = part.filter(pc.is_valid(part["reject"]))
+            rejected.append(rejects_table(failed, failed["reject"], failed["message"]))
+    out.commit(temporary, index_path)
+    numbers = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+               for name, parts in columns.items()}  # fmt: skip
+    return numbers, pa.concat_tables(rejected)
+
+
+def _prune(out: OutputDir, names: set[str]) -> None:
+    """Delete the shards and parts of earlier runs that this one does not keep, and leftovers."""
+    for name in set(out.list_names("shards", ".tar")) - names:
+        out.delete(out.shard(name))
+    for name in set(out.list_names("parts", ".parquet")) - names:
+        out.delete(out.part(name))
+    out.delete_temporaries()

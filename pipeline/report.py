@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.buckets import bucket_aspects
-from pipeline.fit import fit
+from pipeline.fit import fit_measures
 from pipeline.plan import plan_epoch
 
 
@@ -66,10 +66,7 @@ def dataset_stats(
 ) -> dict:
     """stats.json's content from the index columns width, height, bucket and aspect_error."""
     width, height, bucket = columns["width"], columns["height"], columns["bucket"]
-    bucket_w, bucket_h = buckets[bucket, 0], buckets[bucket, 1]
-    scaled_w, scaled_h = fit(width, height, bucket_w, bucket_h) if len(width) else (width, height)
-    cropped = 1.0 - (bucket_w * bucket_h) / (scaled_w * scaled_h) if len(width) else np.zeros(0)
-    upscale = scaled_w / width
+    upscale, cropped = fit_measures(width, height, buckets[bucket, 0], buckets[bucket, 1])
     counts = np.bincount(bucket, minlength=len(buckets))
     epoch = epoch_report(bucket, width / height, buckets, batch_size, world_size, seed)
     return {

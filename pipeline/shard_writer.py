@@ -73,7 +73,7 @@ def write_shard(name: str, out: OutputDir, *pieces: list[dict]) -> dict:
 
     Returns counts; the shard's index rows and rejections are in its part file.
     """
-    filesystem = out.filesystem[0]
+    filesystem = out.filesystem
     tar_path = out.shard(name)
     temporary_tar = out.temporary(tar_path)
     records = [record for piece in pieces for record in piece]

@@ -3,6 +3,7 @@
 HYPOTHESIS_PROFILE=thorough runs twenty times as many examples.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,16 +23,26 @@ from pipeline.prepare import run  # noqa: E402
 from pipeline.shard_writer import WriteOptions  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A real local Ray with 2 CPUs for the module's tests (this machine has 2 cores)."""
+@contextlib.contextmanager
+def ray_started():
+    """A real local Ray with 2 CPUs (this machine has 2 cores), unless one is running already."""
     import ray
 
     if ray.is_initialized():
-        ray.shutdown()
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray for the module's tests."""
+    with ray_started():
+        yield
 
 
 SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=32, square=64)
@@ -41,8 +52,6 @@ SHAPES = [(96, 64)] * 17 + [(64, 96)] * 7 + [(64, 64)] * 4 + [(128, 32)] * 3
 
 def prepare_small(folder: Path, image_format: str = "jpg") -> Path:
     """SHAPES prepared into folder/out with SMALL_BUCKETS, shards written as `image_format`."""
-    import ray
-
     for i, (width, height) in enumerate(SHAPES):
         overflow = (i % 3, i % 4 == 3)  # stored a pixel or two wider or taller than the bucket
         save(
@@ -51,8 +60,7 @@ def prepare_small(folder: Path, image_format: str = "jpg") -> Path:
             quality=90,
         )
         (folder / "images" / f"img{i:02d}.txt").write_text(f"caption {i}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_started():
         run(
             PrepareConfig(
                 input=str(folder / "images"),
@@ -62,8 +70,6 @@ def prepare_small(folder: Path, image_format: str = "jpg") -> Path:
                 write=WriteOptions(image_format=image_format),
             )
         )
-    finally:
-        ray.shutdown()
     return folder / "out"
 
 

@@ -101,13 +101,14 @@ def stored_for(upright: Image.Image, orientation: int) -> Image.Image:
     """The pixels a camera stores so that applying EXIF `orientation` shows `upright`."""
     for transpose in [None, *Image.Transpose]:
         stored = upright if transpose is None else upright.transpose(transpose)
-        shown = ImageOps.exif_transpose(_tagged(stored, orientation))
+        shown = ImageOps.exif_transpose(tagged(stored, orientation))
         if np.array_equal(np.asarray(shown), np.asarray(upright)):
             return stored
     raise AssertionError(f"no transpose undoes orientation {orientation}")
 
 
-def _tagged(image: Image.Image, orientation: int) -> Image.Image:
+def tagged(image: Image.Image, orientation: int) -> Image.Image:
+    """A copy of `image` whose EXIF says `orientation` (for ImageOps.exif_transpose)."""
     tagged = image.copy()
     exif = tagged.getexif()
     exif[0x0112] = orientation

@@ -76,6 +76,7 @@ def test_output_and_input_must_not_nest(tmp_path, inside):
     assert not (output / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_a_summary_and_warns_when_an_epoch_drops_images(tmp_path):
     images, output = four_images(tmp_path / "images"), tmp_path / "out"
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
@@ -128,3 +129,18 @@ def assert_every_option_explained(parser) -> None:
         assert action.help, f"{action.option_strings} has no help text"
         if not action.required:
             assert "default" in formatter._expand_help(action), action.option_strings
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--batch-size", "0"], "--batch-size"), (["--model", "gan"], "--model"),
+     (["--max-tokens", "100"], "--max-tokens"), (["--hypernetwork-structure", "2,1"],
+     "--hypernetwork-structure"), ([], "--data")],
+)  # fmt: skip
+def test_the_trainer_refuses_bad_options_by_name_before_building_anything(flags, named):
+    done = subprocess.run(
+        [sys.executable, "trainer/train.py", *(["--data", "x"] if flags else []), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -23,6 +23,7 @@ from pipeline.config import PrepareConfig
 from pipeline.prepare import run
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 
 
 def make_images(folder: Path, count: int) -> set[str]:

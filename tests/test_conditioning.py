@@ -614,6 +614,7 @@ def test_sampling_renders_a_hypernetwork_in_eval_mode_and_leaves_its_mode(parts)
     assert all(np.array_equal(images[0], image) for image in images[1:]), "no dropout"
 
 
+@pytest.mark.slow
 def test_a_local_diffusers_checkpoint_trains_a_hypernetwork_and_samples(tmp_path, prepared):
     """--pretrained on a tiny checkpoint saved here (with a VAE: latents), then the sampler."""
     save_parts(tiny_parts(seed=3, with_vae=True), tmp_path / "sd")
@@ -633,6 +634,7 @@ def test_a_local_diffusers_checkpoint_trains_a_hypernetwork_and_samples(tmp_path
     assert Image.open(out).size == (64, 32)
 
 
+@pytest.mark.slow
 def test_the_whole_unet_can_be_trained_instead(tmp_path, prepared):
     run = [sys.executable, "trainer/train.py", f"--data={prepared}", "--model=sd",
            "--train-part=unet", f"--out-dir={tmp_path}", "--max-steps=2",

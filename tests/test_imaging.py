@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import pyvips
-from images import all_modes, rgb, with_orientation
+from images import all_modes, rgb, tagged, with_orientation
 from PIL import Image, ImageOps
 
 from pipeline.fit import fit
@@ -99,17 +99,9 @@ def test_encode_formats(extension, pillow_format):
 @pytest.mark.parametrize("orientation", range(2, 9))
 def test_numpy_orientation_matches_pillows_transpose(orientation):
     stored = rgb(7, 5, orientation)
-    expected = ImageOps.exif_transpose(_with_exif_orientation(stored, orientation))
+    expected = ImageOps.exif_transpose(tagged(stored, orientation))
     shown = ORIENTED[orientation](np.asarray(stored))
     assert np.array_equal(shown, np.asarray(expected))
-
-
-def _with_exif_orientation(image: Image.Image, orientation: int) -> Image.Image:
-    image = image.copy()
-    exif = image.getexif()
-    exif[0x0112] = orientation
-    image.info["exif"] = exif.tobytes()
-    return image
 
 
 def test_libvips_and_pillow_fit_every_mode_alike(tmp_path):

@@ -247,7 +247,7 @@ def test_other_settings_are_refused_unless_overwrite(corpus, tmp_path):
     ):
         prepare(corpus / "many", output, write=WriteOptions(quality=80))
     manifest = prepare(corpus / "many", output, write=WriteOptions(quality=80), overwrite=True)
-    assert manifest["settings"]["write"]["quality"] == 80
+    assert manifest.settings["write"]["quality"] == 80
 
 
 def test_crop_at_prepare_time_stores_exact_bucket_sizes(corpus, tmp_path):
@@ -289,7 +289,7 @@ def test_a_listing_file_with_captions(corpus, tmp_path, kind):
 def test_file_urls_for_input_and_output(corpus, tmp_path):
     output = tmp_path / "out"
     manifest = prepare(f"file://{corpus / 'many'}", f"file://{output}")
-    assert manifest["counts"]["images"] == 12
+    assert manifest.counts["images"] == 12
     assert {row["source"] for row in index_of(output)} == {f"landscape {i}.jpg" for i in range(12)}
 
 

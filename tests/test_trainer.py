@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_BUCKETS, prepare_small
+from conftest import SMALL_BUCKETS, prepare_small, ray_started
 from images import rgb
 from PIL import Image
 
@@ -37,8 +37,8 @@ def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[d
     log = work / "batches.jsonl"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "trainer/train.py", f"--data={data}", f"--out-dir={work / 'checkpoints'}",
-        f"--batch-log={log}", "--num-workers=1", "--channels=8", *args,
+        "tests/logged_train.py", str(log), f"--data={data}", f"--out-dir={work / 'checkpoints'}",
+        "--num-workers=1", "--channels=8", *args,
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -61,6 +61,7 @@ def reference_run(prepared, tmp_path_factory) -> dict[int, list[dict]]:
     )
 
 
+@pytest.mark.slow
 def test_two_ranks_run_the_same_steps_on_uneven_buckets(prepared, reference_run):
     n_items = len(PreparedData(prepared))
     assert set(reference_run) == {0, 1}
@@ -78,11 +79,13 @@ def test_two_ranks_run_the_same_steps_on_uneven_buckets(prepared, reference_run)
         assert len(set(keys[0]) | set(keys[1])) == n_items - n_items % 6
 
 
+@pytest.mark.slow
 def test_the_loss_falls(reference_run):
     losses = [[e["loss"] for e in reference_run[0] if e["epoch"] == epoch] for epoch in range(3)]
     assert np.mean(losses[2]) < np.mean(losses[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_the_same_data_for_other_world_sizes(prepared, tmp_path, world_size):
     runs = torchrun(world_size, prepared, tmp_path, "--batch-size=2", "--epochs=1")
@@ -92,6 +95,7 @@ def test_the_same_data_for_other_world_sizes(prepared, tmp_path, world_size):
     assert len(keys) == len(set(keys)) == n_items - n_items % (2 * world_size)
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_batches(prepared, reference_run, tmp_path):
     first = torchrun(
         2, prepared, tmp_path, "--batch-size=3", "--epochs=3", "--lr=3e-3", "--max-steps=4"
@@ -108,6 +112,7 @@ def test_resume_continues_with_the_same_batches(prepared, reference_run, tmp_pat
     assert first.keys() == {0, 1}
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_and_each_epoch_a_new_order(prepared, reference_run, tmp_path):
     again = torchrun(2, prepared, tmp_path, "--batch-size=3", "--epochs=3", "--lr=3e-3")
     strip = lambda run: [(e["epoch"], e["step"], e["keys"], e["checksum"]) for e in run[0]]  # noqa: E731
@@ -322,6 +327,7 @@ def test_decode_rgb_gives_pillows_pixels(pillow_format):
         assert np.array_equal(decode_rgb(buffer.getvalue(), scratch), expected)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
     """The source's use: hypernetworks on a frozen U-Net, DDP over 2 ranks, loss falls."""
     runs = torchrun(
@@ -337,11 +343,10 @@ def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
     assert (tmp_path / "checkpoints" / "hypernetwork.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_more_shards_than_open_files_allowed(tmp_path):
     """400 shards of one image each, read under `ulimit -n 128` (10M images at 1000 a shard are
     10,000 shards, over the usual 1024): the loader bounds the shards it keeps open."""
-    import ray
-
     from pipeline.config import PrepareConfig
     from pipeline.prepare import run
 
@@ -349,12 +354,9 @@ def test_more_shards_than_open_files_allowed(tmp_path):
     for i in range(400):
         pixels = np.full((64, 64, 3), i % 256, np.uint8)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i:03d}.png")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_started():
         run(PrepareConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
                           buckets=SMALL_BUCKETS, samples_per_shard=1))  # fmt: skip
-    finally:
-        ray.shutdown()
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"

@@ -22,7 +22,6 @@ import collections
 import hashlib
 import io
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 
 from pipeline.fit import crop_box, fit
-from pipeline.output import READABLE_FORMAT_VERSIONS
+from pipeline.output import Manifest, OutputDir
 from pipeline.plan import RankPlan, plan_epoch
 from trainer.batch_pool import Lease, TrainerPool, WorkerPool
 
@@ -49,15 +48,10 @@ class PreparedData:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.exists():
+        manifest = Manifest.read(OutputDir(str(self.root.resolve())))
+        if manifest is None:
             raise ValueError(f"{self.root} is not a complete prepared dataset: no manifest.json")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
-            raise ValueError(
-                f"{self.root}: format version {manifest.get('format_version')} unknown"
-            )
-        self.buckets = np.array(manifest["buckets"], dtype=np.int64)
+        self.buckets = np.array(manifest.buckets, dtype=np.int64)
         self.index = pq.read_table(self.root / "index.parquet", columns=INDEX_COLUMNS)
         self.bucket = self.index["bucket"].to_numpy()
         # Where each sample's image lies, as numbers: what a worker reads per sample.

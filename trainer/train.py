@@ -14,25 +14,30 @@ Stable Diffusion 1.x U-Net conditioned by CLIP with the source's techniques: pro
 tokens, the penultimate CLIP layer, and hypernetworks on cross-attention's k and v (trained alone
 on the frozen base, the source's use, or `--train-part unet`). `--pretrained DIR` loads a local
 diffusers-layout checkpoint; without it, tiny random models. Every model's forward returns its
-loss, so `build_model` is the one place another model plugs in.
+loss, so `MODELS` is the one place another model plugs in.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.data import EpochBatches, PreparedData, make_loader
+from pipeline.cli import HelpFormatter
+from trainer.data import Batch, EpochBatches, PreparedData, make_loader
+from trainer.hypernetwork import ACTIVATIONS
+from trainer.prompts import LAYOUTS
 
 
 def _option(default, help: str):
@@ -42,6 +47,8 @@ def _option(default, help: str):
 
 @dataclass(frozen=True)
 class Config:
+    """Everything a run needs, validated once: a ValueError names the option at fault."""
+
     data: str = _option("", "a prepared dataset (jobs/prepare.py --output)")
     out_dir: str = _option("checkpoints", "where rank 0 writes checkpoints and results")
     batch_size: int = _option(4, "images per batch on each rank")
@@ -67,41 +74,78 @@ class Config:
         "sd: full 77-state chunks (231 states for 225 tokens, A1111's) or trimmed (227, kohya's)",
     )
     caption_dropout: float = _option(0.1, "sd: share of captions replaced by the empty prompt")
-    hypernetwork_structure: str = _option("1,2,1", "layer sizes in multiples of the context width")
+    hypernetwork_structure: tuple[float, ...] = _option(
+        (1.0, 2.0, 1.0), "layer sizes in multiples of the context width, e.g. 1,2,1"
+    )
     hypernetwork_activation: str = _option("linear", "an activation of trainer.hypernetwork")
     hypernetwork_layer_norm: bool = _option(False, "a LayerNorm after every hypernetwork layer")
     hypernetwork_dropout: float = _option(0.0, "dropout after every hidden hypernetwork layer")
     hypernetwork_shared: bool = _option(
         False, "one pair per width for all depths (also written as AUTOMATIC1111's hypernetwork.pt)"
     )
-    depth_penalty: str = _option("0.01", "L2 weight per U-Net depth, shallowest first")
-    batch_log: str = _option("", "tests: every rank appends each batch's keys and shape here")
+    depth_penalty: tuple[float, ...] = _option(
+        (0.01,), "L2 weight per U-Net depth, shallowest first, e.g. 0.01,0.005"
+    )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "data": (bool(self.data), "give a prepared dataset"),
+            "batch_size": (self.batch_size >= 1, "must be >= 1"),
+            "epochs": (self.epochs >= 0, "must be >= 0"),
+            "max_steps": (self.max_steps >= 0, "must be >= 0"),
+            "lr": (self.lr > 0, "must be > 0"),
+            "num_workers": (self.num_workers >= 0, "must be >= 0"),
+            "checkpoint_every": (self.checkpoint_every >= 1, "must be >= 1"),
+            "log_every": (self.log_every >= 1, "must be >= 1"),
+            "model": (self.model in MODELS, f"must be one of {sorted(MODELS)}"),
+            "train_part": (self.train_part in TRAIN_PARTS, f"must be one of {sorted(TRAIN_PARTS)}"),
+            "max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
+                           "must be a positive multiple of 75"),
+            "clip_skip": (self.clip_skip in (1, 2), "must be 1 or 2"),
+            "prompt_layout": (self.prompt_layout in LAYOUTS, f"must be one of {LAYOUTS}"),
+            "caption_dropout": (0 <= self.caption_dropout < 1, "must be in [0, 1)"),
+            "hypernetwork_activation": (self.hypernetwork_activation in ACTIVATIONS,
+                                        "must be an activation of trainer.hypernetwork"),
+            "hypernetwork_dropout": (0 <= self.hypernetwork_dropout < 1, "must be in [0, 1)"),
+            "hypernetwork_structure": (len(self.hypernetwork_structure) >= 2
+                                       and self.hypernetwork_structure[0] == 1
+                                       and self.hypernetwork_structure[-1] == 1,
+                                       "must start and end with 1 (the module is residual)"),
+            "depth_penalty": (all(w >= 0 for w in self.depth_penalty), "must be >= 0 each"),
+        }  # fmt: skip
+        for name, (valid, rule) in checks.items():
+            if not valid:
+                flag = f"--{name.replace('_', '-')}"
+                raise ValueError(f"{flag} {rule}, got {getattr(self, name)!r}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(value) for value in text.split(",") if value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one option per Config field, its help and default shown."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    types = typing.get_type_hints(Config)
+    parsers = {int: int, float: float, str: str, tuple[float, ...]: _floats}
     for option in dataclasses.fields(Config):
-        name = f"--{option.name.replace('_', '-')}"
-        if option.type == "bool":
-            parser.add_argument(name, action="store_true", help=option.metadata["help"])
+        name, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
+        if types[option.name] is bool:
+            parser.add_argument(name, action="store_true", help=help)
         else:
-            kind = {"int": int, "float": float, "str": str}[option.type]
             parser.add_argument(
-                name, type=kind, default=option.default, help=option.metadata["help"]
+                name, type=parsers[types[option.name]], default=option.default, help=help
             )
     return parser
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every optional option's help; the module docstring as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.required else super()._get_help_string(action)
-
-
 def parse_config(argv: list[str] | None = None) -> Config:
-    return Config(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        return Config(**vars(arguments))
+    except ValueError as error:
+        parser.error(str(error))
 
 
 class ConvDenoiser(nn.Module):
@@ -122,14 +166,12 @@ class ConvDenoiser(nn.Module):
         return nn.functional.mse_loss(self.net(pixels + self.noise * noise), noise)
 
 
-def build_model(config: Config) -> nn.Module:
-    """The model to train; its forward(pixels, captions, generator) returns the loss."""
-    if config.model == "conv":
-        return ConvDenoiser(config.channels, config.noise)
-    if config.model != "sd":
-        raise ValueError(f"--model must be conv or sd, not {config.model!r}")
+def _conv(config: Config) -> nn.Module:
+    return ConvDenoiser(config.channels, config.noise)
+
+
+def _stable_diffusion(config: Config) -> nn.Module:
     from trainer.diffusion import Diffusion, load_parts, tiny_parts
-    from trainer.hypernetwork import Hypernetwork, HypernetworkConfig, cross_attentions
     from trainer.prompts import PromptEncoder
 
     parts = load_parts(config.pretrained) if config.pretrained else tiny_parts(config.seed)
@@ -137,23 +179,36 @@ def build_model(config: Config) -> nn.Module:
         parts.tokenizer, parts.text_encoder, config.max_tokens, config.clip_skip,
         config.prompt_layout,
     )  # fmt: skip
-    hypernetwork = None
-    if config.train_part == "hypernetwork":
-        hypernetwork = Hypernetwork(
-            HypernetworkConfig(
-                widths=(parts.unet.config.cross_attention_dim,),
-                layer_structure=tuple(float(v) for v in config.hypernetwork_structure.split(",")),
-                activation=config.hypernetwork_activation,
-                layer_norm=config.hypernetwork_layer_norm,
-                dropout=config.hypernetwork_dropout,
-                per_depth=not config.hypernetwork_shared,
-                depths=tuple(sorted({depth for _, depth, _ in cross_attentions(parts.unet)})),
-                depth_penalty=tuple(float(v) for v in config.depth_penalty.split(",") if v),
-            )
-        )
-    elif config.train_part != "unet":
-        raise ValueError(f"--train-part must be hypernetwork or unet, not {config.train_part!r}")
+    hypernetwork = TRAIN_PARTS[config.train_part](config, parts.unet)
     return Diffusion(parts, prompts, hypernetwork, config.caption_dropout)
+
+
+def _hypernetwork(config: Config, unet: nn.Module) -> nn.Module:
+    """A new hypernetwork for `unet` (which stays frozen)."""
+    from trainer.hypernetwork import Hypernetwork, HypernetworkConfig, cross_attentions
+
+    return Hypernetwork(
+        HypernetworkConfig(
+            widths=(unet.config.cross_attention_dim,),
+            layer_structure=config.hypernetwork_structure,
+            activation=config.hypernetwork_activation,
+            layer_norm=config.hypernetwork_layer_norm,
+            dropout=config.hypernetwork_dropout,
+            per_depth=not config.hypernetwork_shared,
+            depths=tuple(sorted({depth for _, depth, _ in cross_attentions(unet)})),
+            depth_penalty=config.depth_penalty,
+        )
+    )
+
+
+MODELS: dict[str, Callable[[Config], nn.Module]] = {  # forward(pixels, captions, generator): loss
+    "conv": _conv,
+    "sd": _stable_diffusion,
+}
+TRAIN_PARTS: dict[str, Callable[[Config, nn.Module], nn.Module | None]] = {  # sd: what trains
+    "hypernetwork": _hypernetwork,
+    "unet": lambda config, unet: None,  # the U-Net itself
+}
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,11 +240,31 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def train(config: Config) -> dict:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator
+) -> torch.Tensor:
+    """One optimisation step on `batch`; the loss, detached."""
+    loss = model(batch.pixels, batch.captions, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class Step(NamedTuple):
+    """What `train`'s `on_step` callback sees after each step."""
+
+    rank: int
+    batch: Batch
+    loss: float
+    model: nn.Module  # unwrapped from DDP
+
+
+def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
     rank, world_size, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
+    model = MODELS[config.model](config).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     checkpoint_path = Path(config.out_dir) / "checkpoint.pt"
     epoch, step = 0, 0
@@ -219,26 +294,15 @@ def train(config: Config) -> dict:
     while epoch < config.epochs and not (config.max_steps and steps_run >= config.max_steps):
         batches.set_epoch(epoch, step)
         for batch in loader:
-            loss = ddp(batch.pixels, batch.captions, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            losses.append(train_step(ddp, optimizer, batch, generator).item())
             step, steps_run = batch.step + 1, steps_run + 1
-            losses.append(loss.item())
-            if config.batch_log:
-                trained = trained_state(model)
-                with open(config.batch_log, "a") as log:
-                    log.write(json.dumps({
-                        "rank": rank, "epoch": epoch, "step": batch.step, "keys": batch.keys,
-                        "shape": list(batch.pixels.shape), "loss": losses[-1],
-                        "checksum": float(batch.pixels.double().sum()),
-                        "weights": sum(float(t.double().sum()) for t in trained.values()),
-                    }) + "\n")  # fmt: skip
-            if steps_run % config.log_every == 0:
+            if on_step is not None:
+                on_step(Step(rank, batch, losses[-1], model))
+            if master and steps_run % config.log_every == 0:
                 rate = steps_run / (time.perf_counter() - started)
                 print(
-                    f"rank {rank} epoch {epoch} step {step} loss {losses[-1]:.4f} "
-                    f"{rate:.2f} steps/s {rate * config.batch_size:.1f} img/s",
+                    f"epoch {epoch} step {step} loss {losses[-1]:.4f} {rate:.2f} steps/s "
+                    f"{rate * config.batch_size * world_size:.1f} img/s ({world_size} ranks)",
                     flush=True,
                 )
             if steps_run % config.checkpoint_every == 0:

@@ -1,0 +1,35 @@
+"""trainer/train.py with a log of every step, for the tests (run under torchrun like it):
+
+    torchrun ... tests/logged_train.py LOG.jsonl --data OUT ...
+
+Each rank appends one JSON line a step: its batch's keys, shape and pixel checksum, the loss,
+and the sum of the trained weights (equal on every rank when DDP keeps them in step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from trainer.train import Step, parse_config, train, trained_state
+
+
+def main() -> None:
+    log_path, argv = sys.argv[1], sys.argv[2:]
+
+    def log(step: Step) -> None:
+        batch = step.batch
+        weights = sum(float(t.double().sum()) for t in trained_state(step.model).values())
+        entry = {
+            "rank": step.rank, "epoch": batch.epoch, "step": batch.step, "keys": batch.keys,
+            "shape": list(batch.pixels.shape), "loss": step.loss,
+            "checksum": float(batch.pixels.double().sum()), "weights": weights,
+        }  # fmt: skip
+        with open(log_path, "a") as file:
+            file.write(json.dumps(entry) + "\n")
+
+    train(parse_config(argv), on_step=log)
+
+
+if __name__ == "__main__":
+    main()
