@@ -223,13 +223,14 @@ def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
 
 def whole_job(folder: Path, naive_seconds: float) -> None:
     one, two = (job_once(folder, cpus) for cpus in (1, 2))
-    print(f"\n3. whole job, {two['images']} images kept (default settings), "
-          f"naive loop {naive_seconds:.1f} s on one core:")  # fmt: skip
+    measured = not np.isnan(naive_seconds)
+    naive = f"naive loop {naive_seconds:.1f} s on one core" if measured else "section 1 not run"
+    print(f"\n3. whole job, {two['images']} images kept (default settings); {naive}:")
     for cpus, result in ((1, one), (2, two)):
         rss, pss = result["rss"] / 2**30, result["pss"] / 2**30
-        print(f"   {cpus} CPU{'s' if cpus > 1 else ' '} {result['seconds']:6.1f} s  "
-              f"{naive_seconds / result['seconds']:5.2f}x naive  peak memory of the job's "
-              f"processes: RSS {rss:.2f} GiB, PSS {pss:.2f} GiB")  # fmt: skip
+        ratio = f"{naive_seconds / result['seconds']:5.2f}x naive  " if measured else ""
+        print(f"   {cpus} CPU{'s' if cpus > 1 else ' '} {result['seconds']:6.1f} s  {ratio}peak "
+              f"memory of the job's processes: RSS {rss:.2f} GiB, PSS {pss:.2f} GiB")  # fmt: skip
     print(f"   2 CPUs against 1: {one['seconds'] / two['seconds']:.2f}x")
 
 
