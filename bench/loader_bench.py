@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from trainer.augment import CaptionOptions
 from trainer.data import EpochBatches, PreparedData, decode_rgb, make_loader
 
 
@@ -106,12 +107,22 @@ class Epoch(NamedTuple):
     trainer_cpu: float  # CPU seconds a sample in the process iterating the loader
 
 
+AUGMENTED = {"flip": 0.5, "captions": CaptionOptions(shuffle_tags=True, keep_tokens=1,
+                                                       tag_dropout=0.1)}  # fmt: skip
+
+
 def loader_epochs(
-    data: PreparedData, batch_size: int, workers: int, epochs: int, pooled: bool = True
+    data: PreparedData,
+    batch_size: int,
+    workers: int,
+    epochs: int,
+    pooled: bool = True,
+    augmented: bool = False,
 ) -> list[Epoch]:
     """Each epoch through the loader, then a bare loop over the same samples: in turns, so
     that the machine's drift falls on both alike."""
-    batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0)
+    options = AUGMENTED if augmented else {}
+    batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0, **options)
     loader = make_loader(data, batches, num_workers=workers, pooled=pooled)
     next(iter(loader))  # workers started and warm, as in training after the first step
     measured = []
@@ -121,9 +132,19 @@ def loader_epochs(
         count = sum(len(batch.keys) for batch in loader)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         children = workers_cpu_seconds() - children
-        bare = bare_rate(data, batches.plan().items.ravel(), decode_rgb)
+        bare = bare_rate(data, batches.plan()[0].items.ravel(), decode_rgb)
         measured.append(Epoch(count / seconds, bare, children / count, cpu / count))
     return measured
+
+
+def sampler_seconds(data: PreparedData, batch_size: int, options: dict) -> float:
+    """Seconds a sample of iterating EpochBatches alone: what the trainer's process decides."""
+    batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0, **options)
+    start, count = time.perf_counter(), 0
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        count += sum(len(plan.keys) for plan in batches)
+    return (time.perf_counter() - start) / count
 
 
 def first_batch_seconds(prepared: Path, workdir: Path, items: int, batch_size: int) -> float:
@@ -160,7 +181,7 @@ def main() -> None:
     torch.set_num_threads(1)
     prepared = prepared_dataset(args.workdir, args.images)
     data = PreparedData(prepared)
-    plan = EpochBatches(data, args.batch_size, 1, 0, 0).plan()
+    plan = EpochBatches(data, args.batch_size, 1, 0, 0).plan()[0]
     pillow = bare_rate(data, plan.items.ravel(), pillow_decode)
     print(f"{len(data)} samples in {prepared}, {plan.catch_all_items} an epoch in catch-all")
     print(f"batches; a bare read-by-offset + decode loop with Pillow: {pillow:.1f} samples/s")
@@ -188,7 +209,22 @@ def main() -> None:
                 f"{statistics.median(e.loader for e in plain):6.1f} samples/s, "
                 f"{plain_ratio:.2f}x of {workers} x bare: the pool gives {ratio / plain_ratio:.2f}x"
             )
+            augmented = loader_epochs(data, args.batch_size, workers, args.epochs, augmented=True)
+            augmented_ratio = statistics.median(e.loader / (workers * e.bare) for e in augmented)
+            print(
+                f"      with flips (0.5) and tag shuffling and dropout: "
+                f"{statistics.median(e.loader for e in augmented):6.1f} samples/s, "
+                f"{augmented_ratio:.2f}x of {workers} x bare: {augmented_ratio / ratio:.2f}x of "
+                "the loader without them"
+            )
     print("   (the trainer process converts to float on the CPU here, on the GPU in training)")
+    sampler_costs = {name: sampler_seconds(data, args.batch_size, options)
+                     for name, options in (("plain", {}), ("augmented", AUGMENTED))}  # fmt: skip
+    print(
+        f"   the sampler alone (plan, keys, captions, crops, SDXL's conditioning): "
+        f"{sampler_costs['plain'] * 1e6:.1f} us a sample, with flips and tag augmentation "
+        f"{sampler_costs['augmented'] * 1e6:.1f} us"
+    )
     seconds = first_batch_seconds(prepared, args.workdir, args.index_items, args.batch_size)
     print(f"\n2. time to first batch, {args.index_items:,}-item index: {seconds:.2f} s")
     print("   (reading the index, planning the epoch, starting the workers, loading the batch)")

@@ -172,6 +172,7 @@ class Fitted(NamedTuple):
     image: Image.Image  # RGB, fitted to the bucket (cropped or with its overflow)
     header: Header  # the file's, as `read_header` gives it
     note: str | None  # metadata ignored or colour converted, and how
+    crop: tuple[int, int]  # (left, top) of `image` in the fitted image: (0, 0) when uncropped
 
 
 def fitted_image(
@@ -194,11 +195,12 @@ def fitted_image(
     if header.orientation in ORIENTED:  # after the resize: fewer pixels to move
         pixels = ORIENTED[header.orientation](pixels)
     box = CROPS[crop](scaled, bucket, rng)
+    left, top = 0, 0
     if box is not None:
         left, top, right, bottom = box
         pixels = pixels[top:bottom, left:right]
     note = "; ".join(n for n in (header.note, colour_note) if n) or None
-    return Fitted(Image.fromarray(np.ascontiguousarray(pixels)), header, note)
+    return Fitted(Image.fromarray(np.ascontiguousarray(pixels)), header, note, (left, top))
 
 
 Engine = Callable[[str | bytes, Header, tuple[int, int], tuple[int, int, int]],

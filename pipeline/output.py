@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.sources import split_uri
 
-FORMAT_VERSION = 2  # 2: the index's note column; a caption member for every sample
+FORMAT_VERSION = 2  # 2: the index's note and crop columns; a caption member for every sample
 READABLE_FORMAT_VERSIONS = (1, 2)  # what the trainer's loader reads (it uses no newer column)
 TEMPORARY_MARK = ".tmp-"
 

@@ -75,6 +75,8 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         "caption": caption,
         "stored_width": image.width,
         "stored_height": image.height,
+        "crop_left": fitted.crop[0],
+        "crop_top": fitted.crop[1],
         "note": fitted.note,
     }
     metadata = {

@@ -32,6 +32,8 @@ PART_SCHEMA = pa.schema(
         ("aspect_error", pa.float64()),
         ("stored_width", pa.int32()),
         ("stored_height", pa.int32()),
+        ("crop_left", pa.int32()),  # where the stored image lies in the fitted one (--crop)
+        ("crop_top", pa.int32()),
         ("shard", pa.string()),  # path of the tar relative to OUT
         ("caption", pa.string()),
         ("image_offset", pa.int64()),  # byte offset of the member's data inside the tar

@@ -24,6 +24,8 @@ def main() -> None:
             "rank": step.rank, "epoch": batch.epoch, "step": batch.step, "keys": batch.keys,
             "shape": list(batch.pixels.shape), "loss": step.loss,
             "checksum": float(batch.pixels.double().sum()), "weights": weights,
+            "original_size": batch.original_size.tolist(), "captions": batch.captions,
+            "target_size": batch.target_size.tolist(),
         }  # fmt: skip
         with open(log_path, "a") as file:
             file.write(json.dumps(entry) + "\n")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer.diffusion import load_parts, save_parts, tiny_parts
+from trainer.diffusion import load_parts, save_parts, time_ids, tiny_parts
 from trainer.hypernetwork import (
     Hypernetwork,
     HypernetworkConfig,
@@ -644,3 +644,81 @@ def test_the_whole_unet_can_be_trained_instead(tmp_path, prepared):
     after = type(before).from_pretrained(tmp_path / "unet").state_dict()
     before = before.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the U-Net's weights moved"
+
+
+@pytest.fixture(scope="module")
+def xl_parts():
+    return tiny_parts(seed=1, xl=True)
+
+
+def xl_inputs(parts, original=(64, 128), crop=(0, 0), batch: int = 2):
+    """A U-Net call's inputs for SDXL: its context and added embeddings from two prompts."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn((batch, 3, 32, 64), generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    context, pooled = parts.prompt_encoder().encode(["a cat, " + prompt_of(100)] * batch)
+    sizes = [torch.tensor([size] * batch) for size in (original, crop, (32, 64))]
+    added = {"text_embeds": pooled, "time_ids": time_ids(*sizes)}
+    return pixels, timesteps, context, added
+
+
+def test_sdxl_context_is_both_penultimate_layers_and_the_second_encoders_pooled_first_chunk(
+    xl_parts,
+):
+    texts = ["a cat, " + prompt_of(100), "a dog"]
+    context, pooled = xl_parts.prompt_encoder().encode(texts)
+    first = PromptEncoder(xl_parts.tokenizer, xl_parts.text_encoder)  # end-padded, with the norm
+    assert context.shape == (2, 2 * 77, 64) and pooled.shape == (2, 32)
+    with torch.no_grad():
+        ids = torch.from_numpy(chunk_tokens(Tokenizer()(texts[1:]), 225)[:, :1])
+        states = xl_parts.text_encoder(ids[:, 0], output_hidden_states=True).hidden_states[-2]
+        assert torch.allclose(context[1:, :77, :32], states, atol=1e-5), "no final layer norm"
+        assert not torch.allclose(context[1:, :77, :32], first(texts[1:])[:, :77], atol=1e-3)
+        second = Tokenizer(pad=0)
+        ids2 = chunk_tokens(second(texts[:1]), 225, second.start, second.end, second.pad)
+        assert ids2[0, 1, -2] == 0, "the second tokenizer pads with '!'"
+        output = xl_parts.text_encoder_2(torch.from_numpy(ids2[:, 0]))
+        assert torch.allclose(pooled[:1], output.text_embeds, atol=1e-5), "the first chunk's"
+
+
+def test_sdxl_hears_its_time_ids_and_an_untrained_hypernetwork_changes_nothing(xl_parts):
+    unet = xl_parts.unet
+    pixels, timesteps, context, added = xl_inputs(xl_parts)
+    with torch.no_grad():
+        before = unet(pixels, timesteps, encoder_hidden_states=context, added_cond_kwargs=added)
+        other = xl_inputs(xl_parts, original=(512, 1024), crop=(16, 0))[3]
+        moved = unet(pixels, timesteps, encoder_hidden_states=context, added_cond_kwargs=other)
+        assert not torch.allclose(before.sample, moved.sample), "size and crop conditioning"
+        width = unet.config.cross_attention_dim
+        assert width == 64, "both encoders' widths"
+        for hypernetwork in shared_and_per_depth(unet, width):
+            handles = hypernetwork.attach(unet)
+            after = unet(pixels, timesteps, encoder_hidden_states=context, added_cond_kwargs=added)
+            for handle in handles:
+                handle.remove()
+            assert torch.equal(before.sample, after.sample)
+
+
+@pytest.mark.slow
+def test_a_tiny_sdxl_checkpoint_trains_a_hypernetwork_and_samples(tmp_path, prepared):
+    """SDXL from --pretrained: trained from the batches' conditioning, then rendered."""
+    save_parts(tiny_parts(seed=4, xl=True), tmp_path / "sdxl")
+    assert load_parts(tmp_path / "sdxl").xl
+    run = [sys.executable, "trainer/train.py", f"--data={prepared}", "--model=sdxl",
+           f"--pretrained={tmp_path / 'sdxl'}", f"--out-dir={tmp_path / 'out'}", "--max-steps=3",
+           "--num-workers=0", "--flip=0.5"]  # fmt: skip
+    subprocess.run(run, cwd=REPO, check=True, timeout=300)
+    assert load(tmp_path / "out" / "hypernetwork.safetensors").config.widths == (64,)
+    refused = subprocess.run(
+        [*run[:3], "--model=sd", *run[4:]], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode != 0 and "--model sdxl" in refused.stderr
+    out = tmp_path / "image.png"
+    subprocess.run(
+        [sys.executable, "trainer/sample.py", f"--pretrained={tmp_path / 'sdxl'}",
+         "--prompt=a cat", f"--hypernetwork={tmp_path / 'out' / 'hypernetwork.safetensors'}",
+         "--steps=2", "--width=64", "--height=32", "--original-size", "64", "128",
+         f"--out={out}"],
+        cwd=REPO, check=True, timeout=300,
+    )  # fmt: skip
+    assert Image.open(out).size == (64, 32)

@@ -156,7 +156,7 @@ def test_loader_batches_and_resume_in_process(prepared):
     assert all(b.pixels.dtype == torch.float32 and b.pixels.shape[:2] == (4, 3) for b in full)
     assert all(b.pixels.min() >= -1.0 and b.pixels.max() <= 1.0 for b in full)
     assert all(c.startswith("caption ") for b in full for c in b.captions)
-    plan = batches.plan()
+    plan = batches.plan()[0]
     for batch, bucket in zip(full, plan.bucket, strict=True):
         assert tuple(batch.pixels.shape[2:][::-1]) == tuple(data.buckets[bucket])
     batches.set_epoch(0, start_step=3)
@@ -372,3 +372,24 @@ def test_more_shards_than_open_files_allowed(tmp_path):
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "read 400" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_sdxl_with_each_batchs_conditioning(prepared, tmp_path):
+    """A tiny SDXL, hypernetwork per depth, flips and shuffled tags, 2 ranks in step."""
+    runs = torchrun(
+        2, prepared, tmp_path, "--model=sdxl", "--epochs=2", "--batch-size=3", "--lr=1e-2",
+        "--flip=0.5", "--shuffle-tags", "--caption-dropout=0",
+    )  # fmt: skip
+    first, second = runs[0], runs[1]
+    assert len(first) == len(second) > 4
+    rows = {row["key"]: row for row in PreparedData(prepared).index.to_pylist()}
+    for a, b in zip(first, second, strict=True):
+        assert a["weights"] == b["weights"], "the ranks' hypernetworks agree after every step"
+        for entry in (a, b):
+            assert np.isfinite(entry["loss"])
+            for key, size, target in zip(entry["keys"], entry["original_size"],
+                                         entry["target_size"], strict=True):  # fmt: skip
+                assert size == [rows[key]["height"], rows[key]["width"]]
+                assert target == entry["shape"][2:]
+    assert (tmp_path / "checkpoints" / "hypernetwork.safetensors").exists()

@@ -1,25 +1,25 @@
 """Reading a prepared dataset for training: the source's per-epoch plan, one resolution a batch.
 
-    data = PreparedData("OUT")
+    data = PreparedData("OUT")          # or trainer.mixture.Mixture: several, with weights
     batches = EpochBatches(data, batch_size=4, world_size=world, rank=rank, seed=0)
     loader = make_loader(data, batches, num_workers=4)
     for epoch in range(epochs):
         batches.set_epoch(epoch)
         for batch in loader:            # batch.pixels: float [B, 3, H, W] in [-1, 1]
-            ...                         # batch.captions, batch.keys, batch.epoch, batch.step
+            ...                         # batch.captions, batch.keys, SDXL's batch.original_size...
 
 Every rank plans the epoch itself with `pipeline.plan.plan_epoch` (no communication), so every
 rank gets the same number of batches, for any world size on the same prepared data. Samples are
 read by byte range from the index (no tar scan); only the image, decoded by libjpeg-turbo or
-Pillow, and the caption, from the index, are used: nothing in a shard is ever unpickled. The
-random crop of each image's overflow is seeded by (seed, epoch, key), so a rerun or a resume sees
-the same pixels.
+Pillow, and the caption, from the index, are used: nothing in a shard is ever unpickled. Crops,
+flips, caption augmentations and SDXL's conditioning are decided in the trainer's process from
+the index (trainer/augment.py), seeded by (seed, epoch, key), so a rerun or a resume sees the
+same pixels and captions.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import itertools
 import math
@@ -32,14 +32,17 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from pipeline.fit import crop_box, fit
+from pipeline.fit import fit
 from pipeline.output import Manifest, OutputDir
 from pipeline.plan import RankPlan, plan_epoch
+from trainer.augment import CaptionOptions, caption, view
 from trainer.batch_pool import Lease, TrainerPool, WorkerPool
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
 FLOAT_BUFFERS = 3  # reused float batches on the CPU: the one trained on, the next, one spare
-INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket"]
+INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket", "width",
+                 "height", "stored_width", "stored_height"]  # fmt: skip
+CROP_COLUMNS = ["crop_left", "crop_top"]  # format 2: where --crop cut the stored image
 OPEN_SHARDS = 16  # shard files a worker keeps open: 10M images are 10,000 shards, over ulimit -n
 
 
@@ -52,7 +55,9 @@ class PreparedData:
         if manifest is None:
             raise ValueError(f"{self.root} is not a complete prepared dataset: no manifest.json")
         self.buckets = np.array(manifest.buckets, dtype=np.int64)
-        self.index = pq.read_table(self.root / "index.parquet", columns=INDEX_COLUMNS)
+        path = self.root / "index.parquet"
+        cropped = set(CROP_COLUMNS) <= set(pq.read_schema(path).names)
+        self.index = pq.read_table(path, columns=INDEX_COLUMNS + (CROP_COLUMNS * cropped))
         self.bucket = self.index["bucket"].to_numpy()
         # Where each sample's image lies, as numbers: what a worker reads per sample.
         shards = self.index["shard"].combine_chunks().dictionary_encode()
@@ -60,17 +65,51 @@ class PreparedData:
         self.shard = shards.indices.to_numpy()
         self.image_offset = self.index["image_offset"].to_numpy()
         self.image_size = self.index["image_size"].to_numpy()
+        # What the sampler decides crops and conditioning from: (width, height) pairs.
+        self.original = self._pairs("width", "height")
+        self.stored = self._pairs("stored_width", "stored_height")
+        self.prepare_crop = self._pairs(*CROP_COLUMNS) if cropped else np.zeros_like(self.stored)
+
+    def _pairs(self, first: str, second: str) -> np.ndarray:
+        return np.stack([self.index[first].to_numpy(), self.index[second].to_numpy()], axis=1)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def keys(self, items: np.ndarray) -> list[str]:
+        return self.index["key"].take(items).to_pylist()
+
+    def captions(self, items: np.ndarray) -> list[str]:
+        """ "" where an image has no caption."""
+        return [c or "" for c in self.index["caption"].take(items).to_pylist()]
+
+    def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(items, copy numbers) of an epoch: every image once."""
+        return np.arange(len(self), dtype=np.int64), np.zeros(len(self), dtype=np.int64)
+
 
 class Batch(NamedTuple):
     pixels: torch.Tensor | None  # [B, 3, H, W] float32 in [-1, 1]; None from a worker
-    captions: list[str]  # "" where an image has no caption
+    captions: list[str]  # "" where an image has no caption; tags augmented if asked
     keys: list[str]
     epoch: int
     step: int  # position of this batch in the rank's epoch; resume from step + 1
+    # SDXL's micro-conditioning, int64 [B, 2] each, as diffusers names it (trainer/augment.py),
+    # NumPy from a worker (a tensor would cross in a shared-memory file of its own):
+    original_size: torch.Tensor  # (height, width) of each source
+    crop_top_left: torch.Tensor  # (top, left) of its window in the fitted source
+    target_size: torch.Tensor  # (height, width) of the bucket
+    flipped: torch.Tensor  # bool [B]: mirrored left to right (--flip)
+
+    def as_tensors(self, pixels: torch.Tensor) -> Batch:
+        """This batch from a worker, with its pixels and its conditioning as tensors."""
+        return self._replace(
+            pixels=pixels,
+            original_size=torch.from_numpy(self.original_size),
+            crop_top_left=torch.from_numpy(self.crop_top_left),
+            target_size=torch.from_numpy(self.target_size),
+            flipped=torch.from_numpy(self.flipped),
+        )
 
 
 class BatchPlan(NamedTuple):
@@ -87,6 +126,10 @@ class BatchPlan(NamedTuple):
     keys: list[str]
     captions: list[str]  # "" where an image has no caption
     iteration: int  # how many times the sampler has been iterated, this one included
+    sizes: list[tuple[int, int]]  # (width, height) each stored image is fitted to
+    crops: list[tuple[int, int]]  # (left, top) of each window in it (trainer/augment.py)
+    flips: list[bool]
+    conditioning: np.ndarray  # [B, 3, 2]: original_size, crop_top_left, target_size
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -102,38 +145,68 @@ class EpochBatches(torch.utils.data.Sampler):
         world_size: int | None = None,
         rank: int | None = None,
         seed: int = 0,
+        flip: float = 0.0,
+        captions: CaptionOptions | None = None,
     ):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if world_size is None:
             world_size = torch.distributed.get_world_size() if distributed else 1
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
+        if not 0 <= flip <= 1:
+            raise ValueError(f"--flip must be a probability in [0, 1], got {flip}")
         self.data, self.batch_size, self.world_size, self.rank, self.seed = (
             data, batch_size, world_size, rank, seed
         )  # fmt: skip
+        self.flip, self.caption_options = flip, captions or CaptionOptions()
         self.epoch, self.start_step, self.iterations = 0, 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Plan `epoch`; begin at `start_step` to resume mid-epoch without replaying it."""
         self.epoch, self.start_step = epoch, start_step
 
-    def plan(self) -> RankPlan:
-        return plan_epoch(
-            self.data.bucket, self.batch_size, self.world_size, self.rank, self.seed, self.epoch
-        )
+    def plan(self) -> tuple[RankPlan, np.ndarray, np.ndarray]:
+        """This rank's plan over the epoch's list, and the list: (items, copy numbers)."""
+        items, copies = self.data.epoch_items(self.seed, self.epoch)
+        plan = plan_epoch(
+            self.data.bucket[items], self.batch_size, self.world_size, self.rank, self.seed,
+            self.epoch,
+        )  # fmt: skip
+        return plan, items, copies
 
     def __len__(self) -> int:
-        return max(0, len(self.plan()) - self.start_step)
+        return max(0, len(self.plan()[0]) - self.start_step)
 
     def __iter__(self):
         self.iterations += 1
-        iteration, plan = self.iterations, self.plan()
+        iteration, (plan, epoch_items, epoch_copies) = self.iterations, self.plan()
         for step in range(self.start_step, len(plan)):
-            items = plan.items[step]
-            keys = self.data.index["key"].take(items).to_pylist()
-            captions = [c or "" for c in self.data.index["caption"].take(items).to_pylist()]
+            items, copies = epoch_items[plan.items[step]], epoch_copies[plan.items[step]]
             bucket = int(plan.bucket[step])
-            yield BatchPlan(self.epoch, step, items, bucket, keys, captions, iteration)
+            yield self._batch(step, items, copies, bucket, iteration)
+
+    def _batch(self, step: int, items, copies, bucket: int, iteration: int) -> BatchPlan:
+        data, seed, epoch = self.data, self.seed, self.epoch
+        keys = data.keys(items)
+        captions = [
+            caption(text, self.caption_options, seed, epoch, key, int(copy))
+            for text, key, copy in zip(data.captions(items), keys, copies, strict=True)
+        ]
+        size = tuple(int(v) for v in data.buckets[bucket])
+        views = [
+            view(tuple(data.stored[item]), tuple(data.buckets[data.bucket[item]]), size,
+                 tuple(data.original[item]), tuple(data.prepare_crop[item]), seed, epoch, key,
+                 int(copy), self.flip)
+            for item, key, copy in zip(items, keys, copies, strict=True)
+        ]  # fmt: skip
+        conditioning = np.array(
+            [(v.original_size, v.crop_top_left, v.target_size) for v in views], dtype=np.int64
+        )
+        return BatchPlan(
+            epoch, step, items, bucket, keys, captions, iteration,
+            [v.size for v in views], [v.crop for v in views], [v.flip for v in views],
+            conditioning,
+        )  # fmt: skip
 
 
 def decode_rgb(data: bytes, scratch: np.ndarray | None = None) -> np.ndarray:
@@ -165,6 +238,7 @@ class PixelLayout(NamedTuple):
     row_bytes: tuple[int, ...]
     size: int  # bytes used, from the buffer's start
     lease: Lease  # the buffer, or its number in its worker's pool (batch_pool.py)
+    flips: tuple[bool, ...]  # windows to mirror left to right as they are converted
 
 
 class BatchReader(torch.utils.data.Dataset):
@@ -175,8 +249,8 @@ class BatchReader(torch.utils.data.Dataset):
     into a fresh buffer a batch, which the DataLoader moves to shared memory to cross.
     """
 
-    def __init__(self, data: PreparedData, seed: int, returns: list | None = None):
-        self.data, self.seed, self.returns = data, seed, returns
+    def __init__(self, data: PreparedData, returns: list | None = None):
+        self.data, self.returns = data, returns
         self._files: collections.OrderedDict = collections.OrderedDict()  # shard -> open file
         self._pool: WorkerPool | None = None  # in a worker process, made on its first batch
         self._scratch = np.empty(0, dtype=np.uint8)  # JPEGs to re-fit
@@ -207,20 +281,26 @@ class BatchReader(torch.utils.data.Dataset):
             self._pool = WorkerPool(worker.id, self.returns[worker.id], POOL_BUFFERS, room)
         return self._pool.lend(size, iteration)
 
-    def _fitted(self, data: bytes, bucket: tuple[int, int], crop_seed: bytes, out: np.ndarray):
+    def _fitted(
+        self,
+        data: bytes,
+        bucket: tuple[int, int],
+        scaled: tuple[int, int],
+        crop: tuple[int, int],
+        out: np.ndarray,
+    ):
         """Decode an image not decoded in place (not a JPEG, or asked for another bucket than
-        the one it was stored for) and write its bucket-sized crop, re-fitted if need be, to
-        `out`."""
+        the one it was stored for), fit it to `scaled` (width, height) if it is not that size,
+        and write its bucket-sized window at `crop` (left, top) to `out`."""
         bucket_w, bucket_h = bucket
         image = decode_rgb(data, self._scratch)
         if image.size > self._scratch.size:  # decoded afresh: grow the scratch for the next
             self._scratch = np.empty(image.size, dtype=np.uint8)
         height, width = image.shape[:2]
-        scaled = fit(width, height, bucket_w, bucket_h)
-        left, top, right, bottom = crop_box(*scaled, bucket_w, bucket_h, crop_seed)
+        left, top = crop
         target = out.reshape(bucket_h, bucket_w, 3)
         if scaled == (width, height):  # not a JPEG: a Pillow-decoded array, cropped
-            target[:] = image[top:bottom, left:right]
+            target[:] = image[top : top + bucket_h, left : left + bucket_w]
             return
         # Stored fitted to its own bucket; a catch-all batch asks for another one. Torch's
         # uint8 bicubic with antialiasing: Pillow's filter, 4x faster than its Lanczos (measured).
@@ -230,43 +310,46 @@ class BatchReader(torch.utils.data.Dataset):
             mode="bicubic",
             antialias=True,
         )
-        target[:] = resized[0].permute(1, 2, 0)[top:bottom, left:right].numpy()
+        window = resized[0].permute(1, 2, 0)[top : top + bucket_h, left : left + bucket_w]
+        target[:] = window.numpy()
 
     def __getitem__(self, batch: BatchPlan) -> tuple[Batch, PixelLayout]:
         """The batch without its pixels, and where they lie (see `PixelLayout`, `Loader`).
 
         A JPEG stored at a size that covers the bucket (the prepare job's fitted size, or a
         catch-all batch asking for its own bucket) is decoded straight into the buffer, overflow
-        and all, and its crop is described; anything else is decoded and re-fitted into a
-        bucket-sized place.
+        and all, and its window is described; anything else is decoded and re-fitted into a
+        bucket-sized place. Windows are the sampler's (`BatchPlan.crops`).
         """
         bucket = tuple(int(v) for v in self.data.buckets[batch.bucket])
         encoded = [self._read(int(item)) for item in batch.items]
-        crop_seeds = [
-            hashlib.blake2b(f"{self.seed}:{batch.epoch}:{key}".encode(), digest_size=16).digest()
-            for key in batch.keys
-        ]
         sizes = [_in_place_size(data, bucket) for data in encoded]  # None: re-fit
         places = [bucket if size is None else size for size in sizes]  # (width, height)
         ends = list(itertools.accumulate(width * height * 3 for width, height in places))
         buffer, lease = self._output(ends[-1], len(batch.items), batch.iteration)
         flat = buffer.numpy()
         starts, row_bytes = [], []
-        for data, size, (width, height), seed, end in zip(
-            encoded, sizes, places, crop_seeds, ends, strict=True
+        for data, size, (width, height), scaled, crop, end in zip(
+            encoded, sizes, places, batch.sizes, batch.crops, ends, strict=True
         ):
             begin = end - width * height * 3
-            if size is None:  # re-fitted into a bucket-sized place: all of it is the crop
-                self._fitted(data, bucket, seed, flat[begin:end])
+            if size is None:  # re-fitted into a bucket-sized place: all of it is the window
+                self._fitted(data, bucket, scaled, crop, flat[begin:end])
                 left = top = 0
             else:
                 decode_rgb(data, flat[begin:end])
-                left, top = crop_box(width, height, *bucket, seed)[:2]
+                left, top = crop
             starts.append(begin + (top * width + left) * 3)
             row_bytes.append(width * 3)
         shape = (len(batch.items), bucket[1], bucket[0], 3)
-        layout = PixelLayout(shape, tuple(starts), tuple(row_bytes), ends[-1], lease)
-        return Batch(None, batch.captions, batch.keys, batch.epoch, batch.step), layout
+        layout = PixelLayout(
+            shape, tuple(starts), tuple(row_bytes), ends[-1], lease, tuple(batch.flips)
+        )
+        conditioning = batch.conditioning
+        return Batch(
+            None, batch.captions, batch.keys, batch.epoch, batch.step, conditioning[:, 0],
+            conditioning[:, 1], conditioning[:, 2], np.array(batch.flips, dtype=bool),
+        ), layout  # fmt: skip
 
     def __len__(self) -> int:  # a DataLoader asks; the sampler decides what is read
         return len(self.data)
@@ -295,8 +378,11 @@ def to_float(
         out = torch.empty(layout.shape, device=buffer.device)
     out = out[: math.prod(layout.shape)].view(layout.shape)
     base = buffer.storage_offset()
-    for sample, start, row in zip(out, layout.starts, layout.row_bytes, strict=True):
-        sample.copy_(buffer.as_strided(layout.shape[1:], (row, 3, 1), base + start))
+    for sample, start, row, flip in zip(
+        out, layout.starts, layout.row_bytes, layout.flips, strict=True
+    ):
+        window = buffer.as_strided(layout.shape[1:], (row, 3, 1), base + start)
+        sample.copy_(window.flip(1) if flip else window)
     return out.mul_(1 / 127.5).sub_(1.0).permute(0, 3, 1, 2)
 
 
@@ -356,7 +442,7 @@ class Loader:
             pixels = to_float(buffer, layout, self._float_buffer(math.prod(layout.shape)))
             if self.pool is not None:  # converted or copied off: free to write again
                 self.pool.hand_back(lease)
-            yield batch._replace(pixels=pixels)
+            yield batch.as_tensors(pixels)
 
 
 def _as_loaded(loaded: tuple[Batch, PixelLayout]) -> tuple[Batch, PixelLayout]:
@@ -386,7 +472,7 @@ def make_loader(
     context = torch.multiprocessing.get_context(start_method)
     returns = [context.Queue() for _ in range(num_workers)] if num_workers and pooled else None
     dataloader = torch.utils.data.DataLoader(
-        BatchReader(data, batches.seed, returns),
+        BatchReader(data, returns),
         sampler=batches,
         batch_size=None,  # the sampler yields whole batches
         collate_fn=_as_loaded,

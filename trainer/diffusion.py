@@ -1,8 +1,12 @@
-"""A Stable Diffusion 1.x-style model for the trainer: a diffusers U-Net conditioned by CLIP.
+"""Stable Diffusion 1.x and SDXL models for the trainer: a diffusers U-Net conditioned by CLIP.
 
 `load_parts(folder)` reads a checkpoint in diffusers layout from a local folder (unet/,
-text_encoder/, and vae/, scheduler/, tokenizer/ where present); `tiny_parts()` builds tiny
-random-initialised ones for tests and smoke runs. Nothing is ever downloaded.
+text_encoder/, and vae/, scheduler/, tokenizer/ where present; SDXL's text_encoder_2/ and
+tokenizer_2/ make it SDXL); `tiny_parts()` builds tiny random-initialised ones of either
+architecture for tests and smoke runs. Nothing is ever downloaded.
+
+SDXL's U-Net is also told each sample's original size, crop and target size (its "time ids",
+from the batch: trainer/augment.py) and the pooled text embedding of its second encoder.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from trainer.hypernetwork import Hypernetwork
-from trainer.prompts import END, START, PromptEncoder, Tokenizer
+from trainer.prompts import END, START, PromptEncoder, SDXLPromptEncoder, Tokenizer
+
+SDXL_PAD = 0  # SDXL's second tokenizer pads with "!", id 0
 
 
 @dataclass
@@ -26,6 +32,21 @@ class Parts:
     vae: AutoencoderKL | None  # None: the U-Net works on pixels
     scheduler: DDPMScheduler
     tokenizer: Tokenizer
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second encoder
+    tokenizer_2: Tokenizer | None = None
+
+    @property
+    def xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def prompt_encoder(self, max_tokens: int = 225, clip_skip: int = 2, layout: str = "full"):
+        """The prompt encoder for these parts: `encode(texts)` gives (context, pooled or None)."""
+        if self.xl:
+            return SDXLPromptEncoder(
+                (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2),
+                max_tokens, clip_skip, layout,
+            )  # fmt: skip
+        return PromptEncoder(self.tokenizer, self.text_encoder, max_tokens, clip_skip, layout)
 
 
 def sd_scheduler() -> DDPMScheduler:
@@ -35,20 +56,25 @@ def sd_scheduler() -> DDPMScheduler:
     )
 
 
-def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32) -> Parts:
-    """Tiny random models of SD 1.x's architecture (CLIP vocabulary and all), for tests.
+def _tiny_clip(width: int, projection: bool = False) -> nn.Module:
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=START, eos_token_id=END,
+        pad_token_id=END, projection_dim=width,
+    )  # fmt: skip
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32, xl: bool = False) -> Parts:
+    """Tiny random models of SD 1.x's architecture, or SDXL's (`xl`: two text encoders, added
+    time and text embeddings), CLIP's vocabulary and all, for tests.
 
     Without a VAE the U-Net works on pixels, with its first level attention-free (as SD's VAE
     spares SD): small images only, as in tests.
     """
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408, hidden_size=width, intermediate_size=2 * width,
-            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
-            bos_token_id=START, eos_token_id=END, pad_token_id=END,
-        )
-    )  # fmt: skip
+    text_encoder = _tiny_clip(width)
+    text_encoder_2 = _tiny_clip(width, projection=True) if xl else None
     vae = None
     if with_vae:
         vae = AutoencoderKL(
@@ -56,14 +82,19 @@ def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32) -> Parts:
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         )  # fmt: skip
     channels = 4 if with_vae else 3
+    added = {}
+    if xl:  # SDXL's: text embeds and six time ids, each time id embedded in 8 (256 in SDXL)
+        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": width + 6 * 8}  # fmt: skip
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(16, 32, 64), norm_num_groups=8, cross_attention_dim=width,
-        attention_head_dim=8,
+        block_out_channels=(16, 32, 64), norm_num_groups=8,
+        cross_attention_dim=2 * width if xl else width, attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **added,
     )  # fmt: skip
-    return Parts(unet, text_encoder, vae, sd_scheduler(), Tokenizer())
+    second = Tokenizer(pad=SDXL_PAD) if xl else None
+    return Parts(unet, text_encoder, vae, sd_scheduler(), Tokenizer(), text_encoder_2, second)
 
 
 def load_parts(folder: str | Path) -> Parts:
@@ -74,6 +105,12 @@ def load_parts(folder: str | Path) -> Parts:
     local = {"local_files_only": True}
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", **local)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **local)
+    text_encoder_2, tokenizer_2 = None, None
+    if (folder / "text_encoder_2").is_dir():  # SDXL
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", **local
+        )
+        tokenizer_2 = Tokenizer(folder, "tokenizer_2", pad=SDXL_PAD)
     vae = (
         AutoencoderKL.from_pretrained(folder / "vae", **local)
         if (folder / "vae").is_dir()
@@ -84,7 +121,7 @@ def load_parts(folder: str | Path) -> Parts:
         if (folder / "scheduler").is_dir()
         else sd_scheduler()
     )
-    return Parts(unet, text_encoder, vae, scheduler, Tokenizer(folder))
+    return Parts(unet, text_encoder, vae, scheduler, Tokenizer(folder), text_encoder_2, tokenizer_2)
 
 
 def save_parts(parts: Parts, folder: str | Path) -> None:
@@ -92,34 +129,51 @@ def save_parts(parts: Parts, folder: str | Path) -> None:
     folder = Path(folder)
     parts.unet.save_pretrained(folder / "unet")
     parts.text_encoder.save_pretrained(folder / "text_encoder")
+    if parts.text_encoder_2 is not None:
+        parts.text_encoder_2.save_pretrained(folder / "text_encoder_2")
     parts.scheduler.save_pretrained(folder / "scheduler")
     if parts.vae is not None:
         parts.vae.save_pretrained(folder / "vae")
 
 
+def time_ids(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor
+) -> torch.Tensor:
+    """SDXL's added time ids [B, 6]: original (h, w), crop (top, left), target (h, w), in pixels,
+    as diffusers' SDXL pipeline and training script build them."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
+
+
 class Diffusion(nn.Module):
     """Noise-prediction training of the U-Net, or of a hypernetwork on the frozen U-Net.
 
-    `forward` returns the loss, so DistributedDataParallel wraps it like any model. The text
-    encoder and the VAE stay frozen, as in the source's training.
+    `forward(batch, generator)` returns the loss, so DistributedDataParallel wraps it like any
+    model. The text encoders and the VAE stay frozen, as in the source's training.
     """
 
     def __init__(
         self,
         parts: Parts,
-        prompts: PromptEncoder,
+        prompts: PromptEncoder | SDXLPromptEncoder,
         hypernetwork: Hypernetwork | None = None,
         caption_dropout: float = 0.0,
     ):
         super().__init__()
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
+        self.text_encoder_2 = parts.text_encoder_2
         self.scheduler, self.prompts, self.caption_dropout = (
             parts.scheduler, prompts, caption_dropout
         )  # fmt: skip
         self.hypernetwork = hypernetwork
-        for frozen in (self.text_encoder, self.vae, self.unet if hypernetwork else None):
-            if frozen is not None:
-                frozen.requires_grad_(False)
+        frozen = (
+            self.text_encoder,
+            self.text_encoder_2,
+            self.vae,
+            self.unet if hypernetwork else None,
+        )
+        for module in frozen:
+            if module is not None:
+                module.requires_grad_(False)
         if hypernetwork is not None:
             hypernetwork.attach(self.unet)
 
@@ -130,13 +184,13 @@ class Diffusion(nn.Module):
         distribution = self.vae.encode(pixels).latent_dist
         return distribution.sample(generator) * self.vae.config.scaling_factor
 
-    def forward(
-        self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator
-    ) -> torch.Tensor:
+    def forward(self, batch, generator: torch.Generator) -> torch.Tensor:
+        """The loss on a `trainer.data.Batch` (pixels, captions; SDXL: its size conditioning)."""
+        captions = batch.captions
         dropped = torch.rand(len(captions), generator=generator) < self.caption_dropout
         kept = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
-        context = self.prompts(kept)
-        latents = self.latents(pixels, generator)
+        context, pooled = self.prompts.encode(kept)
+        latents = self.latents(batch.pixels, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(latents),), generator=generator)
@@ -146,7 +200,13 @@ class Diffusion(nn.Module):
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        added = None
+        if pooled is not None:
+            ids = time_ids(batch.original_size, batch.crop_top_left, batch.target_size)
+            added = {"text_embeds": pooled, "time_ids": ids.to(latents.device)}
+        prediction = self.unet(
+            noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added
+        ).sample
         loss = nn.functional.mse_loss(prediction.float(), target.float())
         if self.hypernetwork is not None:
             loss = loss + self.hypernetwork.penalty()

@@ -4,8 +4,11 @@
         [--hypernetwork out/hypernetwork.safetensors] [--negative "..."] [--scale 7]
 
 The prompt and the unconditional (negative) prompt are encoded in one batch, so both get the
-same number of 75-token chunks; the guided prediction is uc + (prompt - uc) * scale. Without
---pretrained, tiny random models (a smoke test: the image is noise).
+same number of 75-token chunks; the guided prediction is uc + (prompt - uc) * scale. An SDXL
+checkpoint (one with text_encoder_2/) is also told the original size, crop and target size you
+choose (`--original-size`, `--crop-top-left`; by default the image's size and no crop: a whole,
+uncropped picture). Without --pretrained, tiny random models (`--xl` for SDXL's; a smoke test:
+the image is noise).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from trainer.diffusion import Parts, load_parts, tiny_parts
+from pipeline.cli import HelpFormatter
+from trainer.diffusion import Parts, load_parts, time_ids, tiny_parts
 from trainer.hypernetwork import Hypernetwork
 from trainer.hypernetwork import load as load_hypernetwork
-from trainer.prompts import PromptEncoder
 
 
 @torch.no_grad()
@@ -38,17 +41,27 @@ def sample(
     max_tokens: int = 225,
     clip_skip: int = 2,
     layout: str = "full",
+    original_size: tuple[int, int] | None = None,
+    crop_top_left: tuple[int, int] = (0, 0),
 ) -> Image.Image:
     """One image from `prompt`: DDIM steps on the U-Net with classifier-free guidance.
 
-    The hypernetwork renders in eval mode (no dropout) whatever its mode; its mode is restored.
+    SDXL parts are conditioned on `original_size` (height, width; default the image's),
+    `crop_top_left` (top, left) and the image's size as the target. The hypernetwork renders in
+    eval mode (no dropout) whatever its mode; its mode is restored.
     """
     device = next(parts.unet.parameters()).device
     training = hypernetwork is not None and hypernetwork.training
     handles = hypernetwork.to(device).eval().attach(parts.unet) if hypernetwork is not None else []
     try:
-        encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, max_tokens, clip_skip, layout)
-        unconditional, conditional = encoder([negative, prompt]).chunk(2)
+        context, pooled = parts.prompt_encoder(max_tokens, clip_skip, layout).encode(
+            [negative, prompt]
+        )  # unconditional first
+        added = None
+        if pooled is not None:
+            sizes = [original_size or (height, width), crop_top_left, (height, width)]
+            ids = time_ids(*(torch.tensor([size, size]) for size in sizes)).to(device)
+            added = {"text_embeds": pooled, "time_ids": ids}
         scheduler = DDIMScheduler.from_config(parts.scheduler.config)
         scheduler.set_timesteps(steps)
         factor = 2 ** (len(parts.vae.config.block_out_channels) - 1) if parts.vae else 1
@@ -57,10 +70,12 @@ def sample(
         shape = (1, channels, height // factor, width // factor)
         latents = torch.randn(shape, generator=generator).to(device)
         latents = latents * scheduler.init_noise_sigma
-        context = torch.cat([unconditional, conditional])
         for timestep in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-            uc, c = parts.unet(model_input, timestep, encoder_hidden_states=context).sample.chunk(2)
+            prediction = parts.unet(
+                model_input, timestep, encoder_hidden_states=context, added_cond_kwargs=added
+            ).sample
+            uc, c = prediction.chunk(2)
             latents = scheduler.step(uc + (c - uc) * scale, timestep, latents).prev_sample
         if parts.vae is not None:
             pixels = parts.vae.decode(latents / parts.vae.config.scaling_factor).sample
@@ -76,32 +91,48 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--prompt", required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--prompt", required=True, help="the prompt, up to --max-tokens")
     parser.add_argument("--negative", default="", help="the unconditional prompt")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--pretrained", help="diffusers-layout folder; default: tiny random")
     parser.add_argument("--hypernetwork", help=".safetensors (ours) or .pt (AUTOMATIC1111)")
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--xl", action="store_true", help="without --pretrained: tiny SDXL")
+    parser.add_argument("--width", type=int, default=512, help="image width in pixels")
+    parser.add_argument("--height", type=int, default=512, help="image height in pixels")
+    parser.add_argument(
+        "--original-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="SDXL: the size to condition on (none: the image's)",
+    )
+    parser.add_argument(
+        "--crop-top-left",
+        type=int,
+        nargs=2,
+        metavar=("TOP", "LEFT"),
+        default=(0, 0),
+        help="SDXL: the crop to condition on",
+    )
+    parser.add_argument("--steps", type=int, default=28, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=225)
-    parser.add_argument("--clip-skip", type=int, default=2)
-    parser.add_argument("--prompt-layout", default="full", choices=["full", "trimmed"])
+    parser.add_argument("--seed", type=int, default=0, help="the starting noise")
+    parser.add_argument("--max-tokens", type=int, default=225, help="prompt limit, x75")
+    parser.add_argument("--clip-skip", type=int, default=2, help="2: CLIP's penultimate layer")
+    parser.add_argument("--prompt-layout", default="full", choices=["full", "trimmed"],
+                        help="how 75-token chunks are laid out (trainer/prompts.py)")  # fmt: skip
     args = parser.parse_args(argv)
-    parts = load_parts(args.pretrained) if args.pretrained else tiny_parts(args.seed)
+    parts = load_parts(args.pretrained) if args.pretrained else tiny_parts(args.seed, xl=args.xl)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for module in (parts.unet, parts.text_encoder, parts.vae):
+    for module in (parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae):
         if module is not None:
             module.to(device).eval()
     hypernetwork = load_hypernetwork(args.hypernetwork) if args.hypernetwork else None
     image = sample(
         parts, args.prompt, args.negative, args.width, args.height, args.steps, args.scale,
         args.seed, hypernetwork, args.max_tokens, args.clip_skip, args.prompt_layout,
+        tuple(args.original_size) if args.original_size else None, tuple(args.crop_top_left),
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)

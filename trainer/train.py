@@ -9,12 +9,17 @@ One process without torchrun:
     python trainer/train.py --data OUT
 
 Models (`--model`): `conv`, a small fully convolutional denoiser trained to predict the noise
-added to an image (any resolution goes through it; a smoke test of the data path), and `sd`, a
+added to an image (any resolution goes through it; a smoke test of the data path); `sd`, a
 Stable Diffusion 1.x U-Net conditioned by CLIP with the source's techniques: prompts of up to 225
 tokens, the penultimate CLIP layer, and hypernetworks on cross-attention's k and v (trained alone
-on the frozen base, the source's use, or `--train-part unet`). `--pretrained DIR` loads a local
-diffusers-layout checkpoint; without it, tiny random models. Every model's forward returns its
-loss, so `MODELS` is the one place another model plugs in.
+on the frozen base, the source's use, or `--train-part unet`); `sdxl`, the same on SDXL's U-Net
+with its two text encoders and its size and crop conditioning from every batch. `--pretrained
+DIR` loads a local diffusers-layout checkpoint; without it, tiny random models. Every model's
+forward(batch, generator) returns its loss, so `MODELS` is the one place another model plugs in.
+
+Data: `--data A --data B:3` trains on several prepared datasets at once, B's images three times
+an epoch (fractional weights take a share a epoch); `--flip`, `--shuffle-tags`, `--keep-tokens`,
+`--tag-dropout` are kohya-ss's augmentations, deterministic in (seed, epoch, image).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cli import HelpFormatter
-from trainer.data import Batch, EpochBatches, PreparedData, make_loader
+from trainer.augment import CaptionOptions
+from trainer.data import Batch, EpochBatches, make_loader
 from trainer.hypernetwork import ACTIVATIONS
+from trainer.mixture import open_datasets
 from trainer.prompts import LAYOUTS
 
 
@@ -49,7 +56,11 @@ def _option(default, help: str):
 class Config:
     """Everything a run needs, validated once: a ValueError names the option at fault."""
 
-    data: str = _option("", "a prepared dataset (jobs/prepare.py --output)")
+    data: tuple[str, ...] = _option(
+        (),
+        "a prepared dataset (jobs/prepare.py --output); repeat for several, PATH:WEIGHT for "
+        "repeats (3: three times an epoch, 0.5: half of it)",
+    )
     out_dir: str = _option("checkpoints", "where rank 0 writes checkpoints and results")
     batch_size: int = _option(4, "images per batch on each rank")
     epochs: int = _option(1, "epochs to train")
@@ -60,7 +71,11 @@ class Config:
     checkpoint_every: int = _option(100, "steps between checkpoints (and one at the end)")
     resume: bool = _option(False, "continue from OUT_DIR/checkpoint.pt exactly where it stopped")
     log_every: int = _option(10, "steps between log lines")
-    model: str = _option("conv", "conv (a small denoiser, a smoke test) or sd (U-Net + CLIP)")
+    flip: float = _option(0.0, "probability of a horizontal flip of each sample")
+    shuffle_tags: bool = _option(False, "shuffle each caption's comma-separated tags every epoch")
+    keep_tokens: int = _option(0, "the first N tags stay in place and are never dropped")
+    tag_dropout: float = _option(0.0, "drop each other tag with this probability")
+    model: str = _option("conv", "conv (a small denoiser, a smoke test), sd or sdxl")
     channels: int = _option(32, "conv: width")
     noise: float = _option(0.5, "conv: noise level of the denoising objective")
     pretrained: str = _option(
@@ -73,7 +88,9 @@ class Config:
         "full",
         "sd: full 77-state chunks (231 states for 225 tokens, A1111's) or trimmed (227, kohya's)",
     )
-    caption_dropout: float = _option(0.1, "sd: share of captions replaced by the empty prompt")
+    caption_dropout: float = _option(
+        0.1, "sd: share of captions replaced by the empty prompt (after the tag augmentations)"
+    )
     hypernetwork_structure: tuple[float, ...] = _option(
         (1.0, 2.0, 1.0), "layer sizes in multiples of the context width, e.g. 1,2,1"
     )
@@ -90,6 +107,9 @@ class Config:
     def __post_init__(self) -> None:
         checks = {
             "data": (bool(self.data), "give a prepared dataset"),
+            "flip": (0 <= self.flip <= 1, "must be a probability in [0, 1]"),
+            "keep_tokens": (self.keep_tokens >= 0, "must be >= 0"),
+            "tag_dropout": (0 <= self.tag_dropout < 1, "must be in [0, 1)"),
             "batch_size": (self.batch_size >= 1, "must be >= 1"),
             "epochs": (self.epochs >= 0, "must be >= 0"),
             "max_steps": (self.max_steps >= 0, "must be >= 0"),
@@ -132,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         name, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
         if types[option.name] is bool:
             parser.add_argument(name, action="store_true", help=help)
+        elif types[option.name] == tuple[str, ...]:  # repeatable
+            parser.add_argument(name, action="append", default=None, help=help)
         else:
             parser.add_argument(
                 name, type=parsers[types[option.name]], default=option.default, help=help
@@ -141,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     parser = build_parser()
-    arguments = parser.parse_args(argv)
+    arguments = vars(parser.parse_args(argv))
+    arguments = {name: () if value is None else value for name, value in arguments.items()}
+    arguments = {name: tuple(v) if isinstance(v, list) else v for name, v in arguments.items()}
     try:
-        return Config(**vars(arguments))
+        return Config(**arguments)
     except ValueError as error:
         parser.error(str(error))
 
@@ -161,7 +185,8 @@ class ConvDenoiser(nn.Module):
             nn.Conv2d(c, 3, 3, padding=1),
         )  # fmt: skip
 
-    def forward(self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator):
+    def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        pixels = batch.pixels
         noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
         return nn.functional.mse_loss(self.net(pixels + self.noise * noise), noise)
 
@@ -172,13 +197,15 @@ def _conv(config: Config) -> nn.Module:
 
 def _stable_diffusion(config: Config) -> nn.Module:
     from trainer.diffusion import Diffusion, load_parts, tiny_parts
-    from trainer.prompts import PromptEncoder
 
-    parts = load_parts(config.pretrained) if config.pretrained else tiny_parts(config.seed)
-    prompts = PromptEncoder(
-        parts.tokenizer, parts.text_encoder, config.max_tokens, config.clip_skip,
-        config.prompt_layout,
-    )  # fmt: skip
+    xl = config.model == "sdxl"
+    parts = load_parts(config.pretrained) if config.pretrained else tiny_parts(config.seed, xl=xl)
+    if parts.xl != xl:
+        kind, model = ("an SDXL", "sdxl") if parts.xl else ("an SD 1.x", "sd")
+        raise ValueError(
+            f"--pretrained {config.pretrained} is {kind} checkpoint: use --model {model}"
+        )
+    prompts = parts.prompt_encoder(config.max_tokens, config.clip_skip, config.prompt_layout)
     hypernetwork = TRAIN_PARTS[config.train_part](config, parts.unet)
     return Diffusion(parts, prompts, hypernetwork, config.caption_dropout)
 
@@ -204,6 +231,7 @@ def _hypernetwork(config: Config, unet: nn.Module) -> nn.Module:
 MODELS: dict[str, Callable[[Config], nn.Module]] = {  # forward(pixels, captions, generator): loss
     "conv": _conv,
     "sd": _stable_diffusion,
+    "sdxl": _stable_diffusion,
 }
 TRAIN_PARTS: dict[str, Callable[[Config, nn.Module], nn.Module | None]] = {  # sd: what trains
     "hypernetwork": _hypernetwork,
@@ -244,7 +272,7 @@ def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator
 ) -> torch.Tensor:
     """One optimisation step on `batch`; the loss, detached."""
-    loss = model(batch.pixels, batch.captions, generator)
+    loss = model(batch, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -277,8 +305,11 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         epoch, step = state["epoch"], state["step"]
     ddp = DistributedDataParallel(model) if world_size > 1 else model
 
-    data = PreparedData(config.data)
-    batches = EpochBatches(data, config.batch_size, seed=config.seed)  # rank: torch.distributed's
+    data = open_datasets(config.data)
+    captions = CaptionOptions(config.shuffle_tags, config.keep_tokens, config.tag_dropout)
+    batches = EpochBatches(  # rank and world size: torch.distributed's
+        data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
+    )
     loader = make_loader(data, batches, config.num_workers, device)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
