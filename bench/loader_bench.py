@@ -118,18 +118,21 @@ def loader_epochs(
     epochs: int,
     pooled: bool = True,
     augmented: bool = False,
+    device: str = "cpu",
 ) -> list[Epoch]:
     """Each epoch through the loader, then a bare loop over the same samples: in turns, so
     that the machine's drift falls on both alike."""
     options = AUGMENTED if augmented else {}
     batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0, **options)
-    loader = make_loader(data, batches, num_workers=workers, pooled=pooled)
+    loader = make_loader(data, batches, num_workers=workers, pooled=pooled, device=device)
     next(iter(loader))  # workers started and warm, as in training after the first step
     measured = []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
         start, cpu, children = time.perf_counter(), time.process_time(), workers_cpu_seconds()
         count = sum(len(batch.keys) for batch in loader)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         children = workers_cpu_seconds() - children
         bare = bare_rate(data, batches.plan()[0].items.ravel(), decode_rgb)
@@ -156,7 +159,7 @@ def first_batch_seconds(prepared: Path, workdir: Path, items: int, batch_size: i
         tiled = pa.concat_tables([index] * repeats).slice(0, items)
         pq.write_table(tiled, big / "index.parquet")
         shutil.rmtree(big / "shards", ignore_errors=True)
-        (big / "shards").symlink_to(prepared / "shards")
+        (big / "shards").symlink_to((prepared / "shards").resolve())
         (big / "manifest.json").write_text((prepared / "manifest.json").read_text())
     start = time.perf_counter()
     data = PreparedData(big)
@@ -176,6 +179,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--index-items", type=int, default=1_000_000)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="where batches land (cuda: pinned, async)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -188,7 +192,7 @@ def main() -> None:
     print(f"\n1. loader throughput, medians of {args.epochs} epochs, each followed by a bare loop")
     print("   over the same samples with the loader's decoder (libjpeg-turbo, simplejpeg):")
     for workers in args.workers:
-        epochs = loader_epochs(data, args.batch_size, workers, args.epochs)
+        epochs = loader_epochs(data, args.batch_size, workers, args.epochs, device=args.device)
         medians = Epoch(*(statistics.median(column) for column in zip(*epochs, strict=True)))
         rate, bare = medians.loader, medians.bare
         ratio = statistics.median(e.loader / (max(workers, 1) * e.bare) for e in epochs)
@@ -202,14 +206,18 @@ def main() -> None:
                 f" loop's {1e3 / bare:.2f} ms ({1 / bare / medians.workers_cpu:.2f}x), trainer "
                 f"process {medians.trainer_cpu * 1e3:.2f} ms"
             )
-            plain = loader_epochs(data, args.batch_size, workers, args.epochs, pooled=False)
+            plain = loader_epochs(
+                data, args.batch_size, workers, args.epochs, pooled=False, device=args.device
+            )
             plain_ratio = statistics.median(e.loader / (workers * e.bare) for e in plain)
             print(
                 f"      plain DataLoader batches (pooled=False, a fresh buffer each): "
                 f"{statistics.median(e.loader for e in plain):6.1f} samples/s, "
                 f"{plain_ratio:.2f}x of {workers} x bare: the pool gives {ratio / plain_ratio:.2f}x"
             )
-            augmented = loader_epochs(data, args.batch_size, workers, args.epochs, augmented=True)
+            augmented = loader_epochs(
+                data, args.batch_size, workers, args.epochs, augmented=True, device=args.device
+            )
             augmented_ratio = statistics.median(e.loader / (workers * e.bare) for e in augmented)
             print(
                 f"      with flips (0.5) and tag shuffling and dropout: "
