@@ -19,6 +19,8 @@ from pipeline.cli import HelpFormatter
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
 from pipeline.imaging import CROPS, ENCODERS
+from pipeline.latents import add_latents, vae_folder
+from pipeline.output import OutputDir
 from pipeline.shard_writer import WriteOptions
 from pipeline.sources import absolute, check_input, check_separate
 
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     config, buckets, write = PrepareConfig("", ""), BucketConfig(), WriteOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
-        "--input", required=True, help="image folder, URL (s3://, gs://), or .parquet/.csv listing"
+        "--input",
+        help="image folder, URL (s3://, gs://), or .parquet/.csv listing; leave it out with --vae "
+        "to add latents to a prepared OUT",
     )
     parser.add_argument("--output", required=True, help="folder or URL for the prepared dataset")
     group = parser.add_argument_group("buckets (the source's defaults: SD 1.x at 512x768)")
@@ -143,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.overwrite,
         help="rebuild OUT from scratch",
     )
+    group.add_argument(
+        "--vae", default=config.vae,
+        help="a diffusers AutoencoderKL folder (or a checkpoint with vae/): encode every stored "
+        "image's latents too (pipeline/latents.py)",
+    )  # fmt: skip
     group = parser.add_argument_group("ray")
     group.add_argument(
         "--ray-address",
@@ -166,9 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig, argparse.Namespace]:
+def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig | None, argparse.Namespace]:
+    """The job's config; None when only latents are to be added (no --input, a --vae)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.input is None:
+        if not args.vae:
+            parser.error("--input is required (only adding latents with --vae goes without)")
+        return None, args
     try:
         config = PrepareConfig(
             input=args.input,
@@ -187,6 +201,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig, argparse.N
             world_size=args.world_size,
             incremental=args.incremental, overwrite=args.overwrite,
             files_per_scan_task=args.files_per_scan_task, max_in_flight=args.max_in_flight,
+            vae=args.vae,
         )  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
@@ -196,14 +211,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig, argparse.N
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     try:  # local mistakes are answered before Ray starts
-        check_input(config.input)
-        check_separate(config.input, config.output)
+        if config is not None:
+            check_input(config.input)
+            check_separate(config.input, config.output)
+        if args.vae:
+            vae_folder(args.vae)
     except UsageError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
     import ray  # here, not at the top: --help and the checks above answer at once
 
-    from pipeline.output import OutputDir
     from pipeline.prepare import run
     from pipeline.report import summary
 
@@ -211,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.ray_address, log_to_driver=False)
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    out = OutputDir(absolute(args.output))
     try:
-        manifest = run(config)
+        manifest = add_latents(out, args.vae, args.max_in_flight) if config is None else run(config)
     except UsageError as error:  # a refused OUT, an input with nothing to prepare
         print(f"prepare: {error}", file=sys.stderr)
         return 2
-    out = OutputDir(absolute(config.output))
     print(summary(out.read_json(out.path("stats.json")), len(manifest.shards), out.uri))
     return 0
 

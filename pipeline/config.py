@@ -33,6 +33,7 @@ class PrepareConfig:
     world_size: int = 1
     incremental: bool = False  # update a complete dataset with new or changed images
     overwrite: bool = False  # rebuild OUT from scratch, whatever it holds
+    vae: str = ""  # a diffusers AutoencoderKL folder: latents of every image (pipeline/latents.py)
     files_per_scan_task: int = 500
     max_in_flight: int | None = None  # tasks submitted at once; default 2 per cluster CPU
 

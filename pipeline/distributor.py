@@ -121,3 +121,46 @@ def fit_then_write(
         while fits or writes:
             if (result := settle_one()) is not None:
                 yield result
+
+
+def map_on_actors(
+    actor_class: type,
+    actor_arguments: tuple,
+    method: str,
+    arguments: list[tuple],
+    *,
+    description: str,
+    total_items: int,
+    items_of: Callable[[object], int],
+    max_in_flight: int | None = None,
+    max_retries: int = 3,
+) -> list:
+    """`actor.method(*args)` for every tuple of `arguments` on a pool of actors that hold state
+    (a model): one per GPU with `num_gpus=1` where the cluster has GPUs, else one per CPU.
+
+    A lost actor is restarted and its task retried; at most `max_in_flight` tasks (default two
+    per actor) are pending. Results come back in completion order.
+    """
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    device = "cuda" if gpus else "cpu"
+    count = max(1, min(gpus or cluster_cpus(), len(arguments)))
+    remote = ray.remote(actor_class).options(
+        **per_actor, max_restarts=max_retries, max_task_retries=max_retries
+    )
+    actors = [remote.remote(*actor_arguments, device) for _ in range(count)]
+    limit = max_in_flight or 2 * count
+    pending: dict[ray.ObjectRef, int] = {}
+    results = []
+    with tqdm(total=total_items, desc=description, unit="img", smoothing=0.1) as bar:
+        for number, args in enumerate(arguments):
+            actor = actors[number % count]
+            pending[getattr(actor, method).remote(*args)] = number
+            while len(pending) >= limit or (number == len(arguments) - 1 and pending):
+                done, _ = ray.wait(list(pending), num_returns=1)
+                del pending[done[0]]
+                results.append(ray.get(done[0]))
+                bar.update(items_of(results[-1]))
+    for actor in actors:
+        ray.kill(actor)
+    return results

@@ -101,6 +101,12 @@ class OutputDir:
             if info.base_name.endswith(suffix) and TEMPORARY_MARK not in info.base_name
         )
 
+    def list_folders(self, folder: str) -> list[str]:
+        """Names of the folders in `folder`."""
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
     def delete(self, path: str) -> None:
         if self.exists(path):
             self.filesystem.delete_file(path)
@@ -124,6 +130,9 @@ class Manifest:
     shards: list[str]  # tar paths relative to OUT, in the index's order
     trainer: dict[str, int]  # batch_size, world_size, seed given to the job
     input: dict[str, str]  # uri, fingerprint of every scanned file's key
+    # VAE fingerprint -> its latents (pipeline/latents.py): scaling_factor, shift_factor,
+    # channels, latents (how many), path (the folder under OUT)
+    latents: dict[str, dict] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def write(self, out: OutputDir) -> None:

@@ -22,6 +22,7 @@ from pipeline.config import PrepareConfig, fingerprint
 from pipeline.distributor import cluster_cpus, default_in_flight, fit_then_write, map_unordered
 from pipeline.errors import UsageError
 from pipeline.fit import fit_measures
+from pipeline.latents import add_latents
 from pipeline.output import Manifest, OutputDir
 from pipeline.rejects import REJECTS_SCHEMA, Reason, rejects_table
 from pipeline.report import dataset_stats, draw_buckets
@@ -74,7 +75,10 @@ def run(config: PrepareConfig) -> dict:
     _write(shards, accepted, root, out, config)
     scanned_keys = np.sort(_keys(scanned["key"]))
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
-    return _finish(out, config, shards, assign_rejects, buckets, input_fingerprint)
+    manifest = _finish(out, config, shards, assign_rejects, buckets, input_fingerprint)
+    if config.vae:  # latents after the images: the dataset is complete, its latents added
+        manifest = add_latents(out, config.vae, config.max_in_flight)
+    return manifest
 
 
 def _write(
@@ -280,9 +284,21 @@ def _finish(
         trainer={"batch_size": config.batch_size, "world_size": config.world_size,
                  "seed": config.write.seed},
         input={"uri": config.input, "fingerprint": input_fingerprint},
+        latents=_current_latents(out, set(names)),
     )  # fmt: skip
     manifest.write(out)
     return manifest
+
+
+def _current_latents(out: OutputDir, names: set[str]) -> dict:
+    """The complete latents whose shards are still this dataset's (an incremental run that
+    replaced shards leaves a VAE's latents out until `--vae` adds the new ones)."""
+    current = {}
+    for folder in out.list_folders("latents"):
+        info = out.read_json(out.path("latents", folder, "vae.json"))
+        if info and set(out.list_names(f"latents/{folder}", ".tar")) == names:
+            current[folder] = {key: value for key, value in info.items() if key != "fingerprint"}
+    return current
 
 
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]

@@ -117,6 +117,10 @@ def summary(stats: dict, shards: int, output: str) -> str:
         f"one epoch at batch size {epoch['batch_size']} x world size {epoch['world_size']}: "
         f"{epoch['images_used']} of {stats['images']} images ({share:.0%}), "
         f"{epoch['catch_all_images']} of them in catch-all batches",
+        *(
+            f"latents of VAE {fingerprint}: {count} in {output}/latents/{fingerprint}"
+            for fingerprint, count in stats.get("latents", {}).items()
+        ),
         *(f"warning: {warning}" for warning in stats["warnings"]),
         f"files: {output}/index.parquet, shards/, rejects.parquet, stats.json, buckets.png; "
         "docs/format.md describes them",

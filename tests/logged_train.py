@@ -20,10 +20,12 @@ def main() -> None:
     def log(step: Step) -> None:
         batch = step.batch
         weights = sum(float(t.double().sum()) for t in trained_state(step.model).values())
+        seen = batch.pixels if batch.pixels is not None else batch.latent_mean
         entry = {
             "rank": step.rank, "epoch": batch.epoch, "step": batch.step, "keys": batch.keys,
-            "shape": list(batch.pixels.shape), "loss": step.loss,
-            "checksum": float(batch.pixels.double().sum()), "weights": weights,
+            "shape": [len(batch.keys), 3, *batch.target_size[0].tolist()], "loss": step.loss,
+            "checksum": float(seen.double().sum()), "weights": weights,
+            "latent": batch.latent_mean is not None,
             "original_size": batch.original_size.tolist(), "captions": batch.captions,
             "target_size": batch.target_size.tolist(),
         }  # fmt: skip

@@ -88,10 +88,12 @@ def view(
     key: str,
     copy: int = 0,
     flip_probability: float = 0.0,
+    grid: int = 1,
 ) -> View:
     """The view of one sample: sizes are (width, height), `stored_bucket` the bucket the image
     was prepared for, `bucket` the one its batch asks for, `prepare_crop` the (left, top) of the
-    stored image in its fitted source (the index's crop_left, crop_top)."""
+    stored image in its fitted source (the index's crop_left, crop_top). `grid` 8: a window of
+    cached latents, its offsets on the latent grid of the stored image (its own bucket only)."""
     seeded = _seed_text(seed, epoch, key, copy)
     bucket_w, bucket_h = bucket
     scaled_w, scaled_h = fit(*stored, bucket_w, bucket_h)  # == stored in its own bucket
@@ -100,7 +102,12 @@ def view(
         # the source fitted to `bucket` (fitting the stored size could round a pixel apart).
         scaled_w, scaled_h = fit(*original, bucket_w, bucket_h)
     digest = hashlib.blake2b(seeded.encode(), digest_size=16).digest()
-    left, top = crop_box(scaled_w, scaled_h, bucket_w, bucket_h, digest)[:2]
+    if grid > 1:  # the latents cover the stored image cut to the grid from its top-left
+        cells = crop_box(scaled_w // grid, scaled_h // grid, bucket_w // grid, bucket_h // grid,
+                         digest)  # fmt: skip
+        left, top = cells[0] * grid, cells[1] * grid
+    else:
+        left, top = crop_box(scaled_w, scaled_h, bucket_w, bucket_h, digest)[:2]
     flip = flip_probability > 0 and _uniform(f"flip:{seeded}") < flip_probability
     # The fitted source at this scale: the prepare job's fit, scaled as the stored image is.
     fitted_w = fit(*original, *stored_bucket)[0]

@@ -54,7 +54,9 @@ class PreparedData:
         manifest = Manifest.read(OutputDir(str(self.root.resolve())))
         if manifest is None:
             raise ValueError(f"{self.root} is not a complete prepared dataset: no manifest.json")
+        self.manifest = manifest
         self.buckets = np.array(manifest.buckets, dtype=np.int64)
+        self.latents: dict | None = None  # the VAE whose latents batches carry (use_latents)
         path = self.root / "index.parquet"
         cropped = set(CROP_COLUMNS) <= set(pq.read_schema(path).names)
         self.index = pq.read_table(path, columns=INDEX_COLUMNS + (CROP_COLUMNS * cropped))
@@ -69,6 +71,27 @@ class PreparedData:
         self.original = self._pairs("width", "height")
         self.stored = self._pairs("stored_width", "stored_height")
         self.prepare_crop = self._pairs(*CROP_COLUMNS) if cropped else np.zeros_like(self.stored)
+
+    def use_latents(self, fingerprint: str) -> None:
+        """Batches of images in their own bucket carry the latents of the VAE `fingerprint`
+        (pipeline/latents.py) instead of pixels; a ValueError says which VAEs the dataset has."""
+        entry = self.manifest.latents.get(fingerprint)
+        if entry is None:
+            held = ", ".join(self.manifest.latents) or "none"
+            raise ValueError(
+                f"{self.root} holds no latents of this VAE ({fingerprint}; it holds: {held}): "
+                f"prepare them with jobs/prepare.py --output {self.root} --vae YOUR_VAE, or "
+                "train from pixels with --latents off"
+            )
+        table = pq.read_table(self.root / entry["path"] / "index.parquet")
+        if table["key"] != self.index["key"]:
+            raise ValueError(f"{self.root}: latents of {fingerprint} do not match the index")
+        shards = table["latent_shard"].combine_chunks().dictionary_encode()
+        self.latent_paths = [self.root / name for name in shards.dictionary.to_pylist()]
+        self.latent_shard = shards.indices.to_numpy()
+        self.latent_offset = table["latent_offset"].to_numpy()
+        self.latent_size = table["latent_size"].to_numpy()
+        self.latents = entry | {"fingerprint": fingerprint}
 
     def _pairs(self, first: str, second: str) -> np.ndarray:
         return np.stack([self.index[first].to_numpy(), self.index[second].to_numpy()], axis=1)
@@ -100,15 +123,27 @@ class Batch(NamedTuple):
     crop_top_left: torch.Tensor  # (top, left) of its window in the fitted source
     target_size: torch.Tensor  # (height, width) of the bucket
     flipped: torch.Tensor  # bool [B]: mirrored left to right (--flip)
+    # Cached latents (PreparedData.use_latents): the VAE's mean and std of each window, float16
+    # [B, C, H/8, W/8] on the device (from a worker: both in latent_mean, [B, 2, C, h, w]);
+    # None, and pixels set, for a batch of pixels.
+    latent_mean: torch.Tensor | None = None
+    latent_std: torch.Tensor | None = None
 
-    def as_tensors(self, pixels: torch.Tensor) -> Batch:
-        """This batch from a worker, with its pixels and its conditioning as tensors."""
+    def as_tensors(self, pixels: torch.Tensor | None, device: torch.device) -> Batch:
+        """This batch from a worker, with its pixels, latents and conditioning as tensors."""
+        latents = {}
+        if self.latent_mean is not None:  # [B, 2, C, h, w] from the worker
+            staged = torch.from_numpy(self.latent_mean)
+            staged = staged.pin_memory() if device.type == "cuda" else staged
+            mean, std = staged.to(device, non_blocking=True).unbind(1)
+            latents = {"latent_mean": mean, "latent_std": std}
         return self._replace(
             pixels=pixels,
             original_size=torch.from_numpy(self.original_size),
             crop_top_left=torch.from_numpy(self.crop_top_left),
             target_size=torch.from_numpy(self.target_size),
             flipped=torch.from_numpy(self.flipped),
+            **latents,
         )
 
 
@@ -130,6 +165,7 @@ class BatchPlan(NamedTuple):
     crops: list[tuple[int, int]]  # (left, top) of each window in it (trainer/augment.py)
     flips: list[bool]
     conditioning: np.ndarray  # [B, 3, 2]: original_size, crop_top_left, target_size
+    latent: bool  # cached latents instead of pixels
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -193,10 +229,12 @@ class EpochBatches(torch.utils.data.Sampler):
             for text, key, copy in zip(data.captions(items), keys, copies, strict=True)
         ]
         size = tuple(int(v) for v in data.buckets[bucket])
+        # Cached latents where every image is in its own bucket (a catch-all re-fit: pixels)
+        latent = data.latents is not None and bool(np.all(data.bucket[items] == bucket))
         views = [
             view(tuple(data.stored[item]), tuple(data.buckets[data.bucket[item]]), size,
                  tuple(data.original[item]), tuple(data.prepare_crop[item]), seed, epoch, key,
-                 int(copy), self.flip)
+                 int(copy), self.flip, data.latents["factor"] if latent else 1)
             for item, key, copy in zip(items, keys, copies, strict=True)
         ]  # fmt: skip
         conditioning = np.array(
@@ -205,7 +243,7 @@ class EpochBatches(torch.utils.data.Sampler):
         return BatchPlan(
             epoch, step, items, bucket, keys, captions, iteration,
             [v.size for v in views], [v.crop for v in views], [v.flip for v in views],
-            conditioning,
+            conditioning, latent,
         )  # fmt: skip
 
 
@@ -257,18 +295,39 @@ class BatchReader(torch.utils.data.Dataset):
         self._largest_sample = int(data.buckets.prod(axis=1).max()) * 3
 
     def _read(self, item: int) -> bytes:
-        """An image's bytes; the OPEN_SHARDS shards used last stay open (an open and close
+        """An image's bytes."""
+        data = self.data
+        path = data.shard_paths[data.shard[item]]
+        return self._read_range(path, int(data.image_offset[item]), int(data.image_size[item]))
+
+    def _read_range(self, path: Path, offset: int, size: int) -> bytes:
+        """Bytes of a shard; the OPEN_SHARDS shards used last stay open (an open and close
         costs ~3 us, measured; a decode ~2 ms: a miss costs nothing that shows)."""
-        shard = int(self.data.shard[item])
-        if shard in self._files:
-            self._files.move_to_end(shard)
+        if path in self._files:
+            self._files.move_to_end(path)
         else:
             if len(self._files) >= OPEN_SHARDS:
                 self._files.popitem(last=False)[1].close()
-            self._files[shard] = open(self.data.shard_paths[shard], "rb")  # noqa: SIM115 (kept open)
-        stream = self._files[shard]
-        stream.seek(int(self.data.image_offset[item]))
-        return stream.read(int(self.data.image_size[item]))
+            self._files[path] = open(path, "rb")  # noqa: SIM115 (kept open)
+        stream = self._files[path]
+        stream.seek(offset)
+        return stream.read(size)
+
+    def _latents(self, batch: BatchPlan) -> np.ndarray:
+        """The cached latents' windows, flipped where asked: float16 [B, 2, C, h, w]."""
+        data = self.data
+        grid = data.latents["factor"]  # pixels a latent stands for
+        bucket_w, bucket_h = (int(v) // grid for v in data.buckets[batch.bucket])
+        windows = []
+        for item, (left, top), flip in zip(batch.items, batch.crops, batch.flips, strict=True):
+            path = data.latent_paths[data.latent_shard[item]]
+            raw = self._read_range(path, int(data.latent_offset[item]), int(data.latent_size[item]))
+            stored_w, stored_h = (int(v) // grid for v in data.stored[item])
+            latent = np.frombuffer(raw, np.float16).reshape(2, -1, stored_h, stored_w)
+            row, column = top // grid, left // grid
+            window = latent[:, :, row : row + bucket_h, column : column + bucket_w]
+            windows.append(window[..., ::-1] if flip else window)
+        return np.stack(windows)
 
     def _output(self, size: int, count: int, iteration: int) -> tuple[torch.Tensor, Lease]:
         """A flat uint8 buffer of at least `size` bytes for a batch of `count`, and its lease."""
@@ -321,6 +380,13 @@ class BatchReader(torch.utils.data.Dataset):
         and all, and its window is described; anything else is decoded and re-fitted into a
         bucket-sized place. Windows are the sampler's (`BatchPlan.crops`).
         """
+        conditioning = batch.conditioning
+        described = Batch(
+            None, batch.captions, batch.keys, batch.epoch, batch.step, conditioning[:, 0],
+            conditioning[:, 1], conditioning[:, 2], np.array(batch.flips, dtype=bool),
+        )  # fmt: skip
+        if batch.latent:
+            return described._replace(latent_mean=self._latents(batch)), None
         bucket = tuple(int(v) for v in self.data.buckets[batch.bucket])
         encoded = [self._read(int(item)) for item in batch.items]
         sizes = [_in_place_size(data, bucket) for data in encoded]  # None: re-fit
@@ -345,11 +411,7 @@ class BatchReader(torch.utils.data.Dataset):
         layout = PixelLayout(
             shape, tuple(starts), tuple(row_bytes), ends[-1], lease, tuple(batch.flips)
         )
-        conditioning = batch.conditioning
-        return Batch(
-            None, batch.captions, batch.keys, batch.epoch, batch.step, conditioning[:, 0],
-            conditioning[:, 1], conditioning[:, 2], np.array(batch.flips, dtype=bool),
-        ), layout  # fmt: skip
+        return described, layout
 
     def __len__(self) -> int:  # a DataLoader asks; the sampler decides what is read
         return len(self.data)
@@ -433,6 +495,9 @@ class Loader:
         if self.pool is not None:
             self.pool.attach()
         for batch, layout in self.dataloader:
+            if layout is None:  # cached latents, no pixels
+                yield batch.as_tensors(None, self.device)
+                continue
             lease = layout.lease
             buffer = self.pool.buffer(lease) if self.pool is not None else lease.buffer
             buffer = buffer[: layout.size]
@@ -442,7 +507,7 @@ class Loader:
             pixels = to_float(buffer, layout, self._float_buffer(math.prod(layout.shape)))
             if self.pool is not None:  # converted or copied off: free to write again
                 self.pool.hand_back(lease)
-            yield batch.as_tensors(pixels)
+            yield batch.as_tensors(pixels, self.device)
 
 
 def _as_loaded(loaded: tuple[Batch, PixelLayout]) -> tuple[Batch, PixelLayout]:

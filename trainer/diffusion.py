@@ -76,10 +76,10 @@ def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32, xl: bool 
     text_encoder = _tiny_clip(width)
     text_encoder_2 = _tiny_clip(width, projection=True) if xl else None
     vae = None
-    if with_vae:
+    if with_vae:  # four levels: SD's factor of 8
         vae = AutoencoderKL(
-            block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 8, 16, 16), latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         )  # fmt: skip
     channels = 4 if with_vae else 3
     added = {}
@@ -178,11 +178,18 @@ class Diffusion(nn.Module):
             hypernetwork.attach(self.unet)
 
     @torch.no_grad()
-    def latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, batch, generator: torch.Generator) -> torch.Tensor:
+        """What the U-Net denoises: a sample of the VAE's distribution of the batch's pixels, or
+        of the cached one (the same draw from `generator` either way), scaled; pixels without a
+        VAE."""
         if self.vae is None:
-            return pixels
-        distribution = self.vae.encode(pixels).latent_dist
-        return distribution.sample(generator) * self.vae.config.scaling_factor
+            return batch.pixels
+        if batch.latent_mean is None:
+            sample = self.vae.encode(batch.pixels).latent_dist.sample(generator)
+        else:  # as DiagonalGaussianDistribution.sample draws: on the CPU, then moved
+            mean, std = batch.latent_mean.float(), batch.latent_std.float()
+            sample = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+        return sample * self.vae.config.scaling_factor
 
     def forward(self, batch, generator: torch.Generator) -> torch.Tensor:
         """The loss on a `trainer.data.Batch` (pixels, captions; SDXL: its size conditioning)."""
@@ -190,7 +197,7 @@ class Diffusion(nn.Module):
         dropped = torch.rand(len(captions), generator=generator) < self.caption_dropout
         kept = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
         context, pooled = self.prompts.encode(kept)
-        latents = self.latents(batch.pixels, generator)
+        latents = self.latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(latents),), generator=generator)

@@ -64,11 +64,7 @@ class Mixture:
             for data, _ in parts
         ]
         self.bucket = np.concatenate(mapped)
-        shard_offsets = np.cumsum([0] + [len(data.shard_paths) for data, _ in parts])
-        self.shard = np.concatenate(
-            [data.shard + first for (data, _), first in zip(parts, shard_offsets, strict=False)]
-        )
-        self.shard_paths = [path for data, _ in parts for path in data.shard_paths]
+        self.shard, self.shard_paths = _joined([(d.shard, d.shard_paths) for d, _ in parts])
         for column in ("image_offset", "image_size", "original", "stored", "prepare_crop"):
             setattr(self, column, np.concatenate([getattr(data, column) for data, _ in parts]))
         self._keys = pa.chunked_array([c for d, _ in parts for c in d.index["key"].chunks])
@@ -76,6 +72,25 @@ class Mixture:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def manifest(self):
+        """The first dataset's (latents are used only when every dataset has them)."""
+        return self.parts[0][0].manifest
+
+    @property
+    def latents(self) -> dict | None:
+        return self.parts[0][0].latents
+
+    def use_latents(self, fingerprint: str) -> None:
+        """Every dataset's latents of the VAE `fingerprint` (PreparedData.use_latents)."""
+        for data, _ in self.parts:
+            data.use_latents(fingerprint)
+        self.latent_shard, self.latent_paths = _joined(
+            [(data.latent_shard, data.latent_paths) for data, _ in self.parts]
+        )
+        for column in ("latent_offset", "latent_size"):
+            setattr(self, column, np.concatenate([getattr(d, column) for d, _ in self.parts]))
 
     def keys(self, items: np.ndarray) -> list[str]:
         return self._keys.take(items).to_pylist()
@@ -98,6 +113,13 @@ class Mixture:
                 items.append(np.sort(rng.choice(ids, share, replace=False)))
                 copies.append(np.full(share, whole, dtype=np.int64))
         return np.concatenate(items), np.concatenate(copies)
+
+
+def _joined(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
+    """Per-dataset (file codes, file paths) as one: codes shifted past the files before."""
+    firsts = np.cumsum([0] + [len(paths) for _, paths in parts])
+    shifted = [codes + first for (codes, _), first in zip(parts, firsts, strict=False)]
+    return np.concatenate(shifted), [path for _, paths in parts for path in paths]
 
 
 def open_datasets(specs: tuple[str, ...] | list[str]) -> PreparedData | Mixture:

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cli import HelpFormatter
+from pipeline.latents import vae_fingerprint
 from trainer.augment import CaptionOptions
 from trainer.data import Batch, EpochBatches, make_loader
 from trainer.hypernetwork import ACTIVATIONS
@@ -76,6 +77,11 @@ class Config:
     keep_tokens: int = _option(0, "the first N tags stay in place and are never dropped")
     tag_dropout: float = _option(0.0, "drop each other tag with this probability")
     model: str = _option("conv", "conv (a small denoiser, a smoke test), sd or sdxl")
+    latents: str = _option(
+        "auto",
+        "auto: train from the dataset's cached latents of the model's VAE when it holds "
+        "them (jobs/prepare.py --vae); on: require them; off: from pixels",
+    )
     channels: int = _option(32, "conv: width")
     noise: float = _option(0.5, "conv: noise level of the denoising objective")
     pretrained: str = _option(
@@ -118,6 +124,7 @@ class Config:
             "checkpoint_every": (self.checkpoint_every >= 1, "must be >= 1"),
             "log_every": (self.log_every >= 1, "must be >= 1"),
             "model": (self.model in MODELS, f"must be one of {sorted(MODELS)}"),
+            "latents": (self.latents in ("auto", "on", "off"), "must be auto, on or off"),
             "train_part": (self.train_part in TRAIN_PARTS, f"must be one of {sorted(TRAIN_PARTS)}"),
             "max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
                            "must be a positive multiple of 75"),
@@ -268,6 +275,20 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _choose_latents(config: Config, model: nn.Module, data, master: bool) -> None:
+    """Train from the dataset's cached latents of the model's own VAE, as --latents says."""
+    vae = getattr(model, "vae", None)
+    if config.latents == "off" or (vae is None and config.latents == "auto"):
+        return
+    if vae is None:
+        raise ValueError("--latents on: this model has no VAE (give --pretrained with a vae/)")
+    fingerprint = vae_fingerprint(vae)
+    if config.latents == "on" or fingerprint in data.manifest.latents:
+        data.use_latents(fingerprint)  # refuses, naming the VAEs the dataset holds latents of
+        if master:
+            print(f"training from cached latents of VAE {fingerprint}", flush=True)
+
+
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator
 ) -> torch.Tensor:
@@ -306,6 +327,7 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     ddp = DistributedDataParallel(model) if world_size > 1 else model
 
     data = open_datasets(config.data)
+    _choose_latents(config, model, data, master)
     captions = CaptionOptions(config.shuffle_tags, config.keep_tokens, config.tag_dropout)
     batches = EpochBatches(  # rank and world size: torch.distributed's
         data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
