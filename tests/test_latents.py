@@ -14,6 +14,7 @@ import pytest
 from conftest import SMALL_BUCKETS, ray_started
 from images import detailed, save
 from PIL import Image
+from torchrun import torchrun
 
 from pipeline.config import PrepareConfig
 from pipeline.distributor import map_on_actors
@@ -213,13 +214,11 @@ def test_two_ranks_train_from_latents_with_the_losses_of_pixels(images, checkpoi
     runs = {}
     for mode in ("on", "off"):
         log = tmp_path / f"{mode}.jsonl"
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "tests/logged_train.py", str(log), f"--data={output}", "--model=sd",
+        done = torchrun(
+            2, "tests/logged_train.py", str(log), f"--data={output}", "--model=sd",
             f"--pretrained={checkpoint}", f"--latents={mode}", "--epochs=2", "--batch-size=2",
             "--num-workers=1", f"--out-dir={tmp_path / mode}", "--caption-dropout=0",
-        ]  # fmt: skip
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         runs[mode] = [json.loads(line) for line in log.read_text().splitlines()]
     for rank in (0, 1):

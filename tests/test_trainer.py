@@ -18,6 +18,7 @@ import torch
 from conftest import SMALL_BUCKETS, prepare_small, ray_started
 from images import rgb
 from PIL import Image
+from torchrun import torchrun as run_torchrun
 
 from pipeline.fit import fit
 from trainer.data import (
@@ -35,12 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[dict]]:
     """Run the trainer under torchrun; each rank's logged batches, in order."""
     log = work / "batches.jsonl"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "tests/logged_train.py", str(log), f"--data={data}", f"--out-dir={work / 'checkpoints'}",
-        "--num-workers=1", "--channels=8", *args,
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    done = run_torchrun(
+        nproc, "tests/logged_train.py", str(log), f"--data={data}",
+        f"--out-dir={work / 'checkpoints'}", "--num-workers=1", "--channels=8", *args,
+        timeout=240,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     by_rank = defaultdict(list)
     for line in log.read_text().splitlines():

@@ -159,6 +159,7 @@ class Diffusion(nn.Module):
         caption_dropout: float = 0.0,
     ):
         super().__init__()
+        self.parts = parts  # what the sampler renders with (validation images)
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.text_encoder_2 = parts.text_encoder_2
         self.scheduler, self.prompts, self.caption_dropout = (

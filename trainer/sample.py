@@ -90,13 +90,32 @@ def sample(
     return Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()))
 
 
+def averaged(path: Path, raw: bool = False) -> Path:
+    """The EMA weights saved beside `path` (hypernetwork_ema.safetensors, unet_ema/) when
+    there are, unless `raw`; else `path`."""
+    ema = path.with_name(f"{path.stem}_ema{path.suffix}")
+    if not raw and ema.exists():
+        print(f"using the averaged weights {ema}")
+        return ema
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--prompt", required=True, help="the prompt, up to --max-tokens")
     parser.add_argument("--negative", default="", help="the unconditional prompt")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--pretrained", help="diffusers-layout folder; default: tiny random")
-    parser.add_argument("--hypernetwork", help=".safetensors (ours) or .pt (AUTOMATIC1111)")
+    parser.add_argument(
+        "--hypernetwork",
+        help=".safetensors (ours) or .pt (AUTOMATIC1111); its "
+        "_ema sibling (--use-ema) is taken when present",
+    )
+    parser.add_argument(
+        "--unet",
+        help="a trained U-Net folder (train.py's unet/; unet_ema/ beside it is taken when present)",
+    )
+    parser.add_argument("--no-ema", action="store_true", help="the raw weights, not the average")
     parser.add_argument("--xl", action="store_true", help="without --pretrained: tiny SDXL")
     parser.add_argument("--width", type=int, default=512, help="image width in pixels")
     parser.add_argument("--height", type=int, default=512, help="image height in pixels")
@@ -124,11 +143,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="how 75-token chunks are laid out (trainer/prompts.py)")  # fmt: skip
     args = parser.parse_args(argv)
     parts = load_parts(args.pretrained) if args.pretrained else tiny_parts(args.seed, xl=args.xl)
+    if args.unet:
+        from diffusers import UNet2DConditionModel
+
+        folder = averaged(Path(args.unet), args.no_ema)
+        parts.unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for module in (parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae):
         if module is not None:
             module.to(device).eval()
-    hypernetwork = load_hypernetwork(args.hypernetwork) if args.hypernetwork else None
+    hypernetwork = None
+    if args.hypernetwork:
+        hypernetwork = load_hypernetwork(averaged(Path(args.hypernetwork), args.no_ema))
     image = sample(
         parts, args.prompt, args.negative, args.width, args.height, args.steps, args.scale,
         args.seed, hypernetwork, args.max_tokens, args.clip_skip, args.prompt_layout,

@@ -25,15 +25,17 @@ an epoch (fractional weights take a share a epoch); `--flip`, `--shuffle-tags`, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
-import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+import tomli_w
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -45,7 +47,15 @@ from trainer.augment import CaptionOptions
 from trainer.data import Batch, EpochBatches, make_loader
 from trainer.hypernetwork import ACTIVATIONS
 from trainer.mixture import open_datasets
+from trainer.optimization import PRECISIONS, SCHEDULES, Optimization, store_frozen_parts
 from trainer.prompts import LAYOUTS
+from trainer.tracking import Tracker
+from trainer.validation import render_validation
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 
 def _option(default, help: str):
@@ -65,13 +75,42 @@ class Config:
     out_dir: str = _option("checkpoints", "where rank 0 writes checkpoints and results")
     batch_size: int = _option(4, "images per batch on each rank")
     epochs: int = _option(1, "epochs to train")
-    max_steps: int = _option(0, "stop after this many steps of this run (0: all epochs)")
-    lr: float = _option(1e-3, "AdamW learning rate")
+    max_steps: int = _option(0, "stop after this many optimizer steps of this run (0: all epochs)")
+    lr: float = _option(1e-3, "AdamW learning rate (the schedule's peak)")
+    lr_scheduler: str = _option(
+        "constant",
+        "constant, constant_with_warmup, linear or cosine (diffusers' schedules), "
+        "over all --epochs",
+    )
+    lr_warmup_steps: int = _option(
+        500, "optimizer steps of linear warm-up (the schedules with one)"
+    )
+    gradient_accumulation_steps: int = _option(
+        1, "micro-batches whose gradients add up to one optimizer step (DDP syncs once)"
+    )
+    max_grad_norm: float = _option(1.0, "clip the gradient's norm to this (0: no clipping)")
+    mixed_precision: str = _option(
+        "no",
+        "no, fp16 (with a gradient scaler) or bf16: autocast "
+        "for the forward pass; trained weights stay fp32",
+    )
+    gradient_checkpointing: bool = _option(False, "recompute the U-Net's activations in backward")
+    use_ema: bool = _option(False, "keep an exponential moving average of the trained weights")
+    ema_decay: float = _option(0.9999, "the average's decay per optimizer step")
     seed: int = _option(0, "data order, crops and the model's initialisation")
     num_workers: int = _option(2, "DataLoader workers per rank (at most its cores minus one)")
-    checkpoint_every: int = _option(100, "steps between checkpoints (and one at the end)")
+    checkpoint_every: int = _option(100, "optimizer steps between checkpoints (and one at the end)")
     resume: bool = _option(False, "continue from OUT_DIR/checkpoint.pt exactly where it stopped")
-    log_every: int = _option(10, "steps between log lines")
+    log_every: int = _option(10, "optimizer steps between log lines")
+    logging_dir: str = _option("", "write TensorBoard event files here (rank 0)")
+    validation_prompt: tuple[str, ...] = _option(
+        (), "sd/sdxl: render this prompt at every --validation-steps (repeatable)"
+    )
+    validation_steps: int = _option(100, "optimizer steps between validation images")
+    validation_width: int = _option(512, "validation images' width in pixels")
+    validation_height: int = _option(512, "validation images' height in pixels")
+    validation_inference_steps: int = _option(20, "sampler steps of a validation image")
+    config: str = _option("", "a TOML file of these options (flags override it)")
     flip: float = _option(0.0, "probability of a horizontal flip of each sample")
     shuffle_tags: bool = _option(False, "shuffle each caption's comma-separated tags every epoch")
     keep_tokens: int = _option(0, "the first N tags stay in place and are never dropped")
@@ -125,6 +164,16 @@ class Config:
             "log_every": (self.log_every >= 1, "must be >= 1"),
             "model": (self.model in MODELS, f"must be one of {sorted(MODELS)}"),
             "latents": (self.latents in ("auto", "on", "off"), "must be auto, on or off"),
+            "lr_scheduler": (self.lr_scheduler in SCHEDULES, f"must be one of {SCHEDULES}"),
+            "lr_warmup_steps": (self.lr_warmup_steps >= 0, "must be >= 0"),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "must be >= 1"),
+            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0"),
+            "mixed_precision": (self.mixed_precision in PRECISIONS,
+                                f"must be one of {sorted(PRECISIONS)}"),
+            "ema_decay": (0 < self.ema_decay < 1, "must be in (0, 1)"),
+            "validation_steps": (self.validation_steps >= 1, "must be >= 1"),
+            "validation_prompt": (not self.validation_prompt or self.model != "conv",
+                                  "needs --model sd or sdxl"),
             "train_part": (self.train_part in TRAIN_PARTS, f"must be one of {sorted(TRAIN_PARTS)}"),
             "max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
                            "must be a positive multiple of 75"),
@@ -169,14 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
+    """Flags over `--config FILE.toml` over the defaults; refused by name when invalid."""
     parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    from_file = _toml_options(known.config, parser) if known.config else {}
+    repeatable = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    parser.set_defaults(**{k: v for k, v in from_file.items() if k not in repeatable})
     arguments = vars(parser.parse_args(argv))
-    arguments = {name: () if value is None else value for name, value in arguments.items()}
-    arguments = {name: tuple(v) if isinstance(v, list) else v for name, v in arguments.items()}
+    for name in repeatable:  # given on the command line: replaces the file's, never appends
+        arguments[name] = tuple(arguments[name] or from_file.get(name, ()))
     try:
         return Config(**arguments)
     except ValueError as error:
         parser.error(str(error))
+
+
+def _toml_options(path: str, parser: argparse.ArgumentParser) -> dict:
+    """A TOML file's options (`batch_size = 8` or `batch-size = 8`) as parser defaults."""
+    with open(path, "rb") as file:
+        values = tomllib.load(file)
+    names = {field.name for field in dataclasses.fields(Config)}
+    options = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        parser.error(f"--config {path}: unknown options {unknown}")
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in options.items()}
+
+
+def save_config(config: Config, folder: Path) -> None:
+    """The resolved config as TOML (what --config reads back)."""
+    values = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(config).items() if k != "config"}  # fmt: skip
+    (folder / "config.toml").write_text(tomli_w.dumps(values))
 
 
 class ConvDenoiser(nn.Module):
@@ -252,15 +325,21 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in model.state_dict().items() if name in trained}
 
 
-def save_result(model: nn.Module, out_dir: Path) -> None:
-    """The trained hypernetwork or U-Net, in the formats other tools read."""
-    hypernetwork = getattr(model, "hypernetwork", None)
-    if hypernetwork is not None:
-        hypernetwork.save(out_dir / "hypernetwork.safetensors")
-        if not hypernetwork.config.per_depth:
-            hypernetwork.save(out_dir / "hypernetwork.pt")
-    elif hasattr(model, "unet"):
-        model.unet.save_pretrained(out_dir / "unet")
+def save_result(model: nn.Module, out_dir: Path, optimization: Optimization) -> None:
+    """The trained hypernetwork or U-Net, in the formats other tools read; with --use-ema, the
+    average beside it (`hypernetwork_ema.*`, `unet_ema/`), which trainer/sample.py prefers."""
+    names = [("", contextlib.nullcontext())]
+    if optimization.ema is not None:
+        names.append(("_ema", optimization.averaged(model)))
+    for suffix, weights in names:
+        with weights:
+            hypernetwork = getattr(model, "hypernetwork", None)
+            if hypernetwork is not None:
+                hypernetwork.save(out_dir / f"hypernetwork{suffix}.safetensors")
+                if not hypernetwork.config.per_depth:
+                    hypernetwork.save(out_dir / f"hypernetwork{suffix}.pt")
+            elif hasattr(model, "unet"):
+                model.unet.save_pretrained(out_dir / f"unet{suffix}")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -289,24 +368,14 @@ def _choose_latents(config: Config, model: nn.Module, data, master: bool) -> Non
             print(f"training from cached latents of VAE {fingerprint}", flush=True)
 
 
-def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator
-) -> torch.Tensor:
-    """One optimisation step on `batch`; the loss, detached."""
-    loss = model(batch, generator)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 class Step(NamedTuple):
-    """What `train`'s `on_step` callback sees after each step."""
+    """What `train`'s `on_step` callback sees after each micro-batch."""
 
     rank: int
     batch: Batch
     loss: float
     model: nn.Module  # unwrapped from DDP
+    lr: float
 
 
 def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
@@ -314,17 +383,9 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     master = rank == 0
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    checkpoint_path = Path(config.out_dir) / "checkpoint.pt"
-    epoch, step = 0, 0
-    if config.resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        loaded = model.load_state_dict(state["model"], strict=False)
-        if loaded.unexpected_keys or set(trained_state(model)) - set(state["model"]):
-            raise ValueError(f"{checkpoint_path} was written by another model configuration")
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step = state["epoch"], state["step"]
-    ddp = DistributedDataParallel(model) if world_size > 1 else model
+    store_frozen_parts(model, PRECISIONS[config.mixed_precision])
+    if config.gradient_checkpointing and hasattr(model, "unet"):
+        model.unet.enable_gradient_checkpointing()
 
     data = open_datasets(config.data)
     _choose_latents(config, model, data, master)
@@ -332,44 +393,102 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     batches = EpochBatches(  # rank and world size: torch.distributed's
         data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
     )
-    loader = make_loader(data, batches, config.num_workers, device)
+    per_epoch, group = len(batches.plan()[0]), config.gradient_accumulation_steps
+    total = config.epochs * -(-per_epoch // group)  # the schedule spans --epochs, whatever
+    # --max-steps stops this run at: a resumed run continues the same schedule
+    optimization = Optimization.build(
+        model, device, config.lr, config.lr_scheduler, config.lr_warmup_steps, total,
+        config.mixed_precision, config.max_grad_norm, config.ema_decay if config.use_ema else None,
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    out_dir = Path(config.out_dir)
+    epoch, step = 0, 0  # step: the next batch of the epoch, always the start of a group
+    if config.resume:
+        epoch, step = _resume(out_dir / "checkpoint.pt", model, optimization, generator, device)
+    ddp = DistributedDataParallel(model) if world_size > 1 else model
+    loader = make_loader(data, batches, config.num_workers, device)
+    tracker = Tracker(config.logging_dir, master, world_size, config.log_every)
 
     def save() -> None:
+        states = _gathered(generator.get_state(), world_size)
         if master:
-            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            state = {"model": trained_state(model), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "step": step, "seed": config.seed}  # fmt: skip
-            torch.save(state, checkpoint_path.with_suffix(".tmp"))
-            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state = {"model": trained_state(model), "optimization": optimization.state_dict(),
+                     "epoch": epoch, "step": step, "generators": states}  # fmt: skip
+            torch.save(state, out_dir / "checkpoint.tmp")
+            (out_dir / "checkpoint.tmp").replace(out_dir / "checkpoint.pt")
+            save_config(config, out_dir)
 
-    steps_run, losses, started = 0, [], time.perf_counter()
-    while epoch < config.epochs and not (config.max_steps and steps_run >= config.max_steps):
+    def validate() -> None:
+        if master and config.validation_prompt:
+            with optimization.averaged(model):
+                images = render_validation(model, config, optimization.steps, optimization.dtype)
+            tracker.images(optimization.steps, images)
+
+    steps_run, losses, done = 0, [], False
+    while epoch < config.epochs and not done:
         batches.set_epoch(epoch, step)
+        tracker.buckets(epoch, _bucket_counts(batches, data))
         for batch in loader:
-            losses.append(train_step(ddp, optimizer, batch, generator).item())
-            step, steps_run = batch.step + 1, steps_run + 1
+            position = batch.step % group
+            size = min(group, per_epoch - (batch.step - position))  # the epoch's last: smaller
+            losses.append(optimization.micro_step(ddp, batch, generator, position == size - 1,
+                                                  size))  # fmt: skip
             if on_step is not None:
-                on_step(Step(rank, batch, losses[-1], model))
-            if master and steps_run % config.log_every == 0:
-                rate = steps_run / (time.perf_counter() - started)
-                print(
-                    f"epoch {epoch} step {step} loss {losses[-1]:.4f} {rate:.2f} steps/s "
-                    f"{rate * config.batch_size * world_size:.1f} img/s ({world_size} ranks)",
-                    flush=True,
-                )
-            if steps_run % config.checkpoint_every == 0:
+                on_step(Step(rank, batch, losses[-1], model, optimization.lr))
+            if position < size - 1:
+                continue
+            optimization.step(model)
+            step, steps_run = batch.step + 1, steps_run + 1
+            samples = size * len(batch.keys)
+            tracker.step(optimization.steps, epoch, losses[-1], optimization.lr, samples)
+            if optimization.steps % config.checkpoint_every == 0:
                 save()
+            if optimization.steps % config.validation_steps == 0:
+                validate()
             if config.max_steps and steps_run >= config.max_steps:
+                done = True
                 break
         else:
             epoch, step = epoch + 1, 0
     save()
     if master:
-        save_result(model, checkpoint_path.parent)
+        save_result(model, out_dir, optimization)
+    tracker.close()
     if world_size > 1:
         dist.destroy_process_group()
     return {"rank": rank, "steps": steps_run, "losses": losses}
+
+
+def _resume(path: Path, model, optimization: Optimization, generator, device) -> tuple[int, int]:
+    """Weights, optimizer, schedule, scaler, EMA and this rank's random state from `path`;
+    (epoch, step) to continue from."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    loaded = model.load_state_dict(state["model"], strict=False)
+    if loaded.unexpected_keys or set(trained_state(model)) - set(state["model"]):
+        raise ValueError(f"{path} was written by another model configuration")
+    optimization.load_state_dict(state["optimization"])
+    generators = state["generators"]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if len(generators) == (dist.get_world_size() if dist.is_initialized() else 1):
+        generator.set_state(generators[rank])
+    return state["epoch"], state["step"]
+
+
+def _gathered(value: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    """Every rank's `value` (for rank 0 to save), in rank order."""
+    if world_size == 1:
+        return [value]
+    values: list = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _bucket_counts(batches: EpochBatches, data) -> dict[str, int]:
+    """Images per bucket in this rank's epoch."""
+    plan = batches.plan()[0]
+    counts = np.bincount(plan.bucket, minlength=len(data.buckets)) * batches.batch_size
+    return {f"{w}x{h}": int(n) for (w, h), n in zip(data.buckets, counts, strict=True) if n}
 
 
 if __name__ == "__main__":
