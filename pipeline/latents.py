@@ -102,7 +102,8 @@ class LatentEncoder:
         """uint8 images [B, H, W, 3] (H, W multiples of the factor f) -> float16 [B, 2, C,
         H/f, W/f]: the mean and std of the VAE's distribution."""
         torch = self.torch
-        batch = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        batch = torch.as_tensor(np.require(pixels, requirements="W"), device=self.device)
+        batch = batch.permute(0, 3, 1, 2).float()  # read-only arrays (from Ray's store) copied
         with torch.no_grad():
             distribution = self.vae.encode(batch / 127.5 - 1.0).latent_dist
         stacked = torch.stack([distribution.mean, distribution.std], dim=1)

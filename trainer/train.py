@@ -381,13 +381,12 @@ class Step(NamedTuple):
 def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
     rank, world_size, device = setup_distributed()
     master = rank == 0
+    data = open_datasets(config.data)  # a wrong path is refused before any model is built
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing and hasattr(model, "unet"):
         model.unet.enable_gradient_checkpointing()
-
-    data = open_datasets(config.data)
     _choose_latents(config, model, data, master)
     captions = CaptionOptions(config.shuffle_tags, config.keep_tokens, config.tag_dropout)
     batches = EpochBatches(  # rank and world size: torch.distributed's
