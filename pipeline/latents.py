@@ -67,11 +67,14 @@ def vae_folder(path: str | Path) -> Path:
 
 def vae_fingerprint(vae) -> str:
     """16 hex digits of a VAE's config and weights: the same VAE, the same name, anywhere."""
+    import torch
+
     digest = hashlib.blake2b(digest_size=8)
     digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -192,6 +192,21 @@ def test_a_killed_actors_shard_is_redone(with_latents, checkpoint, tmp_path):
         assert tar.read_bytes() == (with_latents / "latents" / folder.name / tar.name).read_bytes()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_from_the_cached_latents(with_latents, checkpoint, tmp_path,
+                                                        precision):  # fmt: skip
+    """The frozen VAE is stored in the low precision: its fingerprint is still the one the
+    dataset's latents were made with, and the latents are used (`auto`)."""
+    from trainer.train import Config, train
+
+    latent = []
+    config = Config(data=(str(with_latents),), model="sd", pretrained=str(checkpoint),
+                    mixed_precision=precision, max_steps=2, num_workers=0, batch_size=2,
+                    out_dir=str(tmp_path / "ckpt"), caption_dropout=0.0)  # fmt: skip
+    result = train(config, on_step=lambda step: latent.append(step.batch.latent_mean is not None))
+    assert any(latent) and all(np.isfinite(result["losses"]))
+
+
 def test_a_mismatched_vae_is_refused(with_latents, tmp_path):
     other = vae_fingerprint(tiny_parts(seed=7, with_vae=True).vae)
     with pytest.raises(ValueError, match=r"holds no latents of this VAE .*--vae"):

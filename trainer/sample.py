@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-layout", default="full", choices=["full", "trimmed"],
                         help="how 75-token chunks are laid out (trainer/prompts.py)")  # fmt: skip
     args = parser.parse_args(argv)
-    parts = load_parts(args.pretrained) if args.pretrained else tiny_parts(args.seed, xl=args.xl)
+    if args.pretrained:
+        parts = load_parts(args.pretrained)
+    else:  # latent space, as SD: any image size
+        parts = tiny_parts(args.seed, with_vae=True, xl=args.xl)
     if args.unet:
         from diffusers import UNet2DConditionModel
 

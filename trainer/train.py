@@ -279,7 +279,11 @@ def _stable_diffusion(config: Config) -> nn.Module:
     from trainer.diffusion import Diffusion, load_parts, tiny_parts
 
     xl = config.model == "sdxl"
-    parts = load_parts(config.pretrained) if config.pretrained else tiny_parts(config.seed, xl=xl)
+    parts = (
+        load_parts(config.pretrained)
+        if config.pretrained
+        else tiny_parts(config.seed, with_vae=True, xl=xl)  # latent space: any image size
+    )
     if parts.xl != xl:
         kind, model = ("an SDXL", "sdxl") if parts.xl else ("an SD 1.x", "sd")
         raise ValueError(
@@ -384,10 +388,10 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     data = open_datasets(config.data)  # a wrong path is refused before any model is built
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
+    _choose_latents(config, model, data, master)  # the VAE's fingerprint: of its own weights
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing and hasattr(model, "unet"):
         model.unet.enable_gradient_checkpointing()
-    _choose_latents(config, model, data, master)
     captions = CaptionOptions(config.shuffle_tags, config.keep_tokens, config.tag_dropout)
     batches = EpochBatches(  # rank and world size: torch.distributed's
         data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
