@@ -223,12 +223,14 @@ def test_a_toml_config_gives_the_flags_config_and_flags_override_it(prepared, tm
     assert done.returncode == 2 and "batch_sise" in done.stderr
 
 
-def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path, precision):
     """Accumulation 2 (an odd epoch ends with a smaller group), cosine with warm-up, clipping,
-    EMA, bf16: 3 + 3 optimizer steps after a resume are the 6 of an uninterrupted run."""
+    EMA, bf16 or fp16 (its loss scale): 3 + 3 optimizer steps after a resume are the 6 of an
+    uninterrupted run."""
     everything = {"gradient_accumulation_steps": 2, "lr_scheduler": "cosine",
                   "lr_warmup_steps": 2, "max_grad_norm": 0.5, "use_ema": True,
-                  "ema_decay": 0.8, "mixed_precision": "bf16", "batch_size": 3, "epochs": 5,
+                  "ema_decay": 0.8, "mixed_precision": precision, "batch_size": 3, "epochs": 5,
                   "lr": 0.01}  # fmt: skip
     whole = train(config(prepared, tmp_path / "whole", max_steps=6, **everything))
     first = train(config(prepared, tmp_path / "parts", max_steps=3, **everything))
@@ -239,6 +241,7 @@ def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path):
     for a, b in zip(*(trained_state_of(s) for s in states), strict=True):
         assert torch.equal(a, b)
     assert states[0]["optimization"]["steps"] == states[1]["optimization"]["steps"] == 6
+    assert states[0]["optimization"]["scaler"] == states[1]["optimization"]["scaler"]
     assert (tmp_path / "parts" / "out" / "config.toml").exists()
 
 
