@@ -1,7 +1,13 @@
 """Aspect ratio bucketing data preparation: a pure NumPy core and, around it, the Ray job.
 
-Core modules (NumPy only, no Ray, no torch):
-    buckets  bucket resolutions and the assignment of images to them
-    fit      the resize size and crop box that fit an image to its bucket
-    plan     the per-epoch sharding plan: each rank's single-resolution batches
+Core modules (NumPy only, no Ray, no torch, no I/O):
+    buckets     bucket resolutions and the assignment of images to them
+    fit         the resize size and crop box that fit an image to its bucket
+    plan        the per-epoch sharding plan: each rank's single-resolution batches
+    shard_plan  which images go into which bucket-homogeneous shard
+    work_plan   fit tasks of bounded cost, decoupled from shards
+
+The job around them (README's Layout table has one line a module): sources and scan read the
+inputs, imaging decodes and fits, shard_writer writes, distributor is the Ray layer, prepare
+runs the stages, latents is the optional VAE stage.
 """
