@@ -42,27 +42,40 @@ def test_bf16_on_the_cpu_trains_with_fp32_master_weights(prepared, tmp_path):
 
 
 def test_fp16_scales_the_loss_and_trains_finite(prepared, tmp_path):
+    """fp16 under a gradient scaler; the VAE stays fp32 (SDXL's overflows in fp16)."""
+    dtypes = {}
+
+    def check(step):
+        dtypes.update(vae=step.model.vae.dtype, text_encoder=step.model.text_encoder.dtype)
+
     result = train(config(prepared, tmp_path, model="sd", mixed_precision="fp16", max_steps=2,
-                          caption_dropout=0.0))  # fmt: skip
+                          caption_dropout=0.0), on_step=check)  # fmt: skip
+    assert dtypes == {"vae": torch.float32, "text_encoder": torch.float16}
     state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert state["optimization"]["scaler"]["scale"] > 1, "fp16 runs under a gradient scaler"
     assert all(torch.isfinite(torch.tensor(result["losses"])))
     assert all(t.dtype == torch.float32 for t in state["model"].values())
 
 
-def test_gradient_checkpointing_recomputes_and_gives_the_same_training(prepared, tmp_path):
-    runs, flags = {}, {}
+@pytest.mark.parametrize("part", ["unet", "hypernetwork"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_training(prepared, tmp_path, part):
+    """The same losses and trained weights with and without; with a hypernetwork too, whose
+    rewritten contexts are shared by the layers of a depth (recomputed blocks must find them)."""
+    runs, flags, weights = {}, {}, {}
     for checkpointing in (False, True):
 
         def check(step, checkpointing=checkpointing):
             flags[checkpointing] = step.model.unet.is_gradient_checkpointing
 
-        options = config(prepared, tmp_path / str(checkpointing), model="sd", train_part="unet",
-                         gradient_checkpointing=checkpointing, max_steps=2,
-                         caption_dropout=0.0)  # fmt: skip
+        out = tmp_path / str(checkpointing)
+        options = config(prepared, out, model="sd", train_part=part, max_steps=3, lr=0.05,
+                         gradient_checkpointing=checkpointing, caption_dropout=0.0)  # fmt: skip
         runs[checkpointing] = train(options, on_step=check)["losses"]
+        weights[checkpointing] = torch.load(out / "out" / "checkpoint.pt", weights_only=True)
     assert flags == {False: False, True: True}
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+    for name, value in weights[False]["model"].items():
+        assert torch.allclose(weights[True]["model"][name], value, atol=1e-6), name
 
 
 class Line(nn.Module):
@@ -208,7 +221,7 @@ def test_validation_images_are_the_same_for_the_same_seed_and_weights(prepared, 
 def test_a_toml_config_gives_the_flags_config_and_flags_override_it(prepared, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'data = ["{prepared}"]\nbatch-size = 8\nlr_scheduler = "cosine"\n'
-                    'use_ema = true\nvalidation_prompt = ["a cat"]\nmodel = "sd"\n')  # fmt: skip
+                    'use_ema = true\nvalidation_prompt = "a cat"\nmodel = "sd"\n')  # fmt: skip
     flags = [f"--data={prepared}", "--batch-size=8", "--lr-scheduler=cosine", "--use-ema",
              "--validation-prompt=a cat", "--model=sd"]  # fmt: skip
     from_file = parse_config(["--config", str(toml)])
@@ -217,6 +230,7 @@ def test_a_toml_config_gives_the_flags_config_and_flags_override_it(prepared, tm
         k: v for k, v in vars(parse_config(flags)).items() if k != "config"
     }
     assert parse_config(["--config", str(toml), "--batch-size=2"]).batch_size == 2
+    assert not parse_config(["--config", str(toml), "--no-use-ema"]).use_ema
     toml.write_text("batch_sise = 8\n")
     done = subprocess.run([sys.executable, "trainer/train.py", "--config", str(toml)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -243,6 +257,16 @@ def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path, preci
     assert states[0]["optimization"]["steps"] == states[1]["optimization"]["steps"] == 6
     assert states[0]["optimization"]["scaler"] == states[1]["optimization"]["scaler"]
     assert (tmp_path / "parts" / "out" / "config.toml").exists()
+
+
+def test_a_resume_with_hypernetwork_dropout_continues_exactly(prepared, tmp_path):
+    """Dropout draws from torch's own random state: every rank's is kept in the checkpoint."""
+    options = {"model": "sd", "hypernetwork_dropout": 0.3, "hypernetwork_structure": (1, 2, 1),
+               "caption_dropout": 0.0, "lr": 0.05, "epochs": 3}  # fmt: skip
+    whole = train(config(prepared, tmp_path / "whole", max_steps=4, **options))
+    train(config(prepared, tmp_path / "parts", max_steps=2, **options))
+    second = train(config(prepared, tmp_path / "parts", max_steps=2, resume=True, **options))
+    assert second["losses"] == whole["losses"][2:]
 
 
 def trained_state_of(state: dict) -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
-"""Run a script under a real torchrun, killing its whole process group if it overruns: a timed-out
-launcher must not leave rank processes behind that hold the rendezvous port for the next test."""
+"""Run a script under a real torchrun, stopping it and its ranks if it overruns: a timed-out
+launcher must not leave rank processes behind that hold our pipes (the test would wait on them
+forever) or the rendezvous port of the next test."""
 
 from __future__ import annotations
 
@@ -23,8 +24,18 @@ def torchrun(
                           text=True, start_new_session=True) as process:  # fmt: skip
         try:
             stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
+        except subprocess.TimeoutExpired as overrun:
+            _stop(process)
+            raise overrun
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM first: torchrun then stops its ranks, which run in sessions of their own (a
+    killed launcher would leave them running, holding our pipes); then SIGKILL to the group."""
+    process.terminate()
+    try:
+        process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -545,5 +545,8 @@ def make_loader(
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=num_workers > 0,
         multiprocessing_context=context if num_workers else None,
+        # its own, for each iteration's worker seed: torch's global state is the model's
+        # (dropout), which a resume restores and an extra draw per epoch would shift
+        generator=torch.Generator().manual_seed(0),
     )
     return Loader(dataloader, device, TrainerPool(returns) if returns else None)

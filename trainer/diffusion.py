@@ -186,7 +186,9 @@ class Diffusion(nn.Module):
         if self.vae is None:
             return batch.pixels
         if batch.latent_mean is None:
-            sample = self.vae.encode(batch.pixels).latent_dist.sample(generator)
+            with torch.autocast(batch.pixels.device.type, enabled=False):  # the VAE's dtype
+                pixels = batch.pixels.to(self.vae.dtype)
+                sample = self.vae.encode(pixels).latent_dist.sample(generator).float()
         else:  # as DiagonalGaussianDistribution.sample draws: on the CPU, then moved
             mean, std = batch.latent_mean.float(), batch.latent_std.float()
             sample = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)

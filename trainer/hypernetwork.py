@@ -166,24 +166,35 @@ class Hypernetwork(nn.Module):
     def attach(self, unet: nn.Module) -> list:
         """Hook the pairs onto `unet`'s cross-attention key and value inputs; handles to detach.
 
-        Within one U-Net forward every layer of a depth gets the same context, so each module
-        rewrites it once and the layers share the result (SD 1.x: 8 module calls, not 32).
+        Every layer of a depth gets the same context, so each module rewrites it once per U-Net
+        forward (SD 1.x: 8 module calls, not 32), in the U-Net's forward pre-hook: outside the
+        blocks that --gradient-checkpointing recomputes, so a recomputed block looks its
+        rewritten context up as the forward did. A layer called with another context (outside
+        a U-Net forward) has it rewritten on the spot.
         """
-        rewritten: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        attached: dict[int, HypernetworkModule] = {}
+        rewritten: dict[int, torch.Tensor] = {}  # id(module) -> its output, for `seen` context
+        seen: list[torch.Tensor] = []  # the context of the U-Net's latest forward
 
-        def forget(*_):
+        def rewrite_all(_unet, args, kwargs):
+            context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            seen[:], rewritten_now = [context], {}
+            if context is not None:
+                for key, module in attached.items():
+                    if module.linear[0].in_features == context.shape[-1]:
+                        rewritten_now[key] = module(context)
             rewritten.clear()
+            rewritten.update(rewritten_now)
 
         def rewrite(module: HypernetworkModule):
             def hook(_projection, args):
-                done = rewritten.get(id(module))
-                if done is None or done[0] is not args[0]:
-                    done = rewritten[id(module)] = (args[0], module(args[0]))
-                return (done[1], *args[1:])
+                context = args[0]
+                known = seen and seen[0] is context and id(module) in rewritten
+                return (rewritten[id(module)] if known else module(context), *args[1:])
 
             return hook
 
-        handles = [unet.register_forward_pre_hook(forget), unet.register_forward_hook(forget)]
+        handles = [unet.register_forward_pre_hook(rewrite_all, with_kwargs=True)]
         for name, depth, attention in cross_attentions(unet):
             width = attention.to_k.in_features
             key = self.key(width, depth)
@@ -191,6 +202,7 @@ class Hypernetwork(nn.Module):
                 raise ValueError(f"{name}: no hypernetwork for context width {width} ({key})")
             projections = (attention.to_k, attention.to_v)
             for projection, module in zip(projections, self.pairs[key], strict=True):
+                attached[id(module)] = module
                 handles.append(projection.register_forward_pre_hook(rewrite(module)))
         return handles
 

@@ -40,11 +40,15 @@ def trained_module(model: nn.Module) -> nn.Module:
 
 
 def store_frozen_parts(model: nn.Module, dtype: torch.dtype | None) -> None:
-    """Frozen submodules (every parameter without grad) in `dtype`; trained ones stay fp32."""
+    """Frozen submodules (every parameter without grad) in `dtype`; trained ones stay fp32.
+    Under fp16 the VAE stays fp32 too, as in diffusers' SDXL scripts: SDXL's VAE overflows in
+    fp16 (it encodes and decodes outside autocast, in its own dtype)."""
     if dtype is None:
         return
-    for module in model.children():
+    for name, module in model.named_children():
         parameters = list(module.parameters())
+        if name == "vae" and dtype == torch.float16:
+            continue
         if parameters and not any(p.requires_grad for p in parameters):
             module.to(dtype)
 
@@ -108,10 +112,12 @@ class Optimization:
             self.scaler.unscale_(self.optimizer)
             trained = [p for p in model.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if not self.scaler.get_scale() < scale:  # fp16 skipped no step (inf): as accelerate,
+            self.scheduler.step()  # the schedule waits for the steps that are taken
         if self.ema is not None:
             self.ema.update_parameters(trained_module(model))
         self.steps += 1

@@ -78,7 +78,9 @@ def sample(
             uc, c = prediction.chunk(2)
             latents = scheduler.step(uc + (c - uc) * scale, timestep, latents).prev_sample
         if parts.vae is not None:
-            pixels = parts.vae.decode(latents / parts.vae.config.scaling_factor).sample
+            with torch.autocast(latents.device.type, enabled=False):  # the VAE's own dtype
+                scaled = (latents / parts.vae.config.scaling_factor).to(parts.vae.dtype)
+                pixels = parts.vae.decode(scaled).sample
         else:
             pixels = latents
     finally:

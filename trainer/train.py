@@ -20,6 +20,11 @@ forward(batch, generator) returns its loss, so `MODELS` is the one place another
 Data: `--data A --data B:3` trains on several prepared datasets at once, B's images three times
 an epoch (fractional weights take a share a epoch); `--flip`, `--shuffle-tags`, `--keep-tokens`,
 `--tag-dropout` are kohya-ss's augmentations, deterministic in (seed, epoch, image).
+
+Optimization under diffusers' names (`--mixed-precision`, `--gradient-checkpointing`,
+`--gradient-accumulation-steps`, `--lr-scheduler`, `--use-ema`, ...): trainer/optimization.py;
+`--logging-dir` (TensorBoard) and `--validation-prompt`: trainer/tracking.py and validation.py;
+`--config run.toml` takes any of these options, flags override it.
 """
 
 from __future__ import annotations
@@ -207,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     for option in dataclasses.fields(Config):
         name, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
         if types[option.name] is bool:
-            parser.add_argument(name, action="store_true", help=help)
+            parser.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=False, help=help
+            )  # --no-X turns off what a --config file turns on
         elif types[option.name] == tuple[str, ...]:  # repeatable
             parser.add_argument(name, action="append", default=None, help=help)
         else:
@@ -242,6 +249,10 @@ def _toml_options(path: str, parser: argparse.ArgumentParser) -> dict:
     unknown = sorted(set(options) - names)
     if unknown:
         parser.error(f"--config {path}: unknown options {unknown}")
+    repeatable = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    for name in repeatable & set(options):  # `data = "OUT"` is one dataset, as a list of one
+        if isinstance(options[name], str):
+            options[name] = [options[name]]
     return {name: tuple(v) if isinstance(v, list) else v for name, v in options.items()}
 
 
@@ -407,13 +418,13 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     out_dir = Path(config.out_dir)
     epoch, step = 0, 0  # step: the next batch of the epoch, always the start of a group
     if config.resume:
-        epoch, step = _resume(out_dir / "checkpoint.pt", model, optimization, generator, device)
+        epoch, step = _resume(out_dir / "checkpoint.pt", model, optimization, generator)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
     loader = make_loader(data, batches, config.num_workers, device)
     tracker = Tracker(config.logging_dir, master, world_size, config.log_every)
 
     def save() -> None:
-        states = _gathered(generator.get_state(), world_size)
+        states = _gathered(_random_state(generator), world_size)
         if master:
             out_dir.mkdir(parents=True, exist_ok=True)
             state = {"model": trained_state(model), "optimization": optimization.state_dict(),
@@ -459,14 +470,18 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         save_result(model, out_dir, optimization)
     tracker.close()
     if world_size > 1:
+        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would run
+        # gloo's destructor holding the GIL while a gloo thread waits for the GIL: a deadlock
+        # seen on exit with torch 2.13. So it lets go first, while the group still lives.
+        del ddp
         dist.destroy_process_group()
     return {"rank": rank, "steps": steps_run, "losses": losses}
 
 
-def _resume(path: Path, model, optimization: Optimization, generator, device) -> tuple[int, int]:
+def _resume(path: Path, model, optimization: Optimization, generator) -> tuple[int, int]:
     """Weights, optimizer, schedule, scaler, EMA and this rank's random state from `path`;
     (epoch, step) to continue from."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     loaded = model.load_state_dict(state["model"], strict=False)
     if loaded.unexpected_keys or set(trained_state(model)) - set(state["model"]):
         raise ValueError(f"{path} was written by another model configuration")
@@ -474,11 +489,29 @@ def _resume(path: Path, model, optimization: Optimization, generator, device) ->
     generators = state["generators"]
     rank = dist.get_rank() if dist.is_initialized() else 0
     if len(generators) == (dist.get_world_size() if dist.is_initialized() else 1):
-        generator.set_state(generators[rank])
+        _set_random_state(generator, generators[rank])
     return state["epoch"], state["step"]
 
 
-def _gathered(value: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+def _random_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """This rank's random state: the loss's generator and torch's own (dropout draws from it)."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_random_state(generator: torch.Generator, state) -> None:
+    if isinstance(state, torch.Tensor):  # a checkpoint of before torch's own state was kept
+        generator.set_state(state)
+        return
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gathered(value, world_size: int) -> list:
     """Every rank's `value` (for rank 0 to save), in rank order."""
     if world_size == 1:
         return [value]
