@@ -190,6 +190,9 @@ def test_each_sample_is_a_bucket_sized_window_of_its_stored_image(dataset, reque
                     stored = np.asarray(Image.open(io.BytesIO(shard.read(row["image_size"]))))
                 (height, width), (bucket_h, bucket_w) = stored.shape[:2], sample.shape[:2]
                 scaled = fit(width, height, bucket_w, bucket_h)
+                if scaled != (width, height) and not (row["crop_left"] or row["crop_top"]):
+                    # re-fitted from the source's size (the stored one could round a pixel apart)
+                    scaled = fit(row["width"], row["height"], bucket_w, bucket_h)
                 if scaled != (width, height):  # a catch-all member re-fitted to another bucket
                     resampled += 1
                     reference = np.asarray(
