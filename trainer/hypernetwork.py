@@ -178,13 +178,12 @@ class Hypernetwork(nn.Module):
 
         def rewrite_all(_unet, args, kwargs):
             context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-            seen[:], rewritten_now = [context], {}
+            seen[:] = [context]
+            rewritten.clear()
             if context is not None:
                 for key, module in attached.items():
                     if module.linear[0].in_features == context.shape[-1]:
-                        rewritten_now[key] = module(context)
-            rewritten.clear()
-            rewritten.update(rewritten_now)
+                        rewritten[key] = module(context)
 
         def rewrite(module: HypernetworkModule):
             def hook(_projection, args):

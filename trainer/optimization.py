@@ -110,7 +110,7 @@ class Optimization:
         """Apply the group's gradient: unscale, clip, step, schedule, average."""
         if self.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            trained = [p for p in model.parameters() if p.requires_grad]
+            trained = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)

@@ -204,10 +204,16 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(value) for value in text.split(",") if value)
 
 
+def _repeatable() -> set[str]:
+    """The Config fields given once per value on the command line (`--data A --data B`)."""
+    types = typing.get_type_hints(Config)
+    return {name for name, kind in types.items() if kind == tuple[str, ...]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one option per Config field, its help and default shown."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    types = typing.get_type_hints(Config)
+    types, repeatable = typing.get_type_hints(Config), _repeatable()
     parsers = {int: int, float: float, str: str, tuple[float, ...]: _floats}
     for option in dataclasses.fields(Config):
         name, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
@@ -215,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 name, action=argparse.BooleanOptionalAction, default=False, help=help
             )  # --no-X turns off what a --config file turns on
-        elif types[option.name] == tuple[str, ...]:  # repeatable
+        elif option.name in repeatable:
             parser.add_argument(name, action="append", default=None, help=help)
         else:
             parser.add_argument(
@@ -229,7 +235,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     from_file = _toml_options(known.config, parser) if known.config else {}
-    repeatable = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    repeatable = _repeatable()
     parser.set_defaults(**{k: v for k, v in from_file.items() if k not in repeatable})
     arguments = vars(parser.parse_args(argv))
     for name in repeatable:  # given on the command line: replaces the file's, never appends
@@ -249,8 +255,7 @@ def _toml_options(path: str, parser: argparse.ArgumentParser) -> dict:
     unknown = sorted(set(options) - names)
     if unknown:
         parser.error(f"--config {path}: unknown options {unknown}")
-    repeatable = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
-    for name in repeatable & set(options):  # `data = "OUT"` is one dataset, as a list of one
+    for name in _repeatable() & set(options):  # `data = "OUT"` is one dataset, as a list of one
         if isinstance(options[name], str):
             options[name] = [options[name]]
     return {name: tuple(v) if isinstance(v, list) else v for name, v in options.items()}
