@@ -16,13 +16,8 @@ import sys
 
 from pipeline.buckets import METRICS, BucketConfig
 from pipeline.cli import HelpFormatter
-from pipeline.config import PrepareConfig
+from pipeline.config import CROP_MODES, IMAGE_FORMATS, PrepareConfig, WriteOptions
 from pipeline.errors import UsageError
-from pipeline.imaging import CROPS, ENCODERS
-from pipeline.latents import add_latents, vae_folder
-from pipeline.output import OutputDir
-from pipeline.shard_writer import WriteOptions
-from pipeline.sources import absolute, check_input, check_separate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("images")
     group.add_argument(
         "--format",
-        choices=sorted(ENCODERS),
+        choices=IMAGE_FORMATS,
         default=write.image_format,
         help="how stored images are encoded",
     )
@@ -82,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--crop",
-        choices=sorted(CROPS),
+        choices=CROP_MODES,
         default=write.crop,
         help="none: store each image with its overflow for a random crop at load "
         "time (the source's way); center/random: store it cropped",
@@ -210,6 +205,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[PrepareConfig | None, arg
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
+    from pipeline.latents import add_latents, vae_folder  # here: --help answers at once
+    from pipeline.output import OutputDir
+    from pipeline.sources import absolute, check_input, check_separate
+
     try:  # local mistakes are answered before Ray starts
         if config is not None:
             check_input(config.input)
@@ -219,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
+    if not args.ray_address:
+        # Token auth, which Ray picks for a new local cluster anyway (warning on every run that
+        # it did), chosen here: the embedded Ray listens on every interface, not on loopback
+        # only. Set before the import, which reads it; RAY_AUTH_MODE=disabled still opts out.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray  # here, not at the top: --help and the checks above answer at once
 
     from pipeline.prepare import run

@@ -1,7 +1,7 @@
 """The prepare job's settings: one frozen dataclass, validated once; the CLI takes its defaults.
 
-Kept free of Ray and of the stages, so that `jobs/prepare.py --help` and a mistake in a setting
-are answered at once.
+Kept free of Ray, of the stages and of pyvips, so that `jobs/prepare.py --help` and a mistake
+in a setting are answered at once.
 """
 
 from __future__ import annotations
@@ -13,8 +13,35 @@ from dataclasses import dataclass, field
 
 from pipeline.buckets import BucketConfig
 from pipeline.output import FORMAT_VERSION
-from pipeline.scan import DEFAULT_MAX_PIXELS
-from pipeline.shard_writer import WriteOptions
+
+# A guard against decompression bombs, checked from the header before any decoding. libvips
+# streams PNG and TIFF, so a worker's memory does not grow with the pixel count (a 625 MP PNG
+# peaks at 0.2 GB): gigapixel scans and panoramas pass.
+DEFAULT_MAX_PIXELS = 1_000_000_000
+DEFAULT_BACKGROUND = (255, 255, 255)  # white under transparency: what viewers and sites show
+IMAGE_FORMATS = ("jpg", "png", "webp")  # how stored images are encoded: imaging.ENCODERS
+CROP_MODES = ("none", "center", "random")  # imaging.CROPS
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    image_format: str = "jpg"  # one of IMAGE_FORMATS
+    quality: int = 95
+    crop: str = "none"  # one of CROP_MODES: "none" keeps the overflow for the loader
+    seed: int = 0  # random crops: image `key` is cropped with rng seeded by (seed, key)
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND
+
+    def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(
+                f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}"
+            )
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ValueError(f"background must be three values in 0..255, got {self.background!r}")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import numpy as np
 import pyvips
 from PIL import Image, ImageCms
 
+from pipeline.config import CROP_MODES, DEFAULT_BACKGROUND, IMAGE_FORMATS
 from pipeline.fit import crop_box, fit
 
 EXIF_ORIENTATION = 0x0112
@@ -60,7 +61,6 @@ ORIENTED = {  # orientation -> the stored pixels (H, W, C) as shown, as exif_tra
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
     8: lambda a: np.rot90(a, 1),
 }
-DEFAULT_BACKGROUND = (255, 255, 255)  # white under transparency: what viewers and sites show
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 SHRINK_ON_LOAD = {"JPEG": "shrink", "MPO": "shrink", "WEBP": "scale"}  # format -> load option
@@ -75,6 +75,7 @@ ENCODERS = {  # extension -> (Pillow format, options given quality)
     "webp": ("WEBP", lambda quality: {"quality": quality, "method": 4}),
     "png": ("PNG", lambda quality: {"compress_level": 6}),
 }
+assert set(CROPS) == set(CROP_MODES) and set(ENCODERS) == set(IMAGE_FORMATS), "config.py's names"
 
 # Our own limit (scan's max_pixels) replaces Pillow's decompression-bomb guard, whose default
 # would refuse real 170 MP wallpapers; larger images are rejected before a pixel is decoded.

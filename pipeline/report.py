@@ -15,6 +15,9 @@ import pyarrow.compute as pc
 from pipeline.buckets import bucket_aspects
 from pipeline.fit import fit_measures
 from pipeline.plan import plan_epoch
+from pipeline.rejects import DESCRIPTIONS, Reason
+
+REJECTS_NAMED = 5  # rejected files stats.json and the summary name; rejects.parquet has them all
 
 
 def _summary(values: np.ndarray) -> dict:
@@ -59,25 +62,27 @@ def epoch_report(
 def dataset_stats(
     columns: dict[str, np.ndarray],
     buckets: np.ndarray,
-    reject_reasons: pa.ChunkedArray,
+    rejects: pa.Table,
     batch_size: int,
     world_size: int,
     seed: int,
 ) -> dict:
-    """stats.json's content from the index columns width, height, bucket and aspect_error."""
+    """stats.json's content from the index columns width, height, bucket and aspect_error, and
+    the rejects table (sorted by source)."""
     width, height, bucket = columns["width"], columns["height"], columns["bucket"]
     upscale, cropped = fit_measures(width, height, buckets[bucket, 0], buckets[bucket, 1])
     counts = np.bincount(bucket, minlength=len(buckets))
     epoch = epoch_report(bucket, width / height, buckets, batch_size, world_size, seed)
     return {
         "images": len(width),
-        "rejected": len(reject_reasons),
+        "rejected": len(rejects),
         "rejections_by_reason": {
             count["values"]: count["counts"]
             for count in sorted(
-                pc.value_counts(reject_reasons).to_pylist(), key=lambda c: c["values"]
+                pc.value_counts(rejects["reason"]).to_pylist(), key=lambda c: c["values"]
             )
         },
+        "rejected_first": rejects.slice(0, REJECTS_NAMED).select(["source", "reason"]).to_pylist(),
         "buckets": [
             {"bucket": i, "width": int(w), "height": int(h), "images": int(n)}
             for i, ((w, h), n) in enumerate(zip(buckets, counts, strict=True))
@@ -94,14 +99,26 @@ def dataset_stats(
 DROPPED_WARNING_SHARE = 0.05  # warn when truncation leaves out more of an epoch than this
 
 
+def epoch_use_warning(images: int, used: int, batch_size: int, world_size: int) -> str | None:
+    """Why an epoch leaves out more than DROPPED_WARNING_SHARE of its images; None if it does
+    not. The prepare job and the trainer say it in these words."""
+    if not images or images - used <= DROPPED_WARNING_SHARE * images:
+        return None
+    return (
+        f"an epoch at batch size {batch_size} x world size {world_size} uses {used} of "
+        f"{images} images: every rank needs whole batches"
+    )
+
+
 def _warnings(images: int, epoch: dict) -> list[str]:
-    if not images or epoch["images_dropped"] <= DROPPED_WARNING_SHARE * images:
+    warning = epoch_use_warning(
+        images, epoch["images_used"], epoch["batch_size"], epoch["world_size"]
+    )
+    if warning is None:
         return []
     return [
-        f"an epoch at batch size {epoch['batch_size']} x world size {epoch['world_size']} uses "
-        f"{epoch['images_used']} of {images} images: every rank needs whole batches. Give "
-        "--batch-size and --world-size as you will train (they only shape this report), or "
-        "train with smaller batches"
+        f"{warning}. Give --batch-size and --world-size as you will train (they only shape this "
+        "report), or train with smaller batches"
     ]
 
 
@@ -113,7 +130,8 @@ def summary(stats: dict, shards: int, output: str) -> str:
     share = epoch["images_used"] / stats["images"] if stats["images"] else 0.0
     lines = [
         f"{stats['images']} images kept in {used_buckets} buckets, {shards} shards: {output}",
-        f"{stats['rejected']} rejected" + (f": {reasons} (see rejects.parquet)" if reasons else ""),
+        f"{stats['rejected']} rejected" + (f": {reasons}" if reasons else ""),
+        *_rejected_lines(stats, output),
         f"one epoch at batch size {epoch['batch_size']} x world size {epoch['world_size']}: "
         f"{epoch['images_used']} of {stats['images']} images ({share:.0%}), "
         f"{epoch['catch_all_images']} of them in catch-all batches",
@@ -126,6 +144,25 @@ def summary(stats: dict, shards: int, output: str) -> str:
         "docs/format.md describes them",
     ]
     return "\n".join(lines)
+
+
+def _rejected_lines(stats: dict, output: str) -> list[str]:
+    """The first rejected files by name, and the command that lists them all: a user should not
+    have to know Parquet to learn which file was corrupt."""
+    if not stats["rejected"]:
+        return []
+    first = stats.get("rejected_first", [])  # absent from a stats.json of an older run
+    more = stats["rejected"] - len(first)
+    listing = (
+        'python3 -c "import sys, pyarrow.csv as csv, pyarrow.parquet as pq; csv.write_csv('
+        f"pq.read_table('{output}/rejects.parquet', columns=['source', 'reason', 'message']), "
+        'sys.stdout.buffer)"'
+    )
+    return [
+        *(f"  {r['source']} ({r['reason']}) {DESCRIPTIONS[Reason(r['reason'])]}" for r in first),
+        *([f"  ... and {more} more"] if more else []),
+        f"  every rejected file with its message, as CSV: {listing}",
+    ]
 
 
 def draw_buckets(stats: dict) -> bytes:
@@ -143,17 +180,23 @@ def draw_buckets(stats: dict) -> bytes:
     bars = left.bar(range(len(counts)), counts, color="#4C72B0")
     left.bar_label(bars, fontsize=7)
     left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    left.set_xlabel("bucket (width x height)")
     left.set_ylabel("images")
     left.yaxis.get_major_locator().set_params(integer=True)
     epoch = stats["epoch"]
     left.set_title(
         f"{stats['images']:,} images in {sum(c > 0 for c in counts)} buckets; one epoch at "
-        f"{epoch['world_size']} x {epoch['batch_size']}: "
-        f"{epoch['catch_all_images']:,} to catch-all, {epoch['images_dropped']:,} dropped"
+        f"world size {epoch['world_size']} x batch size {epoch['batch_size']}: "
+        f"{epoch['catch_all_images']:,} to catch-all batches, {epoch['images_dropped']:,} dropped"
     )
     reasons = stats["rejections_by_reason"]
-    right.barh(list(reasons) or ["none"], list(reasons.values()) or [0], color="#C44E52")
+    bars = right.barh(list(reasons) or ["none"], list(reasons.values()) or [0], color="#C44E52")
+    right.bar_label(bars, fontsize=7, padding=2)
+    right.set_xlim(0, 1.12 * max([1, *reasons.values()]))  # room for the longest bar's label
     right.set_title(f"{stats['rejected']:,} rejected")
+    right.set_xlabel("files")
+    right.set_ylabel("reason")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.invert_yaxis()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)

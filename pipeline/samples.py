@@ -14,9 +14,9 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import WriteOptions
 from pipeline.imaging import encode, fitted_image
 from pipeline.rejects import Reason, Rejected
-from pipeline.shard_writer import WriteOptions
 from pipeline.sources import InputRoot
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.config import DEFAULT_MAX_PIXELS
 from pipeline.imaging import Header, max_file_bytes, read_header
 from pipeline.rejects import Reason, reject
 from pipeline.sources import LISTING_SCHEMA, InputRoot
@@ -24,10 +25,6 @@ from pipeline.sources import LISTING_SCHEMA, InputRoot
 # Formats we decode; Pillow identifies more (PSD, ICO, PPM...), which are rejected by name.
 # MPO is what Pillow calls the JPEGs many phones write (a JPEG with extra frames).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
-# A guard against decompression bombs, checked from the header before any decoding. libvips
-# streams PNG and TIFF, so a worker's memory does not grow with the pixel count (a 625 MP PNG
-# peaks at 0.2 GB): gigapixel scans and panoramas pass.
-DEFAULT_MAX_PIXELS = 1_000_000_000
 HEADER_BYTES = 1 << 16  # enough for the header and EXIF block of nearly every image file
 
 SCAN_SCHEMA = pa.schema(

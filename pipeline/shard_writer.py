@@ -8,12 +8,10 @@ that the task is retried. Tars are byte-reproducible: members in key order, fixe
 from __future__ import annotations
 
 import tarfile
-from dataclasses import dataclass
 
 import pyarrow as pa
 from webdataset import TarWriter
 
-from pipeline.imaging import CROPS, DEFAULT_BACKGROUND, ENCODERS
 from pipeline.output import OutputDir
 
 TAR_MTIME = 0
@@ -47,27 +45,6 @@ PART_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-
-
-@dataclass(frozen=True)
-class WriteOptions:
-    image_format: str = "jpg"  # a key of imaging.ENCODERS
-    quality: int = 95
-    crop: str = "none"  # a key of imaging.CROPS: "none" keeps the overflow for the loader
-    seed: int = 0  # random crops: image `key` is cropped with rng seeded by (seed, key)
-    background: tuple[int, int, int] = DEFAULT_BACKGROUND
-
-    def __post_init__(self) -> None:
-        if self.image_format not in ENCODERS:
-            raise ValueError(
-                f"image_format must be one of {sorted(ENCODERS)}, got {self.image_format!r}"
-            )
-        if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {sorted(CROPS)}, got {self.crop!r}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be in 1..100, got {self.quality}")
-        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
-            raise ValueError(f"background must be three values in 0..255, got {self.background!r}")
 
 
 def write_shard(name: str, out: OutputDir, *pieces: list[dict]) -> dict:

@@ -18,9 +18,8 @@ import pytest  # noqa: E402
 from images import rgb, save  # noqa: E402
 
 from pipeline.buckets import BucketConfig  # noqa: E402
-from pipeline.config import PrepareConfig  # noqa: E402
+from pipeline.config import PrepareConfig, WriteOptions  # noqa: E402
 from pipeline.prepare import run  # noqa: E402
-from pipeline.shard_writer import WriteOptions  # noqa: E402
 
 
 @contextlib.contextmanager

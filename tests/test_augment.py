@@ -14,10 +14,9 @@ from conftest import SMALL_BUCKETS, prepare_small, ray_started
 from images import detailed, save, with_orientation
 from PIL import Image, ImageOps
 
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.fit import fit
 from pipeline.prepare import run
-from pipeline.shard_writer import WriteOptions
 from trainer.augment import CaptionOptions, caption
 from trainer.data import EpochBatches, PreparedData, make_loader
 from trainer.mixture import Mixture, parse_weighted

@@ -16,12 +16,11 @@ from images import detailed, save
 from PIL import Image
 from torchrun import torchrun
 
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.distributor import map_on_actors
 from pipeline.latents import LatentEncoder, add_latents, vae_fingerprint
 from pipeline.output import OutputDir
 from pipeline.prepare import run
-from pipeline.shard_writer import WriteOptions
 from trainer.data import EpochBatches, PreparedData, make_loader
 from trainer.diffusion import save_parts, tiny_parts
 

@@ -19,11 +19,10 @@ from images import all_modes, rgb, save
 from PIL import Image
 
 from pipeline.buckets import bucket_aspects
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.fit import fit
 from pipeline.plan import plan_epoch
 from pipeline.prepare import run
-from pipeline.shard_writer import WriteOptions
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 

@@ -32,9 +32,11 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from pipeline.errors import UsageError
 from pipeline.fit import fit
 from pipeline.output import Manifest, OutputDir
 from pipeline.plan import RankPlan, plan_epoch
+from pipeline.sources import IMAGE_EXTENSIONS
 from trainer.augment import CaptionOptions, caption, view
 from trainer.batch_pool import Lease, TrainerPool, WorkerPool
 
@@ -53,7 +55,7 @@ class PreparedData:
         self.root = Path(root)
         manifest = Manifest.read(OutputDir(str(self.root.resolve())))
         if manifest is None:
-            raise ValueError(f"{self.root} is not a complete prepared dataset: no manifest.json")
+            raise not_prepared(self.root)
         self.manifest = manifest
         self.buckets = np.array(manifest.buckets, dtype=np.int64)
         self.latents: dict | None = None  # the VAE whose latents batches carry (use_latents)
@@ -78,7 +80,7 @@ class PreparedData:
         entry = self.manifest.latents.get(fingerprint)
         if entry is None:
             held = ", ".join(self.manifest.latents) or "none"
-            raise ValueError(
+            raise UsageError(
                 f"{self.root} holds no latents of this VAE ({fingerprint}; it holds: {held}): "
                 f"prepare them with jobs/prepare.py --output {self.root} --vae YOUR_VAE, or "
                 "train from pixels with --latents off"
@@ -109,6 +111,28 @@ class PreparedData:
     def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(items, copy numbers) of an epoch: every image once."""
         return np.arange(len(self), dtype=np.int64), np.zeros(len(self), dtype=np.int64)
+
+
+def not_prepared(root: Path) -> UsageError:
+    """What to do about a --data that holds no manifest.json: nothing there, a preparation that
+    did not finish, or images that were never prepared."""
+    run = "python jobs/prepare.py --input IMAGES --output OUT"
+    if not root.exists():
+        return UsageError(f"--data {root}: no such folder: give the OUT of `{run}`")
+    names = {path.name for path in root.iterdir()} if root.is_dir() else set()
+    if names & {"config.json", "shards", "parts"}:
+        return UsageError(
+            f"--data {root}: its preparation did not finish (no manifest.json, which is written "
+            "last): rerun the jobs/prepare.py command that wrote it, with the same --input and "
+            f"--output {root}; it keeps the finished shards"
+        )
+    if any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in names):
+        return UsageError(
+            f"--data {root} holds images, not a prepared dataset: prepare them first with "
+            f"`python jobs/prepare.py --input {root} --output OUT`, then train with --data OUT"
+        )
+    return UsageError(f"--data {root} is not a prepared dataset (no manifest.json): give the "
+                      f"OUT of `{run}`")  # fmt: skip
 
 
 class Batch(NamedTuple):

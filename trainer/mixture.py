@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import UsageError
 from trainer.data import PreparedData
 
 MAX_AREA_RATIO = 1.25  # between the largest buckets of datasets trained together
@@ -33,7 +34,7 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     if not path:
         return spec, 1.0
     if not value > 0:
-        raise ValueError(f"--data {spec}: the weight must be > 0")
+        raise UsageError(f"--data {spec}: the weight must be > 0")
     return path, value
 
 
@@ -48,7 +49,7 @@ class Mixture:
         if max(areas) > MAX_AREA_RATIO * min(areas):
             described = ", ".join(f"{data.root} ({area:,} px)" for (data, _), area in
                                   zip(parts, areas, strict=True))  # fmt: skip
-            raise ValueError(
+            raise UsageError(
                 f"datasets prepared for different model scales (largest bucket areas: "
                 f"{described}): prepare them with the same bucket settings"
             )

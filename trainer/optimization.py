@@ -27,7 +27,6 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 def trained_module(model: nn.Module) -> nn.Module:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.config import LAYOUTS
+
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end tokens
 START, END = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
-LAYOUTS = ("full", "trimmed")
 
 
 class Tokenizer:

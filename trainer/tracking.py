@@ -1,6 +1,6 @@
-"""What a run reports: a line on stdout every few steps, and with `--logging-dir` TensorBoard
-event files (loss, learning rate, samples/s, images/s per rank, per-bucket counts each epoch,
-validation images). Rank 0 alone reports; the others only train."""
+"""What a run reports: a line on stdout at the first step and every few after it, and with
+`--logging-dir` TensorBoard event files (loss, learning rate, samples/s, images/s per rank,
+per-bucket counts each epoch, validation images). Rank 0 alone reports; the others only train."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Tracker:
             for name, value in (("loss", loss), ("lr", lr), ("images_per_s_per_rank", rate),
                                 ("samples_per_s", rate * self.world_size)):  # fmt: skip
                 self.writer.add_scalar(f"train/{name}", value, step)
-        if step % self.log_every == 0:
+        if step == 1 or step % self.log_every == 0:  # a first line at once, then every few
             total = rate * self.world_size
             line = f"epoch {epoch} step {step} loss {loss:.4f} lr {lr:.3g} {total:.1f} img/s"
             print(f"{line} ({self.world_size} ranks)", flush=True)

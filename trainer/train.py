@@ -18,8 +18,9 @@ DIR` loads a local diffusers-layout checkpoint; without it, tiny random models. 
 forward(batch, generator) returns its loss, so `MODELS` is the one place another model plugs in.
 
 Data: `--data A --data B:3` trains on several prepared datasets at once, B's images three times
-an epoch (fractional weights take a share a epoch); `--flip`, `--shuffle-tags`, `--keep-tokens`,
-`--tag-dropout` are kohya-ss's augmentations, deterministic in (seed, epoch, image).
+an epoch (a fractional weight takes that share of an epoch); `--flip`, `--shuffle-tags`,
+`--keep-tokens`, `--tag-dropout` are kohya-ss's augmentations, deterministic in (seed, epoch,
+image).
 
 Optimization under diffusers' names (`--mixed-precision`, `--gradient-checkpointing`,
 `--gradient-accumulation-steps`, `--lr-scheduler`, `--use-ema`, ...): trainer/optimization.py;
@@ -29,243 +30,36 @@ Optimization under diffusers' names (`--mixed-precision`, `--gradient-checkpoint
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
+import sys
+
+from trainer.config import Config, parse_config, read_saved, save_config
+
+if __name__ == "__main__":  # --help and a mistaken option are answered before torch loads
+    CONFIG = parse_config(sys.argv[1:], __doc__)
+
+import contextlib  # the imports that take seconds
 import os
-import typing
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import tomli_w
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.cli import HelpFormatter
+from pipeline.cli import typed
+from pipeline.errors import UsageError
 from pipeline.latents import vae_fingerprint
+from pipeline.report import epoch_use_warning
 from trainer.augment import CaptionOptions
 from trainer.data import Batch, EpochBatches, make_loader
-from trainer.hypernetwork import ACTIVATIONS
 from trainer.mixture import open_datasets
-from trainer.optimization import PRECISIONS, SCHEDULES, Optimization, store_frozen_parts
-from trainer.prompts import LAYOUTS
+from trainer.optimization import PRECISIONS, Optimization, store_frozen_parts
 from trainer.tracking import Tracker
 from trainer.validation import render_validation
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-
-def _option(default, help: str):
-    """A Config field with its command-line help."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class Config:
-    """Everything a run needs, validated once: a ValueError names the option at fault."""
-
-    data: tuple[str, ...] = _option(
-        (),
-        "a prepared dataset (jobs/prepare.py --output); repeat for several, PATH:WEIGHT for "
-        "repeats (3: three times an epoch, 0.5: half of it)",
-    )
-    out_dir: str = _option("checkpoints", "where rank 0 writes checkpoints and results")
-    batch_size: int = _option(4, "images per batch on each rank")
-    epochs: int = _option(1, "epochs to train")
-    max_steps: int = _option(0, "stop after this many optimizer steps of this run (0: all epochs)")
-    lr: float = _option(1e-3, "AdamW learning rate (the schedule's peak)")
-    lr_scheduler: str = _option(
-        "constant",
-        "constant, constant_with_warmup, linear or cosine (diffusers' schedules), "
-        "over all --epochs",
-    )
-    lr_warmup_steps: int = _option(
-        500, "optimizer steps of linear warm-up (the schedules with one)"
-    )
-    gradient_accumulation_steps: int = _option(
-        1, "micro-batches whose gradients add up to one optimizer step (DDP syncs once)"
-    )
-    max_grad_norm: float = _option(1.0, "clip the gradient's norm to this (0: no clipping)")
-    mixed_precision: str = _option(
-        "no",
-        "no, fp16 (with a gradient scaler) or bf16: autocast "
-        "for the forward pass; trained weights stay fp32",
-    )
-    gradient_checkpointing: bool = _option(False, "recompute the U-Net's activations in backward")
-    use_ema: bool = _option(False, "keep an exponential moving average of the trained weights")
-    ema_decay: float = _option(0.9999, "the average's decay per optimizer step")
-    seed: int = _option(0, "data order, crops and the model's initialisation")
-    num_workers: int = _option(2, "DataLoader workers per rank (at most its cores minus one)")
-    checkpoint_every: int = _option(100, "optimizer steps between checkpoints (and one at the end)")
-    resume: bool = _option(False, "continue from OUT_DIR/checkpoint.pt exactly where it stopped")
-    log_every: int = _option(10, "optimizer steps between log lines")
-    logging_dir: str = _option("", "write TensorBoard event files here (rank 0)")
-    validation_prompt: tuple[str, ...] = _option(
-        (), "sd/sdxl: render this prompt at every --validation-steps (repeatable)"
-    )
-    validation_steps: int = _option(100, "optimizer steps between validation images")
-    validation_width: int = _option(512, "validation images' width in pixels")
-    validation_height: int = _option(512, "validation images' height in pixels")
-    validation_inference_steps: int = _option(20, "sampler steps of a validation image")
-    config: str = _option("", "a TOML file of these options (flags override it)")
-    flip: float = _option(0.0, "probability of a horizontal flip of each sample")
-    shuffle_tags: bool = _option(False, "shuffle each caption's comma-separated tags every epoch")
-    keep_tokens: int = _option(0, "the first N tags stay in place and are never dropped")
-    tag_dropout: float = _option(0.0, "drop each other tag with this probability")
-    model: str = _option("conv", "conv (a small denoiser, a smoke test), sd or sdxl")
-    latents: str = _option(
-        "auto",
-        "auto: train from the dataset's cached latents of the model's VAE when it holds "
-        "them (jobs/prepare.py --vae); on: require them; off: from pixels",
-    )
-    channels: int = _option(32, "conv: width")
-    noise: float = _option(0.5, "conv: noise level of the denoising objective")
-    pretrained: str = _option(
-        "", "sd: local diffusers-layout checkpoint folder (empty: tiny random models)"
-    )
-    train_part: str = _option("hypernetwork", "sd: hypernetwork (U-Net frozen) or unet")
-    max_tokens: int = _option(225, "sd: prompt limit in tokens, a multiple of 75")
-    clip_skip: int = _option(2, "sd: 2 = CLIP's penultimate layer (the source's), 1 = the last")
-    prompt_layout: str = _option(
-        "full",
-        "sd: full 77-state chunks (231 states for 225 tokens, A1111's) or trimmed (227, kohya's)",
-    )
-    caption_dropout: float = _option(
-        0.1, "sd: share of captions replaced by the empty prompt (after the tag augmentations)"
-    )
-    hypernetwork_structure: tuple[float, ...] = _option(
-        (1.0, 2.0, 1.0), "layer sizes in multiples of the context width, e.g. 1,2,1"
-    )
-    hypernetwork_activation: str = _option("linear", "an activation of trainer.hypernetwork")
-    hypernetwork_layer_norm: bool = _option(False, "a LayerNorm after every hypernetwork layer")
-    hypernetwork_dropout: float = _option(0.0, "dropout after every hidden hypernetwork layer")
-    hypernetwork_shared: bool = _option(
-        False, "one pair per width for all depths (also written as AUTOMATIC1111's hypernetwork.pt)"
-    )
-    depth_penalty: tuple[float, ...] = _option(
-        (0.01,), "L2 weight per U-Net depth, shallowest first, e.g. 0.01,0.005"
-    )
-
-    def __post_init__(self) -> None:
-        checks = {
-            "data": (bool(self.data), "give a prepared dataset"),
-            "flip": (0 <= self.flip <= 1, "must be a probability in [0, 1]"),
-            "keep_tokens": (self.keep_tokens >= 0, "must be >= 0"),
-            "tag_dropout": (0 <= self.tag_dropout < 1, "must be in [0, 1)"),
-            "batch_size": (self.batch_size >= 1, "must be >= 1"),
-            "epochs": (self.epochs >= 0, "must be >= 0"),
-            "max_steps": (self.max_steps >= 0, "must be >= 0"),
-            "lr": (self.lr > 0, "must be > 0"),
-            "num_workers": (self.num_workers >= 0, "must be >= 0"),
-            "checkpoint_every": (self.checkpoint_every >= 1, "must be >= 1"),
-            "log_every": (self.log_every >= 1, "must be >= 1"),
-            "model": (self.model in MODELS, f"must be one of {sorted(MODELS)}"),
-            "latents": (self.latents in ("auto", "on", "off"), "must be auto, on or off"),
-            "lr_scheduler": (self.lr_scheduler in SCHEDULES, f"must be one of {SCHEDULES}"),
-            "lr_warmup_steps": (self.lr_warmup_steps >= 0, "must be >= 0"),
-            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "must be >= 1"),
-            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0"),
-            "mixed_precision": (self.mixed_precision in PRECISIONS,
-                                f"must be one of {sorted(PRECISIONS)}"),
-            "ema_decay": (0 < self.ema_decay < 1, "must be in (0, 1)"),
-            "validation_steps": (self.validation_steps >= 1, "must be >= 1"),
-            "validation_prompt": (not self.validation_prompt or self.model != "conv",
-                                  "needs --model sd or sdxl"),
-            "train_part": (self.train_part in TRAIN_PARTS, f"must be one of {sorted(TRAIN_PARTS)}"),
-            "max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
-                           "must be a positive multiple of 75"),
-            "clip_skip": (self.clip_skip in (1, 2), "must be 1 or 2"),
-            "prompt_layout": (self.prompt_layout in LAYOUTS, f"must be one of {LAYOUTS}"),
-            "caption_dropout": (0 <= self.caption_dropout < 1, "must be in [0, 1)"),
-            "hypernetwork_activation": (self.hypernetwork_activation in ACTIVATIONS,
-                                        "must be an activation of trainer.hypernetwork"),
-            "hypernetwork_dropout": (0 <= self.hypernetwork_dropout < 1, "must be in [0, 1)"),
-            "hypernetwork_structure": (len(self.hypernetwork_structure) >= 2
-                                       and self.hypernetwork_structure[0] == 1
-                                       and self.hypernetwork_structure[-1] == 1,
-                                       "must start and end with 1 (the module is residual)"),
-            "depth_penalty": (all(w >= 0 for w in self.depth_penalty), "must be >= 0 each"),
-        }  # fmt: skip
-        for name, (valid, rule) in checks.items():
-            if not valid:
-                flag = f"--{name.replace('_', '-')}"
-                raise ValueError(f"{flag} {rule}, got {getattr(self, name)!r}")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(value) for value in text.split(",") if value)
-
-
-def _repeatable() -> set[str]:
-    """The Config fields given once per value on the command line (`--data A --data B`)."""
-    types = typing.get_type_hints(Config)
-    return {name for name, kind in types.items() if kind == tuple[str, ...]}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one option per Config field, its help and default shown."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    types, repeatable = typing.get_type_hints(Config), _repeatable()
-    parsers = {int: int, float: float, str: str, tuple[float, ...]: _floats}
-    for option in dataclasses.fields(Config):
-        name, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
-        if types[option.name] is bool:
-            parser.add_argument(
-                name, action=argparse.BooleanOptionalAction, default=False, help=help
-            )  # --no-X turns off what a --config file turns on
-        elif option.name in repeatable:
-            parser.add_argument(name, action="append", default=None, help=help)
-        else:
-            parser.add_argument(
-                name, type=parsers[types[option.name]], default=option.default, help=help
-            )
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Flags over `--config FILE.toml` over the defaults; refused by name when invalid."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    from_file = _toml_options(known.config, parser) if known.config else {}
-    repeatable = _repeatable()
-    parser.set_defaults(**{k: v for k, v in from_file.items() if k not in repeatable})
-    arguments = vars(parser.parse_args(argv))
-    for name in repeatable:  # given on the command line: replaces the file's, never appends
-        arguments[name] = tuple(arguments[name] or from_file.get(name, ()))
-    try:
-        return Config(**arguments)
-    except ValueError as error:
-        parser.error(str(error))
-
-
-def _toml_options(path: str, parser: argparse.ArgumentParser) -> dict:
-    """A TOML file's options (`batch_size = 8` or `batch-size = 8`) as parser defaults."""
-    with open(path, "rb") as file:
-        values = tomllib.load(file)
-    names = {field.name for field in dataclasses.fields(Config)}
-    options = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        parser.error(f"--config {path}: unknown options {unknown}")
-    for name in _repeatable() & set(options):  # `data = "OUT"` is one dataset, as a list of one
-        if isinstance(options[name], str):
-            options[name] = [options[name]]
-    return {name: tuple(v) if isinstance(v, list) else v for name, v in options.items()}
-
-
-def save_config(config: Config, folder: Path) -> None:
-    """The resolved config as TOML (what --config reads back)."""
-    values = {k: list(v) if isinstance(v, tuple) else v
-              for k, v in dataclasses.asdict(config).items() if k != "config"}  # fmt: skip
-    (folder / "config.toml").write_text(tomli_w.dumps(values))
 
 
 class ConvDenoiser(nn.Module):
@@ -345,21 +139,25 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in model.state_dict().items() if name in trained}
 
 
-def save_result(model: nn.Module, out_dir: Path, optimization: Optimization) -> None:
+def save_result(model: nn.Module, out_dir: Path, optimization: Optimization) -> list[Path]:
     """The trained hypernetwork or U-Net, in the formats other tools read; with --use-ema, the
-    average beside it (`hypernetwork_ema.*`, `unet_ema/`), which trainer/sample.py prefers."""
-    names = [("", contextlib.nullcontext())]
+    average beside it (`hypernetwork_ema.*`, `unet_ema/`), which trainer/sample.py prefers.
+    The paths written."""
+    written, names = [], [("", contextlib.nullcontext())]
     if optimization.ema is not None:
         names.append(("_ema", optimization.averaged(model)))
     for suffix, weights in names:
         with weights:
             hypernetwork = getattr(model, "hypernetwork", None)
             if hypernetwork is not None:
-                hypernetwork.save(out_dir / f"hypernetwork{suffix}.safetensors")
-                if not hypernetwork.config.per_depth:
-                    hypernetwork.save(out_dir / f"hypernetwork{suffix}.pt")
+                formats = (".safetensors",) + ((".pt",) * (not hypernetwork.config.per_depth))
+                for extension in formats:
+                    written.append(out_dir / f"hypernetwork{suffix}{extension}")
+                    hypernetwork.save(written[-1])
             elif hasattr(model, "unet"):
-                model.unet.save_pretrained(out_dir / f"unet{suffix}")
+                written.append(out_dir / f"unet{suffix}")
+                model.unet.save_pretrained(written[-1])
+    return written
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -398,10 +196,30 @@ class Step(NamedTuple):
     lr: float
 
 
+def check_out_dir(config: Config, out_dir: Path) -> None:
+    """A UsageError where this run would continue nothing (--resume without a checkpoint) or
+    replace another run's checkpoint without being told to (--resume or --overwrite)."""
+    checkpoint = out_dir / "checkpoint.pt"
+    if config.resume and not checkpoint.exists():
+        raise UsageError(
+            f"--resume: {checkpoint} does not exist: give the --out-dir of the run to continue, "
+            "or leave --resume out to start one"
+        )
+    if not config.resume and not config.overwrite and checkpoint.exists():
+        raise UsageError(
+            f"--out-dir {out_dir} holds the checkpoint of an earlier run: continue it with "
+            f"--resume (--config {out_dir / 'config.toml'} --resume takes its settings), start "
+            "over with --overwrite, or give another --out-dir"
+        )
+
+
 def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
+    """Train as `config` says; a UsageError (before any rank trains) for a mistake in it."""
+    started, out_dir = time.perf_counter(), Path(config.out_dir)
+    data = open_datasets(config.data)  # mistakes are answered before any model is built
+    check_out_dir(config, out_dir)
     rank, world_size, device = setup_distributed()
     master = rank == 0
-    data = open_datasets(config.data)  # a wrong path is refused before any model is built
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
     _choose_latents(config, model, data, master)  # the VAE's fingerprint: of its own weights
@@ -412,7 +230,11 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     batches = EpochBatches(  # rank and world size: torch.distributed's
         data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
     )
-    per_epoch, group = len(batches.plan()[0]), config.gradient_accumulation_steps
+    plan, epoch_items, _ = batches.plan()
+    warning = _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size)
+    if master and warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    per_epoch, group = len(plan), config.gradient_accumulation_steps
     total = config.epochs * -(-per_epoch // group)  # the schedule spans --epochs, whatever
     # --max-steps stops this run at: a resumed run continues the same schedule
     optimization = Optimization.build(
@@ -420,10 +242,16 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         config.mixed_precision, config.max_grad_norm, config.ema_decay if config.use_ema else None,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    out_dir = Path(config.out_dir)
     epoch, step = 0, 0  # step: the next batch of the epoch, always the start of a group
     if config.resume:
-        epoch, step = _resume(out_dir / "checkpoint.pt", model, optimization, generator)
+        epoch, step = _resume(config, out_dir, model, optimization, generator)
+        if epoch >= config.epochs:
+            if master:
+                print(f"nothing left to train: {out_dir / 'checkpoint.pt'} has finished epoch "
+                      f"{epoch} of --epochs {config.epochs}; give more --epochs to go on "
+                      "training it")  # fmt: skip
+            _close_distributed(world_size)
+            return {"rank": rank, "steps": 0, "losses": []}
     ddp = DistributedDataParallel(model) if world_size > 1 else model
     loader = make_loader(data, batches, config.num_workers, device)
     tracker = Tracker(config.logging_dir, master, world_size, config.log_every)
@@ -472,24 +300,57 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
             epoch, step = epoch + 1, 0
     save()
     if master:
-        save_result(model, out_dir, optimization)
+        written = [out_dir / "checkpoint.pt", *save_result(model, out_dir, optimization)]
+        if config.validation_prompt:
+            written.append(out_dir / "validation")
+        if config.logging_dir:
+            written.append(Path(config.logging_dir))
+        images = tracker.samples * world_size
+        print(f"done: {steps_run} optimizer steps ({images} images on {world_size} ranks), "
+              f"epoch {epoch} of {config.epochs}, in {time.perf_counter() - started:.1f} s; "
+              f"wrote {', '.join(map(str, written))}", flush=True)  # fmt: skip
     tracker.close()
-    if world_size > 1:
-        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would run
-        # gloo's destructor holding the GIL while a gloo thread waits for the GIL: a deadlock
-        # seen on exit with torch 2.13. So it lets go first, while the group still lives.
-        del ddp
-        dist.destroy_process_group()
+    del ddp
+    _close_distributed(world_size)
     return {"rank": rank, "steps": steps_run, "losses": losses}
 
 
-def _resume(path: Path, model, optimization: Optimization, generator) -> tuple[int, int]:
-    """Weights, optimizer, schedule, scaler, EMA and this rank's random state from `path`;
-    (epoch, step) to continue from."""
+def _close_distributed(world_size: int) -> None:
+    """Leave the process group. Its DDP wrapper must be gone first: DDP's Reducer holds the
+    group, and freed after destroy_process_group it would run gloo's destructor holding the GIL
+    while a gloo thread waits for the GIL (a deadlock seen on exit with torch 2.13)."""
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> str | None:
+    """The prepare job's warning when an epoch leaves images out, with what batch size would
+    not; a UsageError when it has no batch at all."""
+    if dropped == images and images:
+        raise UsageError(
+            f"an epoch at --batch-size {batch_size} x world size {world_size} needs at least "
+            f"{batch_size * world_size} images; the data has {images}: give a smaller --batch-size"
+        )
+    warning = epoch_use_warning(images, images - dropped, batch_size, world_size)
+    if warning is None:
+        return None
+    fits = [b for b in range(batch_size - 1, 0, -1) if epoch_use_warning(
+        images, images - images % (b * world_size), b, world_size) is None]  # fmt: skip
+    advice = f"--batch-size {fits[0]} would use {images - images % (fits[0] * world_size)}"
+    return f"{warning}: {advice}" if fits else warning
+
+
+def _resume(config: Config, out_dir: Path, model, optimization: Optimization, generator
+            ) -> tuple[int, int]:  # fmt: skip
+    """Weights, optimizer, schedule, scaler, EMA and this rank's random state from OUT_DIR's
+    checkpoint; (epoch, step) to continue from."""
+    path = out_dir / "checkpoint.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
     loaded = model.load_state_dict(state["model"], strict=False)
     if loaded.unexpected_keys or set(trained_state(model)) - set(state["model"]):
-        raise ValueError(f"{path} was written by another model configuration")
+        raise UsageError(f"{path} was written by another model configuration"
+                         f"{_differences(config, read_saved(out_dir))}: resume with its own "
+                         f"settings, --config {out_dir / 'config.toml'} --resume")  # fmt: skip
     optimization.load_state_dict(state["optimization"])
     generators = state["generators"]
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -532,5 +393,30 @@ def _bucket_counts(batches: EpochBatches, data) -> dict[str, int]:
     return {f"{w}x{h}": int(n) for (w, h), n in zip(data.buckets, counts, strict=True) if n}
 
 
+RUN_ONLY = {"resume", "overwrite", "config"}  # settings that say how to run, not what
+
+
+def _differences(config: Config, saved: dict) -> str:
+    """ ", which ran with --x A (this run: B), ..." for the settings a saved run differs in."""
+    current = {key: typed(value) for key, value in vars(config).items() if key not in RUN_ONLY}
+    differ = [
+        f"--{key.replace('_', '-')} {typed(saved[key])} (this run: {value or 'none'})"
+        for key, value in current.items()
+        if key in saved and typed(saved[key]) != value
+    ]
+    return f", which ran with {', '.join(differ)}" if differ else ""
+
+
+def main(config: Config) -> int:
+    """Train; a mistake in what was asked is one line from rank 0 and exit status 2."""
+    try:
+        train(config)
+    except UsageError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    train(parse_config())
+    sys.exit(main(CONFIG))
