@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import zipfile
@@ -210,6 +212,20 @@ def test_safetensors_and_a1111_round_trips(parts, tmp_path):
         assert all(torch.equal(state[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="one pair per width"):
         per_depth.save(tmp_path / "per_depth.pt")
+
+
+def test_saved_hypernetworks_have_the_mode_a_plain_open_gives(parts, tmp_path):
+    """Under a umask that 0600 would not match: the files are as readable as any other."""
+    hypernetwork = shared_and_per_depth(parts.unet, parts.text_encoder.config.hidden_size)[0]
+    umask = os.umask(0o002)
+    try:
+        (tmp_path / "plain").write_bytes(b"")
+        for name in ("h.safetensors", "h.pt"):
+            hypernetwork.save(tmp_path / name)
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(("plain", "h.safetensors", "h.pt"), 0o664)
 
 
 # AUTOMATIC1111's side, restated from its source (stable-diffusion-webui: HypernetworkModule,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 
@@ -232,7 +232,12 @@ class Hypernetwork(nn.Module):
             torch.save(state, path, _use_new_zipfile_serialization=False)
             return
         config = json.dumps(dataclasses.asdict(self.config))
-        save_file(self.state_dict(), path, metadata={"hypernetwork_config": config})
+        data = safetensors_bytes(self.state_dict(), metadata={"hypernetwork_config": config})
+        # Not save_file: safetensors 0.8 writes a temporary file that the tempfile crate makes
+        # 0600 whatever the umask, and renames it into place. The same with a plain open honours it.
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
 
     def a1111_state(self, name: str) -> dict:
         """What A1111's `Hypernetwork.save` writes, less what it alone knows (step, checkpoint)."""
