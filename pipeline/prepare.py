@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ from pipeline.rejects import REJECTS_SCHEMA, Reason, rejects_table
 from pipeline.report import dataset_stats, draw_buckets
 from pipeline.samples import fit_samples
 from pipeline.scan import scan_batch
-from pipeline.shard_plan import Shard, plan_shards
+from pipeline.shard_plan import Shard, is_shard_name, plan_shards
 from pipeline.shard_writer import PART_SCHEMA, write_shard
 from pipeline.sources import (
     InputRoot,
@@ -42,6 +43,7 @@ from pipeline.work_plan import estimate_cost, heaviest_first, plan_tasks
 
 INDEX_SCHEMA = pa.schema([f for f in PART_SCHEMA if f.name not in ("reject", "message")])
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
+JOB_FOLDERS = (("shards", ".tar"), ("parts", ".parquet"))  # of files named by shard_name
 
 
 def run(config: PrepareConfig) -> dict:
@@ -168,8 +170,8 @@ def _flat(settings: dict, prefix: str = "") -> dict:
 
 def _clear(out: OutputDir) -> None:
     """Delete what a prepare run writes, and nothing else that OUT may hold."""
-    for folder, suffix in (("shards", ".tar"), ("parts", ".parquet")):
-        for name in out.list_names(folder, suffix):
+    for folder, suffix in JOB_FOLDERS:
+        for name in filter(is_shard_name, out.list_names(folder, suffix)):
             out.delete(out.path(folder, name + suffix))
     for name in (
         "manifest.json",
@@ -272,7 +274,7 @@ def _finish(
     out.write_table(out.path("rejects.parquet"), rejects)
     _prune(out, set(names))
     stats = dataset_stats(
-        columns, buckets, rejects["reason"], config.batch_size, config.world_size, config.write.seed
+        columns, buckets, rejects, config.batch_size, config.world_size, config.write.seed
     )
     out.write_json(out.path("stats.json"), stats)
     out.write_bytes(out.path("buckets.png"), draw_buckets(stats))
@@ -328,9 +330,17 @@ def _write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray
 
 
 def _prune(out: OutputDir, names: set[str]) -> None:
-    """Delete the shards and parts of earlier runs that this one does not keep, and leftovers."""
-    for name in set(out.list_names("shards", ".tar")) - names:
-        out.delete(out.shard(name))
-    for name in set(out.list_names("parts", ".parquet")) - names:
-        out.delete(out.part(name))
+    """Delete the shards and parts of earlier runs that this one does not keep, and leftovers;
+    name on stderr the files there that the job did not write, and leave them."""
+    for folder, suffix in JOB_FOLDERS:
+        for name in out.list_names(folder, suffix):
+            if not is_shard_name(name):
+                print(
+                    f"prepare: warning: left {out.uri}/{folder}/{name}{suffix} alone: the job "
+                    f"did not write it (it names its files WIDTHxHEIGHT-DIGEST{suffix}) and "
+                    "the dataset does not include it",
+                    file=sys.stderr,
+                )
+            elif name not in names:
+                out.delete(out.path(folder, name + suffix))
     out.delete_temporaries()

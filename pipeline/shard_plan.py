@@ -10,9 +10,12 @@ the remaining images (new, changed, or orphaned by a deletion) into new shards.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+SHARD_NAME = re.compile(r"[0-9]+x[0-9]+-[0-9a-f]{16}")  # shard_name's: 8 digest bytes in hex
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,11 @@ def shard_name(bucket_size: tuple[int, int], keys: np.ndarray, salt: str) -> str
     digest = hashlib.blake2b(salt.encode(), digest_size=8)
     digest.update(np.ascontiguousarray(keys).tobytes())
     return f"{bucket_size[0]}x{bucket_size[1]}-{digest.hexdigest()}"
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file stem in shards/ or parts/ is one the job wrote: reruns delete only those."""
+    return SHARD_NAME.fullmatch(name) is not None
 
 
 def plan_shards(
