@@ -3,6 +3,7 @@ TensorBoard, validation images, config files, and a resume that continues exactl
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 from torchrun import torchrun
 
-from trainer.optimization import Optimization, trained_module
+from trainer.diffusion import Diffusion, tiny_parts
+from trainer.hypernetwork import Hypernetwork, HypernetworkConfig
+from trainer.optimization import Optimization, store_frozen_parts, trained_module
 from trainer.train import Config, parse_config, train, trained_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +58,24 @@ def test_fp16_scales_the_loss_and_trains_finite(prepared, tmp_path):
     assert state["optimization"]["scaler"]["scale"] > 1, "fp16 runs under a gradient scaler"
     assert all(torch.isfinite(torch.tensor(result["losses"])))
     assert all(t.dtype == torch.float32 for t in state["model"].values())
+
+
+def test_storing_the_frozen_parts_in_bf16_leaves_diffusers_quiet(caplog):
+    """diffusers' dtype casts warn of modules to keep in fp32, even of none: a confusing line per
+    part in every mixed-precision run."""
+    parts = tiny_parts(seed=0, with_vae=True)
+    hypernetwork = Hypernetwork(HypernetworkConfig(widths=(parts.text_encoder.config.hidden_size,)))
+    model = Diffusion(parts, parts.prompt_encoder(), hypernetwork)
+    diffusers_logger = logging.getLogger("diffusers")  # it does not propagate to the root logger
+    diffusers_logger.addHandler(caplog.handler)
+    try:
+        store_frozen_parts(model, torch.bfloat16)
+    finally:
+        diffusers_logger.removeHandler(caplog.handler)
+    dtypes = {name: {p.dtype for p in part.parameters()} for name, part in model.named_children()}
+    assert dtypes == {"unet": {torch.bfloat16}, "text_encoder": {torch.bfloat16},
+                      "vae": {torch.bfloat16}, "hypernetwork": {torch.float32}}  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("diffusers")] == []
 
 
 @pytest.mark.parametrize("part", ["unet", "hypernetwork"])

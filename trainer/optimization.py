@@ -49,7 +49,10 @@ def store_frozen_parts(model: nn.Module, dtype: torch.dtype | None) -> None:
         if name == "vae" and dtype == torch.float16:
             continue
         if parameters and not any(p.requires_grad for p in parameters):
-            module.to(dtype)
+            # torch's own to(), the cast diffusers' ModelMixin.to ends in: 0.42's warns first, on
+            # every dtype cast, of modules that "should be kept in float32", even when it has none
+            # ("[]", as the U-Net and the VAE have).
+            nn.Module.to(module, dtype)
 
 
 @dataclass
