@@ -16,57 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import HelpFormatter
-from trainer.config import LAYOUTS
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line (standard library only: --help answers before torch loads)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--prompt", required=True, help="the prompt, up to --max-tokens")
-    parser.add_argument("--negative", default="", help="the unconditional prompt")
-    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
-    parser.add_argument("--pretrained", help="diffusers-layout folder; default: tiny random")
-    parser.add_argument(
-        "--hypernetwork",
-        help=".safetensors (ours) or .pt (AUTOMATIC1111); its "
-        "_ema sibling (--use-ema) is taken when present",
-    )
-    parser.add_argument(
-        "--unet",
-        help="a trained U-Net folder (train.py's unet/; unet_ema/ beside it is taken when present)",
-    )
-    parser.add_argument("--no-ema", action="store_true", help="the raw weights, not the average")
-    parser.add_argument("--xl", action="store_true", help="without --pretrained: tiny SDXL")
-    parser.add_argument("--width", type=int, default=512, help="image width in pixels")
-    parser.add_argument("--height", type=int, default=512, help="image height in pixels")
-    parser.add_argument(
-        "--original-size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="SDXL: the size to condition on (none: the image's)",
-    )
-    parser.add_argument(
-        "--crop-top-left",
-        type=int,
-        nargs=2,
-        metavar=("TOP", "LEFT"),
-        default=(0, 0),
-        help="SDXL: the crop to condition on",
-    )
-    parser.add_argument("--steps", type=int, default=28, help="DDIM steps")
-    parser.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=0, help="the starting noise")
-    parser.add_argument("--max-tokens", type=int, default=225, help="prompt limit, x75")
-    parser.add_argument("--clip-skip", type=int, default=2, help="2: CLIP's penultimate layer")
-    parser.add_argument("--prompt-layout", default="full", choices=LAYOUTS,
-                        help="how 75-token chunks are laid out (trainer/prompts.py)")  # fmt: skip
-    return parser
-
+from trainer.config import sample_parser
 
 if __name__ == "__main__":  # --help and a mistaken option are answered before torch loads
-    ARGS = build_parser().parse_args()
+    ARGS = sample_parser(__doc__).parse_args()
 
 import numpy as np  # the imports that take seconds
 import torch

@@ -196,9 +196,12 @@ class Step(NamedTuple):
     lr: float
 
 
-def check_out_dir(config: Config, out_dir: Path) -> None:
-    """A UsageError where this run would continue nothing (--resume without a checkpoint) or
-    replace another run's checkpoint without being told to (--resume or --overwrite)."""
+def check_usage(config: Config):
+    """The datasets, opened; a UsageError for a mistake every rank would make: a --data that is
+    not a prepared dataset, a --resume with no checkpoint, or an OUT_DIR whose checkpoint this
+    run would replace without being told to (--resume or --overwrite)."""
+    data = open_datasets(config.data)
+    out_dir = Path(config.out_dir)
     checkpoint = out_dir / "checkpoint.pt"
     if config.resume and not checkpoint.exists():
         raise UsageError(
@@ -211,13 +214,13 @@ def check_out_dir(config: Config, out_dir: Path) -> None:
             f"--resume (--config {out_dir / 'config.toml'} --resume takes its settings), start "
             "over with --overwrite, or give another --out-dir"
         )
+    return data
 
 
 def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
     """Train as `config` says; a UsageError (before any rank trains) for a mistake in it."""
     started, out_dir = time.perf_counter(), Path(config.out_dir)
-    data = open_datasets(config.data)  # mistakes are answered before any model is built
-    check_out_dir(config, out_dir)
+    data = check_usage(config)  # answered before any model is built or rank waits for another
     rank, world_size, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(config.seed)
@@ -306,7 +309,8 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         if config.logging_dir:
             written.append(Path(config.logging_dir))
         images = tracker.samples * world_size
-        print(f"done: {steps_run} optimizer steps ({images} images on {world_size} ranks), "
+        ranks = f"{world_size} rank{'s' * (world_size > 1)}"
+        print(f"done: {steps_run} optimizer steps ({images} images on {ranks}), "
               f"epoch {epoch} of {config.epochs}, in {time.perf_counter() - started:.1f} s; "
               f"wrote {', '.join(map(str, written))}", flush=True)  # fmt: skip
     tracker.close()
@@ -346,8 +350,12 @@ def _resume(config: Config, out_dir: Path, model, optimization: Optimization, ge
     checkpoint; (epoch, step) to continue from."""
     path = out_dir / "checkpoint.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
-    loaded = model.load_state_dict(state["model"], strict=False)
-    if loaded.unexpected_keys or set(trained_state(model)) - set(state["model"]):
+    try:
+        loaded = model.load_state_dict(state["model"], strict=False)
+        other = loaded.unexpected_keys or set(trained_state(model)) - set(state["model"])
+    except RuntimeError:  # parameters of other shapes
+        other = True
+    if other:
         raise UsageError(f"{path} was written by another model configuration"
                          f"{_differences(config, read_saved(out_dir))}: resume with its own "
                          f"settings, --config {out_dir / 'config.toml'} --resume")  # fmt: skip
@@ -413,7 +421,7 @@ def main(config: Config) -> int:
         train(config)
     except UsageError as error:
         if os.environ.get("RANK", "0") == "0":
-            print(f"train: error: {error}", file=sys.stderr)
+            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
