@@ -18,9 +18,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PROVIDER_KEYS = {"provider", "auth", "available_node_types", "head_node_type"}
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-# What the launcher writes into the head's home: the synced project, its bootstrap files, the
-# submitted script.
-LEFT_IN_HOME = ("arb-pipeline", "ray_bootstrap_config.yaml", "ray_bootstrap_key.pem", "prepare.py")
+INSTALLED_FROM = (
+    "import importlib.metadata as m;"
+    "print(m.distribution('arb-pipeline').read_text('direct_url.json'))"
+)
 
 
 def load(name: str) -> dict:
@@ -36,11 +37,42 @@ def test_the_onprem_config_is_cluster_yaml_but_for_provider_and_login():
     assert set(onprem) - PROVIDER_KEYS == shared, "cluster-onprem.yaml has settings of its own"
 
 
+def installed_from(python: str | Path, cwd: Path) -> str:
+    """Where `python`'s environment has arb-pipeline from (pip's direct_url.json)."""
+    found = subprocess.run([python, "-c", INSTALLED_FROM], cwd=cwd, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    return found.stdout
+
+
 @pytest.fixture
-def ssh_login(tmp_path):
+def head_home(tmp_path):
+    """The head's home for the test's login, so that the launcher's files (the synced project,
+    bootstrap files, the submitted script) and setup_commands' pip install land in the test's
+    own home and venv, not in root's. The venv sees this environment's packages (ray and the
+    dependencies: nothing to download) but installs nothing into it."""
+    home = tmp_path / "home"
+    venv = home / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    venv], check=True)  # fmt: skip
+    # The head's `ray`, in the venv so that its workers import the project from there (root's
+    # own `ray` is pyenv's, which the login shell's PATH leaves out)
+    ray = venv / "bin" / "ray"
+    ray.write_text(f'#!/bin/sh\nexec {venv}/bin/python3 -m ray.scripts.scripts "$@"\n')
+    ray.chmod(0o755)
+    # Ray's commands run in a login shell (/etc/profile resets root's PATH, then ~/.profile) that
+    # sources ~/.bashrc; sshd starts sessions in passwd's home (/root), so the shell moves here
+    # and any relative path lands in this home too (Ray's own paths are all ~/).
+    (home / ".profile").write_text(f'export PATH="{venv}/bin:$PATH"\ncd "$HOME"\n')
+    (home / ".bashrc").touch()
+    return home
+
+
+@pytest.fixture
+def ssh_login(tmp_path, head_home):
     """Root's SSH login to this machine over no network at all: Ray's SSH client runs sshd in
     inetd mode as its ProxyCommand (Ray's launcher has no port option, and a server on port 22
-    could clash with the machine's own). Keys made for the test. Its `auth` block for Ray."""
+    could clash with the machine's own), with `head_home` for HOME (SetEnv overrides the one from
+    passwd). Keys made for the test. Its `auth` block for Ray."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if os.geteuid() != 0:
         pytest.skip("needs root: sshd logs the launcher in as root")
@@ -56,7 +88,7 @@ def ssh_login(tmp_path):
     config.write_text(
         f"HostKey {keys / 'host'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSetEnv HOME={head_home}\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # its privilege-separation directory
     yield {
@@ -89,12 +121,11 @@ def _ray_processes() -> list[str]:
 
 
 @pytest.mark.slow
-def test_ray_up_submit_and_down_on_premises(ssh_login, tmp_path):
+def test_ray_up_submit_and_down_on_premises(ssh_login, head_home, tmp_path):
     if _ray_processes():
         pytest.skip("a Ray cluster runs on this machine already")
-    left_in_home = [Path.home() / name for name in LEFT_IN_HOME]
-    if any(path.exists() for path in left_in_home):
-        pytest.skip(f"one of {LEFT_IN_HOME} is in {Path.home()} already: not ours to replace")
+    real_home = sorted(os.listdir(Path.home()))
+    real_install = installed_from(sys.executable, tmp_path)
     # cluster.yaml's own settings (mounts, setup, start commands) with the on-premises provider
     config = {key: value for key, value in load("cluster.yaml").items() if key not in PROVIDER_KEYS}
     config["cluster_name"] = f"arb-test-{os.getpid()}"
@@ -109,6 +140,10 @@ def test_ray_up_submit_and_down_on_premises(ssh_login, tmp_path):
     try:
         up = _ray("up", "-y", "--no-config-cache", str(config_path))
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        synced = head_home / "arb-pipeline"
+        assert (synced / "pipeline" / "prepare.py").exists(), "file_mounts synced the project"
+        installed = installed_from(head_home / "venv" / "bin" / "python3", tmp_path)
+        assert json.loads(installed)["url"] == synced.as_uri(), "setup_commands installed it"
         submitted = _ray(
             "submit", str(config_path), "jobs/prepare.py", "--",
             "--input", str(REPO / "examples" / "images"), "--output", str(output),
@@ -122,13 +157,10 @@ def test_ray_up_submit_and_down_on_premises(ssh_login, tmp_path):
         assert counts == {"images": 12, "rejected": 1, "shards": 7}
     finally:
         down = _ray("down", "-y", str(config_path))
-        # setup_commands installed the project from the synced copy: point it back here
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        "--no-build-isolation", "-e", str(REPO)], check=True)  # fmt: skip
-        for path in left_in_home:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     deadline = time.monotonic() + 30
     while _ray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes(), "ray down leaves no Ray process"
+    assert sorted(os.listdir(Path.home())) == real_home, "the launcher wrote into the real home"
+    assert installed_from(sys.executable, tmp_path) == real_install, "and installed into this env"
