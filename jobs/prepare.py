@@ -218,11 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
-    if not args.ray_address:
-        # Token auth, which Ray picks for a new local cluster anyway (warning on every run that
-        # it did), chosen here: the embedded Ray listens on every interface, not on loopback
-        # only. Set before the import, which reads it; RAY_AUTH_MODE=disabled still opts out.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray  # here, not at the top: --help and the checks above answer at once
 
     from pipeline.prepare import run
@@ -231,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False)
     else:
+        # Ray turns token auth on for a new local cluster (it listens on every interface, not on
+        # loopback only) and warns on every run that it did: keep the auth, drop the notice.
+        # Not RAY_AUTH_MODE=token: `ray submit` lands here too, joining a cluster without auth.
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     out = OutputDir(absolute(args.output))
     try:

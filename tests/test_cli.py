@@ -79,17 +79,26 @@ def test_output_and_input_must_not_nest(tmp_path, inside):
 @pytest.mark.slow
 def test_a_run_ends_with_a_summary_and_warns_when_an_epoch_drops_images(tmp_path):
     images, output = four_images(tmp_path / "images"), tmp_path / "out"
-    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    for i in range(6):
+        (images / f"broken {i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     done = prepare("--input", str(images), "--output", str(output), "--batch-size", "32")
     assert done.returncode == 0, done.stderr
     summary = done.stdout
     assert "4 images kept" in summary
-    assert "1 rejected" in summary and "corrupt 1" in summary
-    assert str(output) in summary and "rejects.parquet" in summary
+    assert "6 rejected" in summary and "corrupt 6" in summary
+    for i in range(5):
+        assert f"broken {i}.jpg (corrupt) is an image whose header" in summary, summary
+    assert "broken 5.jpg" not in summary and "... and 1 more" in summary
+    listing = re.search(r"as CSV: (python3 .*)", summary)
+    assert listing, "the summary says how to list every rejected file"
+    listed = subprocess.run(listing[1], shell=True, capture_output=True, text=True, timeout=60)
+    assert all(f'"broken {i}.jpg","corrupt"' in listed.stdout for i in range(6)), listed
+    assert str(output) in summary
     assert re.search(r"epoch .*0 of 4 images", summary)
     assert "warning" in summary.lower() and "--batch-size" in summary
+    assert "Token authentication" not in done.stderr, "Ray's notice of its default is dropped"
     assert not re.search(r"\d+\.\d+/\d+\.\d+", done.stderr), "progress counts are integers"
-    assert re.search(r"\b5/5\b", done.stderr), "the scan counts its 5 files"
+    assert re.search(r"\b10/10\b", done.stderr), "the scan counts its 10 files"
     stats = json.loads((output / "stats.json").read_text())
     assert stats["warnings"] and stats["epoch"]["images_used"] == 0
 

@@ -201,6 +201,27 @@ def test_resume_after_an_interruption_keeps_finished_shards(corpus, prepared, tm
     assert index_of(output) == index_of(prepared)
 
 
+def test_reruns_delete_only_the_jobs_own_files(corpus, prepared, tmp_path, capsys):
+    output = tmp_path / "out"
+    shutil.copytree(prepared, output)
+    stale = [output / "shards" / "64x64-0123456789abcdef.tar",  # named as the job names them
+             output / "parts" / "64x64-0123456789abcdef.parquet"]  # fmt: skip
+    foreign = [output / "shards" / "my.tar", output / "parts" / "notes.parquet"]
+    for path in stale + foreign:
+        path.write_bytes(b"not the job's")
+    (output / "manifest.json").unlink()  # a rerun after an interruption
+
+    prepare(corpus, output, batch_size=4, world_size=2)
+    assert not any(path.exists() for path in stale), "a shard of an earlier run is pruned"
+    assert all(path.read_bytes() == b"not the job's" for path in foreign)
+    warned = capsys.readouterr().err
+    assert f"{output}/shards/my.tar" in warned and f"{output}/parts/notes.parquet" in warned
+
+    prepare(corpus, output, batch_size=4, world_size=2, overwrite=True)
+    assert all(path.read_bytes() == b"not the job's" for path in foreign), "--overwrite too"
+    assert "shards/my.tar" not in json.loads((output / "manifest.json").read_text())["shards"]
+
+
 def test_incremental_processes_only_new_and_changed_images(corpus, tmp_path):
     source = tmp_path / "images"
     shutil.copytree(corpus / "many", source)
@@ -304,25 +325,41 @@ def test_index_lists_shards_in_the_manifests_order(prepared):
     )
 
 
-def test_plain_webdataset_tuples_and_bucket_sized_batches(prepared):
-    """What the README shows plain webdataset users: every sample has a caption member (empty
-    when there is none), and a crop to the bucket makes uniform batches."""
+def test_plain_webdataset_tuples(prepared):
+    """Every sample has a caption member (empty when there is none): to_tuple works on all."""
     urls = [str(p) for p in sorted((prepared / "shards").glob("*.tar"))]
     pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt"))
     assert len(pairs) == len(index_of(prepared))
     assert "" in {caption for _, caption in pairs}, "uncaptioned images have an empty caption"
 
-    def crop_to_bucket(sample):
-        info = sample["json"]
-        left = (info["stored_width"] - info["bucket_width"]) // 2
-        top = (info["stored_height"] - info["bucket_height"]) // 2
-        box = (left, top, left + info["bucket_width"], top + info["bucket_height"])
-        return np.asarray(sample["jpg"].crop(box)), sample["txt"]
 
-    for url in urls:  # one bucket per tar: batches of one shape
-        dataset = wds.WebDataset(url, shardshuffle=False).decode("pil").map(crop_to_bucket)
-        for pixels, captions in dataset.batched(3):
-            assert pixels.ndim == 4 and len(captions) == len(pixels)
+def readme_webdataset_snippet() -> str:
+    """The README's plain webdataset code, its loop body made to collect the batches."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Plain webdataset")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    body = "        ...  # pixels: uint8 [4, H, W, 3]\n"
+    assert body in code, "the snippet's loop body is where the test expects it"
+    return code.replace(body, "        batches.append((pixels, captions))\n")
+
+
+@pytest.mark.filterwarnings("error:.*shardshuffle")  # webdataset's warning when it is unset
+def test_the_readmes_webdataset_snippet_makes_bucket_sized_batches(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prepared").symlink_to(prepared)
+    batches = []
+    exec(readme_webdataset_snippet(), {"batches": batches})
+    assert sum(len(captions) for _, captions in batches) == len(index_of(prepared))
+    for pixels, captions in batches:
+        assert pixels.dtype == np.uint8 and pixels.ndim == 4 and len(captions) == len(pixels)
+    shapes = {(r["bucket_height"], r["bucket_width"]) for r in index_of(prepared)}
+    assert {pixels.shape[1:3] for pixels, _ in batches} == shapes
+
+
+def test_the_readmes_webdataset_snippet_fails_without_a_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no prepared/ here
+    with pytest.raises(FileNotFoundError, match=r"prepared/manifest\.json"):
+        exec(readme_webdataset_snippet(), {"batches": []})
 
 
 def test_the_format_doc_lists_every_rejection_reason():
