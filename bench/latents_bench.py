@@ -25,7 +25,7 @@ from pipeline.config import PrepareConfig
 from pipeline.latents import add_latents
 from pipeline.output import OutputDir
 from pipeline.prepare import run
-from trainer.data import PreparedData
+from trainer.dataset import PreparedData
 from trainer.diffusion import save_parts, tiny_parts
 from trainer.train import Config, train
 
@@ -65,9 +65,9 @@ def main() -> None:
     print(f"1. VAE stage, one CPU actor: {images / seconds:.1f} images/s "
           f"({images} images in {seconds:.1f} s, loading the VAE included)")  # fmt: skip
 
-    data = PreparedData(output)
-    data.use_latents(fingerprint)
-    jpeg, latent = float(np.mean(data.image_size)), float(np.mean(data.latent_size))
+    data = PreparedData(output, latents=fingerprint)
+    columns = data.columns
+    jpeg, latent = float(np.mean(columns.image_size)), float(np.mean(columns.latents.size))
     print(f"2. bytes read a sample: JPEG {jpeg / 1024:.0f} KiB, latents {latent / 1024:.0f} KiB "
           f"({latent / jpeg:.2f}x)")  # fmt: skip
 

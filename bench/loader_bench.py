@@ -2,7 +2,7 @@
 
     python bench/loader_bench.py                   # 1000 photos prepared once into --workdir
 
-1. Throughput: epochs through `trainer.data.make_loader` with W workers (0: in the main
+1. Throughput: epochs through `trainer.loader.make_loader` with W workers (0: in the main
    process), float batches delivered, with pooled shared buffers and with plain DataLoader
    batches (`pooled=False`), against W times a bare single-process loop that reads the
    same samples' bytes by offset and decodes them with the same decoder (the loader's overhead
@@ -34,7 +34,10 @@ import torch
 from PIL import Image
 
 from trainer.augment import CaptionOptions
-from trainer.data import EpochBatches, PreparedData, decode_rgb, make_loader
+from trainer.dataset import PreparedData
+from trainer.loader import make_loader
+from trainer.reader import decode_rgb
+from trainer.sampler import EpochBatches
 
 
 def prepared_dataset(workdir: Path, images: int) -> Path:

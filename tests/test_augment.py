@@ -18,8 +18,10 @@ from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.fit import fit
 from pipeline.prepare import run
 from trainer.augment import CaptionOptions, caption
-from trainer.data import EpochBatches, PreparedData, make_loader
+from trainer.dataset import PreparedData
+from trainer.loader import make_loader
 from trainer.mixture import Mixture, parse_weighted
+from trainer.sampler import EpochBatches
 
 # Shapes around SMALL_BUCKETS' aspects, uneven counts: catch-all batches at batch size 3.
 SIZES = [(150, 100)] * 7 + [(100, 150)] * 5 + [(120, 118)] * 4 + [(250, 70)] * 2 + [(97, 131)] * 3
@@ -177,7 +179,7 @@ def test_a_mixture_gives_every_rank_the_same_steps_of_one_resolution(two_dataset
         plans = list(batches)
         steps.add(len(plans))
         for plan in plans:
-            assert len({tuple(mixture.buckets[mixture.bucket[i]]) for i in plan.items}) >= 1
+            assert len({tuple(mixture.buckets[mixture.columns.bucket[i]]) for i in plan.items}) >= 1
             seen.update(plan.keys)
     assert len(steps) == 1, "every rank the same number of steps"
     total = len(mixture.epoch_items(3, 0)[0])

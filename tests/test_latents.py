@@ -21,8 +21,10 @@ from pipeline.distributor import map_on_actors
 from pipeline.latents import LatentEncoder, add_latents, vae_fingerprint
 from pipeline.output import OutputDir
 from pipeline.prepare import run
-from trainer.data import EpochBatches, PreparedData, make_loader
+from trainer.dataset import PreparedData
 from trainer.diffusion import save_parts, tiny_parts
+from trainer.loader import make_loader
+from trainer.sampler import EpochBatches
 
 REPO = Path(__file__).resolve().parent.parent
 # Overflowing both ways (wide, tall), exact, and sizes that fill no batch: catch-all re-fits.
@@ -87,8 +89,7 @@ def test_cached_latents_equal_encoding_the_same_window(with_latents, checkpoint)
     that is not the window's own encoding: pipeline/latents.py); a flipped sample is that latent
     mirrored."""
     encoder = LatentEncoder(str(checkpoint / "vae"))
-    data = PreparedData(with_latents)
-    data.use_latents(encoder.fingerprint)
+    data = PreparedData(with_latents, latents=encoder.fingerprint)
     batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=3, flip=0.5)
     checked = {"exact": 0, "overflow": 0, "flipped": 0}
     for epoch in range(3):
@@ -109,7 +110,7 @@ def test_cached_latents_equal_encoding_the_same_window(with_latents, checkpoint)
                     expected = expected[..., ::-1]
                     checked["flipped"] += 1
                 cached = batch.latent_mean[i].float().numpy()
-                if tuple(data.stored[item]) == (width, height):
+                if tuple(data.columns.stored[item]) == (width, height):
                     assert np.abs(cached - expected).max() < 2e-2 * np.abs(expected).max()
                     checked["exact"] += 1
                 else:  # the whole stored image encoded, its window taken on the grid
@@ -129,9 +130,10 @@ def test_cached_latents_equal_encoding_the_same_window(with_latents, checkpoint)
 def _stored_image(data: PreparedData, item: int) -> Image.Image:
     import io
 
-    with open(data.shard_paths[data.shard[item]], "rb") as shard:
-        shard.seek(int(data.image_offset[item]))
-        return Image.open(io.BytesIO(shard.read(int(data.image_size[item])))).convert("RGB")
+    columns = data.columns
+    with open(columns.shard_paths[columns.shard[item]], "rb") as shard:
+        shard.seek(int(columns.image_offset[item]))
+        return Image.open(io.BytesIO(shard.read(int(columns.image_size[item])))).convert("RGB")
 
 
 def test_latents_added_to_a_prepared_out_then_only_new_shards_encoded(images, checkpoint, tmp_path):
@@ -152,9 +154,8 @@ def test_latents_added_to_a_prepared_out_then_only_new_shards_encoded(images, ch
     assert len(new) == 1 and {n: after[n] for n in set(after) & set(before)} == {
         n: before[n] for n in set(after) & set(before)
     }, "only the new shard encoded"
-    data = PreparedData(output)
-    data.use_latents(fingerprint)
-    assert len(data.latent_offset) == len(data)
+    data = PreparedData(output, latents=fingerprint)
+    assert len(data.columns.latents.offset) == len(data)
 
 
 class DyingOnce(LatentEncoder):
@@ -209,7 +210,7 @@ def test_mixed_precision_trains_from_the_cached_latents(with_latents, checkpoint
 def test_a_mismatched_vae_is_refused(with_latents, tmp_path):
     other = vae_fingerprint(tiny_parts(seed=7, with_vae=True).vae)
     with pytest.raises(ValueError, match=r"holds no latents of this VAE .*--vae"):
-        PreparedData(with_latents).use_latents(other)
+        PreparedData(with_latents, latents=other)
     done = subprocess.run(
         [sys.executable, "trainer/train.py", f"--data={with_latents}", "--model=sd",
          f"--pretrained={vae_checkpoint(tmp_path / 'other', seed=7)}", "--latents=on",

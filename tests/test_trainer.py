@@ -21,14 +21,10 @@ from PIL import Image
 from torchrun import torchrun as run_torchrun
 
 from pipeline.fit import fit
-from trainer.data import (
-    POOL_BUFFERS,
-    EpochBatches,
-    PreparedData,
-    decode_rgb,
-    make_loader,
-    to_float,
-)
+from trainer.dataset import PreparedData
+from trainer.loader import make_loader, to_float
+from trainer.reader import POOL_BUFFERS, decode_rgb
+from trainer.sampler import EpochBatches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -363,7 +359,8 @@ def test_more_shards_than_open_files_allowed(tmp_path):
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
-        "from trainer.data import EpochBatches, PreparedData, make_loader\n"
+        "from trainer.dataset import PreparedData\nfrom trainer.loader import make_loader\n"
+        "from trainer.sampler import EpochBatches\n"
         f"data = PreparedData({str(tmp_path / 'out')!r})\n"
         "batches = EpochBatches(data, batch_size=8, world_size=1, rank=0)\n"
         "for workers in (0, 1):\n"

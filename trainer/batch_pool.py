@@ -25,7 +25,7 @@ The life cycle of one buffer, owned by the worker that made it (`WorkerPool`):
 
 Two DataLoader behaviours are relied on: persistent workers keep their pools between epochs,
 and a new iteration drops the batches the previous one left in flight (both tested through
-trainer/data.py's loader). Nothing here depends on the DataLoader otherwise: the pools are
+trainer/loader.py). Nothing here depends on the DataLoader otherwise: the pools are
 plain objects and queues, unit-tested alone.
 """
 

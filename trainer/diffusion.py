@@ -195,7 +195,7 @@ class Diffusion(nn.Module):
         return sample * self.vae.config.scaling_factor
 
     def forward(self, batch, generator: torch.Generator) -> torch.Tensor:
-        """The loss on a `trainer.data.Batch` (pixels, captions; SDXL: its size conditioning)."""
+        """The loss on a `trainer.loader.Batch` (pixels, captions; SDXL: its size conditioning)."""
         captions = batch.captions
         dropped = torch.rand(len(captions), generator=generator) < self.caption_dropout
         kept = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]

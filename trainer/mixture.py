@@ -1,7 +1,7 @@
 """Several prepared datasets as one, each with its weight: kohya-ss's subsets with repeats.
 
-`Mixture([(subject, 3.0), (style, 1.0), (regularisation, 0.5)])` presents the columns of a
-`PreparedData` (the loader reads it the same way) over the union of the datasets' images, and
+`Mixture([(subject, 3.0), (style, 1.0), (regularisation, 0.5)])` is a `Dataset` (the loader
+reads it as it reads one `PreparedData`) over the union of the datasets' images, and
 each epoch lists every image of a dataset of weight w floor(w) times, plus a share w - floor(w)
 of them drawn anew each epoch from (seed, epoch): the epoch is planned over that list with the
 source's algorithm, so every batch holds one resolution and every rank runs the same steps.
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import UsageError
-from trainer.data import PreparedData
+from trainer.dataset import Columns, Dataset, Latents, PreparedData
 
 MAX_AREA_RATIO = 1.25  # between the largest buckets of datasets trained together
 
@@ -39,8 +39,8 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 
 class Mixture:
-    """The union of weighted `PreparedData`, with their columns concatenated (global item ids
-    in dataset order) and bucket ids mapped onto the merged bucket list."""
+    """The union of weighted `PreparedData` (a `Dataset`): their columns concatenated (global
+    item ids in dataset order), bucket ids mapped onto the merged bucket list."""
 
     def __init__(self, parts: list[tuple[PreparedData, float]]):
         if not parts:
@@ -60,38 +60,25 @@ class Mixture:
         self.parts = parts
         self.root = parts[0][0].root
         self.offsets = np.cumsum([0] + [len(data) for data, _ in parts])
+        columns = [data.columns for data, _ in parts]
         mapped = [
-            np.array([number[tuple(int(v) for v in b)] for b in data.buckets])[data.bucket]
+            np.array([number[tuple(int(v) for v in b)] for b in data.buckets])[data.columns.bucket]
             for data, _ in parts
         ]
-        self.bucket = np.concatenate(mapped)
-        self.shard, self.shard_paths = _joined([(d.shard, d.shard_paths) for d, _ in parts])
-        for column in ("image_offset", "image_size", "original", "stored", "prepare_crop"):
-            setattr(self, column, np.concatenate([getattr(data, column) for data, _ in parts]))
+        shard, shard_paths = _joined([(c.shard, c.shard_paths) for c in columns])
+        self.columns = Columns(
+            bucket=np.concatenate(mapped),
+            shard_paths=shard_paths,
+            shard=shard,
+            **{name: np.concatenate([getattr(c, name) for c in columns])
+               for name in ("image_offset", "image_size", "original", "stored", "prepare_crop")},
+            latents=_joined_latents([c.latents for c in columns]),
+        )  # fmt: skip
         self._keys = pa.chunked_array([c for d, _ in parts for c in d.index["key"].chunks])
         self._captions = pa.chunked_array([c for d, _ in parts for c in d.index["caption"].chunks])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
-
-    @property
-    def manifest(self):
-        """The first dataset's (latents are used only when every dataset has them)."""
-        return self.parts[0][0].manifest
-
-    @property
-    def latents(self) -> dict | None:
-        return self.parts[0][0].latents
-
-    def use_latents(self, fingerprint: str) -> None:
-        """Every dataset's latents of the VAE `fingerprint` (PreparedData.use_latents)."""
-        for data, _ in self.parts:
-            data.use_latents(fingerprint)
-        self.latent_shard, self.latent_paths = _joined(
-            [(data.latent_shard, data.latent_paths) for data, _ in self.parts]
-        )
-        for column in ("latent_offset", "latent_size"):
-            setattr(self, column, np.concatenate([getattr(d, column) for d, _ in self.parts]))
 
     def keys(self, items: np.ndarray) -> list[str]:
         return self._keys.take(items).to_pylist()
@@ -116,6 +103,15 @@ class Mixture:
         return np.concatenate(items), np.concatenate(copies)
 
 
+def _joined_latents(parts: list[Latents | None]) -> Latents | None:
+    """Every dataset's latents as one (they are opened for all datasets or for none)."""
+    if parts[0] is None:
+        return None
+    shard, paths = _joined([(latents.shard, latents.paths) for latents in parts])
+    return Latents(parts[0].info, paths, shard, np.concatenate([p.offset for p in parts]),
+                   np.concatenate([p.size for p in parts]))  # fmt: skip
+
+
 def _joined(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
     """Per-dataset (file codes, file paths) as one: codes shifted past the files before."""
     firsts = np.cumsum([0] + [len(paths) for _, paths in parts])
@@ -123,9 +119,10 @@ def _joined(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
     return np.concatenate(shifted), [path for _, paths in parts for path in paths]
 
 
-def open_datasets(specs: tuple[str, ...] | list[str]) -> PreparedData | Mixture:
-    """The datasets `--data` names (PATH or PATH:WEIGHT): one as it is, several as a Mixture."""
+def open_datasets(specs: tuple[str, ...] | list[str], latents: str | None = None) -> Dataset:
+    """The datasets `--data` names (PATH or PATH:WEIGHT): one as it is, several as a Mixture;
+    with the cached latents of the VAE `latents` (a fingerprint), else pixels."""
     parsed = [parse_weighted(spec) for spec in specs]
     if len(parsed) == 1 and parsed[0][1] == 1.0:
-        return PreparedData(parsed[0][0])
-    return Mixture([(PreparedData(path), weight) for path, weight in parsed])
+        return PreparedData(parsed[0][0], latents)
+    return Mixture([(PreparedData(path, latents), weight) for path, weight in parsed])

@@ -55,9 +55,11 @@ from pipeline.errors import UsageError
 from pipeline.latents import vae_fingerprint
 from pipeline.report import epoch_use_warning
 from trainer.augment import CaptionOptions
-from trainer.data import Batch, EpochBatches, make_loader
-from trainer.mixture import open_datasets
+from trainer.dataset import latents_to_use, read_manifest
+from trainer.loader import Batch, make_loader
+from trainer.mixture import open_datasets, parse_weighted
 from trainer.optimization import PRECISIONS, Optimization, store_frozen_parts
+from trainer.sampler import EpochBatches
 from trainer.tracking import Tracker
 from trainer.validation import render_validation
 
@@ -172,20 +174,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _choose_latents(config: Config, model: nn.Module, data, master: bool) -> None:
-    """Train from the dataset's cached latents of the model's own VAE, as --latents says."""
-    vae = getattr(model, "vae", None)
-    if config.latents == "off" or (vae is None and config.latents == "auto"):
-        return
-    if vae is None:
-        raise ValueError("--latents on: this model has no VAE (give --pretrained with a vae/)")
-    fingerprint = vae_fingerprint(vae)
-    if config.latents == "on" or fingerprint in data.manifest.latents:
-        data.use_latents(fingerprint)  # refuses, naming the VAEs the dataset holds latents of
-        if master:
-            print(f"training from cached latents of VAE {fingerprint}", flush=True)
-
-
 class Step(NamedTuple):
     """What `train`'s `on_step` callback sees after each micro-batch."""
 
@@ -196,11 +184,11 @@ class Step(NamedTuple):
     lr: float
 
 
-def check_usage(config: Config):
-    """The datasets, opened; a UsageError for a mistake every rank would make: a --data that is
-    not a prepared dataset, a --resume with no checkpoint, or an OUT_DIR whose checkpoint this
+def check_usage(config: Config) -> list:
+    """The datasets' manifests; a UsageError for a mistake every rank would make: a --data that
+    is not a prepared dataset, a --resume with no checkpoint, or an OUT_DIR whose checkpoint this
     run would replace without being told to (--resume or --overwrite)."""
-    data = open_datasets(config.data)
+    manifests = [read_manifest(parse_weighted(spec)[0]) for spec in config.data]
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / "checkpoint.pt"
     if config.resume and not checkpoint.exists():
@@ -214,18 +202,22 @@ def check_usage(config: Config):
             f"--resume (--config {out_dir / 'config.toml'} --resume takes its settings), start "
             "over with --overwrite, or give another --out-dir"
         )
-    return data
+    return manifests
 
 
 def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
     """Train as `config` says; a UsageError (before any rank trains) for a mistake in it."""
     started, out_dir = time.perf_counter(), Path(config.out_dir)
-    data = check_usage(config)  # answered before any model is built or rank waits for another
+    manifests = check_usage(config)  # answered before any model is built or rank waits
     rank, world_size, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
-    _choose_latents(config, model, data, master)  # the VAE's fingerprint: of its own weights
+    vae = getattr(model, "vae", None)  # its fingerprint: of its own weights, before any cast
+    latents = latents_to_use(config.latents, vae and vae_fingerprint(vae), manifests)
+    data = open_datasets(config.data, latents)
+    if master and latents:
+        print(f"training from cached latents of VAE {latents}", flush=True)
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing and hasattr(model, "unet"):
         model.unet.enable_gradient_checkpointing()

@@ -1,0 +1,124 @@
+"""Which batches a rank trains on: the source's per-epoch plan (pipeline/plan.py) over a
+`Dataset`, each batch with the crops, flips, captions and SDXL conditioning of its samples
+(trainer/augment.py), decided in the trainer's process from the index alone.
+
+    batches = EpochBatches(data, batch_size=4, world_size=world, rank=rank, seed=0)
+    batches.set_epoch(epoch, start_step)    # plans the epoch once; resume mid-epoch
+    for plan in batches: ...                # BatchPlan, what a loader worker reads
+
+Every rank plans the epoch itself (no communication), so every rank gets the same number of
+batches, for any world size on the same prepared data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pipeline.plan import RankPlan, plan_epoch
+from trainer.augment import CaptionOptions, caption, view
+from trainer.dataset import Dataset
+
+
+class BatchPlan(NamedTuple):
+    """What a loader worker needs to load one batch.
+
+    Keys and captions come from the index in the trainer's process: in a worker, between
+    decodes that flush its caches, a pyarrow take costs 10x what it does here (measured).
+    """
+
+    epoch: int
+    step: int
+    items: np.ndarray
+    bucket: int
+    keys: list[str]
+    captions: list[str]  # "" where an image has no caption
+    iteration: int  # how many times the sampler has been iterated, this one included
+    sizes: list[tuple[int, int]]  # (width, height) each stored image is fitted to
+    crops: list[tuple[int, int]]  # (left, top) of each window in it (trainer/augment.py)
+    flips: list[bool]
+    conditioning: np.ndarray  # [B, 3, 2]: original_size, crop_top_left, target_size
+    latent: bool  # cached latents instead of pixels
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's batches of the current epoch, from `start_step` on: a DataLoader sampler.
+
+    `world_size` and `rank` default to torch.distributed's when it is initialised, else 1 and 0.
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        batch_size: int,
+        world_size: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        flip: float = 0.0,
+        captions: CaptionOptions | None = None,
+    ):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if world_size is None:
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
+        self.data, self.batch_size, self.world_size, self.rank, self.seed = (
+            data, batch_size, world_size, rank, seed
+        )  # fmt: skip
+        self.flip, self.caption_options = flip, captions or CaptionOptions()
+        self.epoch: int | None = None
+        self.start_step, self.iterations = 0, 0
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Plan `epoch` (once); begin at `start_step` to resume mid-epoch without replaying it."""
+        if epoch != self.epoch:
+            items, copies = self.data.epoch_items(self.seed, epoch)
+            plan = plan_epoch(self.data.columns.bucket[items], self.batch_size, self.world_size,
+                              self.rank, self.seed, epoch)  # fmt: skip
+            self._planned = plan, items, copies
+        self.epoch, self.start_step = epoch, start_step
+
+    def plan(self) -> tuple[RankPlan, np.ndarray, np.ndarray]:
+        """This rank's plan over the epoch's list, and the list: (items, copy numbers)."""
+        return self._planned
+
+    def __len__(self) -> int:
+        return max(0, len(self._planned[0]) - self.start_step)
+
+    def __iter__(self):
+        self.iterations += 1
+        iteration, (plan, epoch_items, epoch_copies) = self.iterations, self._planned
+        for step in range(self.start_step, len(plan)):
+            items, copies = epoch_items[plan.items[step]], epoch_copies[plan.items[step]]
+            bucket = int(plan.bucket[step])
+            yield self._batch(step, items, copies, bucket, iteration)
+
+    def _batch(self, step: int, items, copies, bucket: int, iteration: int) -> BatchPlan:
+        data, seed, epoch = self.data, self.seed, self.epoch
+        columns = data.columns
+        keys = data.keys(items)
+        captions = [
+            caption(text, self.caption_options, seed, epoch, key, int(copy))
+            for text, key, copy in zip(data.captions(items), keys, copies, strict=True)
+        ]
+        size = tuple(int(v) for v in data.buckets[bucket])
+        # Cached latents where every image is in its own bucket (a catch-all re-fit: pixels)
+        latents = columns.latents
+        latent = latents is not None and bool(np.all(columns.bucket[items] == bucket))
+        views = [
+            view(tuple(columns.stored[item]), tuple(data.buckets[columns.bucket[item]]), size,
+                 tuple(columns.original[item]), tuple(columns.prepare_crop[item]), seed, epoch,
+                 key, int(copy), self.flip, latents.info["factor"] if latent else 1)
+            for item, key, copy in zip(items, keys, copies, strict=True)
+        ]  # fmt: skip
+        conditioning = np.array(
+            [(v.original_size, v.crop_top_left, v.target_size) for v in views], dtype=np.int64
+        )
+        return BatchPlan(
+            epoch, step, items, bucket, keys, captions, iteration,
+            [v.size for v in views], [v.crop for v in views], [v.flip for v in views],
+            conditioning, latent,
+        )  # fmt: skip
