@@ -75,7 +75,7 @@ def long_prompt_cost(repeats: int, batch: int) -> None:
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
         bos_token_id=START, eos_token_id=END, pad_token_id=END,
     )  # fmt: skip
-    encoder = PromptEncoder(Tokenizer(), CLIPTextModel(config).eval(), max_tokens=225)
+    encoder = PromptEncoder(Tokenizer(), CLIPTextModel(config).eval(), 225, 2, "full")
     prompts = {n: [" ".join(["cat"] * n)] * batch for n in (75, 225)}
     seconds = {n: median_seconds(lambda p=p: encoder(p), repeats) for n, p in prompts.items()}
     print(f"\n2. encoding {batch} prompts, penultimate layer: 75 tokens {seconds[75]:.3f} s, "

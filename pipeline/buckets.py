@@ -38,6 +38,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.cli import HelpFormatter, add_options, check, check_choices, option, parse
+
 REJECT_ASPECT = -1
 """Bucket index of an image whose aspect ratio is too far from every bucket."""
 REJECT_TOO_SMALL = -2
@@ -60,35 +62,40 @@ class BucketConfig:
     `BucketConfig(max_area=1024 * 1024, max_side=2048, min_side=512, square=1024)`.
     """
 
-    max_area: int = 512 * 768  # largest width*height of a bucket, in pixels
-    max_side: int = 1024  # largest bucket side
-    min_side: int = 256  # smallest bucket side
-    step: int = 64  # every bucket side is a multiple of this
-    square: int = 512  # side of the square bucket that is always present
-    no_upscale: bool = False  # grid of buckets, each image to the largest that fits inside it
-    metric: str = "linear"  # how the nearest bucket is picked: a key of METRICS
-    max_log_aspect_error: float = DEFAULT_MAX_LOG_ASPECT_ERROR  # drop beyond this log distance
+    max_area: int = option(512 * 768, "largest bucket area in pixels")
+    max_side: int = option(1024, "largest bucket side")
+    min_side: int = option(256, "smallest bucket side")
+    step: int = option(64, "every bucket side is a multiple of this")
+    square: int = option(512, "side of the square bucket that is always present")
+    no_upscale: bool = option(
+        False, "kohya's bucket_no_upscale, on a fixed grid: never enlarge an image"
+    )
+    metric: str = option("linear", "how the nearest bucket's aspect is measured", tuple(METRICS))
+    max_log_aspect_error: float = option(
+        DEFAULT_MAX_LOG_ASPECT_ERROR,
+        "drop images whose |log(bucket aspect / image aspect)| exceeds this",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_area", "max_side", "min_side", "step", "square"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_side", "min_side", "square"):
-            if getattr(self, name) % self.step:
-                raise ValueError(f"{name} must be a multiple of step={self.step}")
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side={self.min_side} exceeds max_side={self.max_side}")
-        if self.min_side * self.min_side > self.max_area:
-            raise ValueError(f"max_area={self.max_area} is below min_side**2: no bucket fits")
-        if not self.min_side <= self.square <= self.max_side or self.square**2 > self.max_area:
-            raise ValueError(f"square={self.square} is outside the side or area limits")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
-        if not self.max_log_aspect_error >= 0:  # also rejects NaN
-            raise ValueError(
-                f"max_log_aspect_error must be >= 0, got {self.max_log_aspect_error!r}"
-            )
+        check_choices(self)
+        sides = ("max_area", "max_side", "min_side", "step", "square")
+        check(self, {name: (_positive_integer(getattr(self, name)), "must be a positive integer")
+                     for name in sides})  # fmt: skip
+        check(self, {name: (getattr(self, name) % self.step == 0,
+                            f"must be a multiple of --step ({self.step})")
+                     for name in ("max_side", "min_side", "square")})  # fmt: skip
+        check(self, {
+            "min_side": (self.min_side <= self.max_side, f"exceeds --max-side ({self.max_side})"),
+            "max_area": (self.min_side**2 <= self.max_area,
+                         f"is below --min-side squared ({self.min_side**2}): no bucket fits"),
+            "square": (self.min_side <= self.square <= self.max_side
+                       and self.square**2 <= self.max_area, "is outside the side or area limits"),
+            "max_log_aspect_error": (self.max_log_aspect_error >= 0, "must be >= 0"),  # NaN too
+        })  # fmt: skip
+
+
+def _positive_integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
 class Assignment(NamedTuple):
@@ -272,15 +279,10 @@ def bucketize(
 
 def main(argv: list[str] | None = None) -> None:
     """Print the bucket table of a configuration (`python -m pipeline.buckets --help`)."""
-    defaults = BucketConfig()
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    for name in ("max_area", "max_side", "min_side", "step", "square"):
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
-        )
-    parser.add_argument("--no-upscale", action="store_true")
-    args = parser.parse_args(argv)
-    buckets = generate_buckets(BucketConfig(**vars(args)))
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=HelpFormatter)
+    add_options(parser, BucketConfig)
+    (config,) = parse(parser, argv, BucketConfig)
+    buckets = generate_buckets(config)
     print(f"{len(buckets)} buckets\n  id  width height  aspect")
     for bucket_id, ((width, height), aspect) in enumerate(
         zip(buckets, bucket_aspects(buckets), strict=True)

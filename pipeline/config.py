@@ -1,4 +1,5 @@
-"""The prepare job's settings: one frozen dataclass, validated once; the CLI takes its defaults.
+"""The prepare job's settings: frozen dataclasses, each validated once, whose fields are the
+job's command line too (pipeline/job.py derives it: pipeline/cli.py).
 
 Kept free of Ray, of the stages and of pyvips, so that `jobs/prepare.py --help` and a mistake
 in a setting are answered at once.
@@ -12,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline.buckets import BucketConfig
+from pipeline.cli import REQUIRED, check, check_choices, option
 from pipeline.output import FORMAT_VERSION
 
 # A guard against decompression bombs, checked from the header before any decoding. libvips
@@ -23,63 +25,100 @@ IMAGE_FORMATS = ("jpg", "png", "webp")  # how stored images are encoded: imaging
 CROP_MODES = ("none", "center", "random")  # imaging.CROPS
 
 
+# The job's --help lists its options in these groups (pipeline/job.py)
+BUCKETS = "buckets (the source's defaults: SD 1.x at 512x768)"
+IMAGES, OUTPUT, RAY = "images", "output", "ray"
+
+
 @dataclass(frozen=True)
 class WriteOptions:
-    image_format: str = "jpg"  # one of IMAGE_FORMATS
-    quality: int = 95
-    crop: str = "none"  # one of CROP_MODES: "none" keeps the overflow for the loader
-    seed: int = 0  # random crops: image `key` is cropped with rng seeded by (seed, key)
-    background: tuple[int, int, int] = DEFAULT_BACKGROUND
+    """How every kept image is stored."""
+
+    image_format: str = option(
+        "jpg", "how stored images are encoded", IMAGE_FORMATS, flag="format", group=IMAGES
+    )
+    quality: int = option(95, "JPEG/WebP quality of stored images", group=IMAGES)
+    crop: str = option(
+        "none",
+        "none: store each image with its overflow for a random crop at load time (the source's "
+        "way); center/random: store it cropped",
+        CROP_MODES,
+        group=IMAGES,
+    )
+    seed: int = option(  # image `key` is cropped with an rng seeded by (seed, key)
+        0, "seed of prepare-time random crops and of the epoch report", group=OUTPUT
+    )
+    background: tuple[int, ...] = option(
+        DEFAULT_BACKGROUND, "R,G,B composited under transparency", group=IMAGES
+    )
 
     def __post_init__(self) -> None:
-        if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(
-                f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}"
-            )
-        if self.crop not in CROP_MODES:
-            raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be in 1..100, got {self.quality}")
-        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
-            raise ValueError(f"background must be three values in 0..255, got {self.background!r}")
+        check_choices(self)
+        check(self, {
+            "quality": (1 <= self.quality <= 100, "must be in 1..100"),
+            "background": (len(self.background) == 3
+                           and all(0 <= c <= 255 for c in self.background),
+                           "must be R,G,B, each in 0..255"),
+        })  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
     """Everything a prepare run needs; validated once, here."""
 
-    input: str  # directory, URL, or .parquet/.csv listing
-    output: str  # directory or URL of the prepared dataset
-    buckets: BucketConfig = field(default_factory=BucketConfig)
+    input: str = option(
+        "",
+        "image folder, URL (s3://, gs://), or .parquet/.csv listing; leave it out with --vae "
+        "to add latents to a prepared OUT",
+    )
+    output: str = option(REQUIRED, "folder or URL for the prepared dataset")
+    buckets: BucketConfig = field(default_factory=BucketConfig, metadata={"group": BUCKETS})
     write: WriteOptions = field(default_factory=WriteOptions)
-    max_upscale: float = 2.0  # reject images that must be enlarged by more than this factor
-    max_crop: float = 0.5  # reject images whose fit crops more than this share of their area
-    max_pixels: int = DEFAULT_MAX_PIXELS  # reject larger images before decoding them
-    samples_per_shard: int = 1000
-    batch_size: int = 32  # for the trainer and the epoch report; not part of the output
-    world_size: int = 1
-    incremental: bool = False  # update a complete dataset with new or changed images
-    overwrite: bool = False  # rebuild OUT from scratch, whatever it holds
-    vae: str = ""  # a diffusers AutoencoderKL folder: latents of every image (pipeline/latents.py)
-    files_per_scan_task: int = 500
-    max_in_flight: int | None = None  # tasks submitted at once; default 2 per cluster CPU
+    max_upscale: float = option(
+        2.0, "reject images that must be enlarged more than this factor", group=IMAGES
+    )
+    max_crop: float = option(
+        0.5, "reject images whose fit crops more than this share of their area", group=IMAGES
+    )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS, "reject images with more pixels, before decoding them", group=IMAGES
+    )
+    samples_per_shard: int = option(1000, "images per tar (one bucket per tar)", group=OUTPUT)
+    batch_size: int = option(  # for the trainer and the epoch report; not part of the output
+        32, "per-rank batch size you will train with: shapes the epoch report", group=OUTPUT
+    )
+    world_size: int = option(
+        1, "number of ranks you will train with: shapes the epoch report", group=OUTPUT
+    )
+    incremental: bool = option(False, "add new and changed images to a complete OUT", group=OUTPUT)
+    overwrite: bool = option(False, "rebuild OUT from scratch", group=OUTPUT)
+    vae: str = option(
+        "",
+        "a diffusers AutoencoderKL folder (or a checkpoint with vae/): encode every stored "
+        "image's latents too (pipeline/latents.py)",
+        group=OUTPUT,
+    )
+    files_per_scan_task: int = option(500, "files whose headers one scan task reads", group=RAY)
+    max_in_flight: int | None = option(
+        None, "tasks submitted at once (none: two per cluster CPU)", group=RAY
+    )
 
     def __post_init__(self) -> None:
-        checks = {
-            "max_upscale": self.max_upscale >= 1,
-            "max_crop": 0 <= self.max_crop <= 1,
-            "max_pixels": self.max_pixels >= 1,
-            "samples_per_shard": self.samples_per_shard >= 1,
-            "batch_size": self.batch_size >= 1,
-            "world_size": self.world_size >= 1,
-            "files_per_scan_task": self.files_per_scan_task >= 1,
-            "max_in_flight": self.max_in_flight is None or self.max_in_flight >= 1,
-        }
-        for name, valid in checks.items():
-            if not valid:
-                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
-        if self.incremental and self.overwrite:
-            raise ValueError("incremental and overwrite exclude each other")
+        check(self, {
+            "input": (bool(self.input or self.vae),
+                      "is required (only adding latents with --vae goes without)"),
+            "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
+            "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),
+            "max_pixels": (self.max_pixels >= 1, "must be >= 1"),
+            "samples_per_shard": (self.samples_per_shard >= 1, "must be >= 1"),
+            "batch_size": (self.batch_size >= 1, "must be >= 1"),
+            "world_size": (self.world_size >= 1, "must be >= 1"),
+            "files_per_scan_task": (self.files_per_scan_task >= 1, "must be >= 1"),
+            "max_in_flight": (self.max_in_flight is None or self.max_in_flight >= 1,
+                              "must be >= 1"),
+            "incremental": (not (self.incremental and self.overwrite),
+                            "and --overwrite exclude each other"),
+        })  # fmt: skip
 
     def settings(self) -> dict:
         """The settings that shape the output: OUT is rebuilt when one of them changes."""

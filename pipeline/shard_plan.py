@@ -49,10 +49,9 @@ def plan_shards(
     `bucket_sizes` (B, 2) gives names their resolution; `salt` (the config's fingerprint)
     goes into every name. `previous` maps earlier shard names to their member keys: such a
     shard is kept as it is when all its keys are among `keys`, in the bucket its name says.
-    New shards hold up to `samples_per_shard` images of one bucket, in key order.
+    New shards hold up to `samples_per_shard` images of one bucket, in key order (>= 1:
+    PrepareConfig validates it).
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     keys = np.asarray(keys)
     buckets = np.asarray(buckets, dtype=np.int64)
     taken = np.zeros(len(keys), dtype=bool)

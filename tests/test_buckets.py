@@ -95,19 +95,19 @@ def test_larger_model_config():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        ({"max_area": 0}, "max_area"),
-        ({"step": -64}, "step"),
-        ({"min_side": 100}, "min_side"),
-        ({"max_side": 1.5}, "max_side"),
-        ({"min_side": 1024, "max_side": 512}, "min_side"),
-        ({"max_area": 128 * 128}, "max_area"),
-        ({"square": 1024}, "square"),
-        ({"metric": "cosine"}, "metric"),
-        ({"max_log_aspect_error": float("nan")}, "max_log_aspect_error"),
-        ({"max_log_aspect_error": -1.0}, "max_log_aspect_error"),
+        ({"max_area": 0}, "--max-area"),
+        ({"step": -64}, "--step"),
+        ({"min_side": 100}, "--min-side"),
+        ({"max_side": 1.5}, "--max-side"),
+        ({"min_side": 1024, "max_side": 512}, "--min-side"),
+        ({"max_area": 128 * 128}, "--max-area"),
+        ({"square": 1024}, "--square"),
+        ({"metric": "cosine"}, "--metric"),
+        ({"max_log_aspect_error": float("nan")}, "--max-log-aspect-error"),
+        ({"max_log_aspect_error": -1.0}, "--max-log-aspect-error"),
     ],
 )
-def test_bad_config_names_the_argument(kwargs, name):
+def test_bad_config_names_the_option(kwargs, name):
     with pytest.raises(ValueError, match=name):
         BucketConfig(**kwargs)
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from trainer.config import PromptOptions, SampleConfig
 from trainer.diffusion import load_parts, save_parts, time_ids, tiny_parts
 from trainer.hypernetwork import (
     Hypernetwork,
@@ -32,6 +33,7 @@ from trainer.sample import sample
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS = [0, 1, 74, 75, 76, 150, 224, 225, 226, 400]
+SOURCE = (225, 2, "full")  # max_tokens, clip_skip, layout: the source's (PromptOptions' defaults)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,9 @@ def test_chunking_pads_with_end_tokens_and_cuts_at_the_maximum(lengths):
 @pytest.mark.parametrize("maximum", [75, 150, 300])
 def test_the_maximum_is_a_parameter(maximum):
     assert chunk_tokens([list(range(400))], max_tokens=maximum).shape == (1, maximum // 75, 77)
-    with pytest.raises(ValueError, match="multiple of 75"):
-        chunk_tokens([[1]], max_tokens=maximum + 1)
+    assert PromptOptions(max_tokens=maximum).max_tokens == maximum
+    with pytest.raises(ValueError, match="--max-tokens must be a positive multiple of 75"):
+        PromptOptions(max_tokens=maximum + 1)
 
 
 def test_a_short_prompt_encodes_as_plain_clip(parts):
@@ -80,18 +83,19 @@ def test_a_short_prompt_encodes_as_plain_clip(parts):
         row[1 : 1 + len(ids)] = torch.tensor(ids)
     with torch.no_grad():
         output = text_encoder(plain, output_hidden_states=True)
-        last = PromptEncoder(tokenizer, text_encoder, clip_skip=1)([prompt_of(75), "a red dress"])
+        last_layer = PromptEncoder(tokenizer, text_encoder, 225, 1, "full")
+        last = last_layer([prompt_of(75), "a red dress"])
         assert torch.equal(last, output.last_hidden_state)
         truncated = copy.deepcopy(text_encoder)  # penultimate by hand: drop the last layer
         truncated.encoder.layers = truncated.encoder.layers[:-1]
-        penultimate = PromptEncoder(tokenizer, text_encoder, clip_skip=2)
+        penultimate = PromptEncoder(tokenizer, text_encoder, *SOURCE)
         expected = truncated(plain).last_hidden_state
         assert torch.allclose(penultimate([prompt_of(75), "a red dress"]), expected, atol=1e-6)
         assert not torch.allclose(expected, output.last_hidden_state, atol=1e-3)
 
 
 def test_long_prompts_concatenate_chunks_and_the_unconditional_prompt_matches(parts):
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, *SOURCE)
     width = parts.text_encoder.config.hidden_size
     for tokens, positions in ((0, 77), (76, 154), (225, 231), (400, 231)):
         states = encoder(["", prompt_of(tokens)])
@@ -100,7 +104,7 @@ def test_long_prompts_concatenate_chunks_and_the_unconditional_prompt_matches(pa
     assert torch.allclose(long[:, 77:], encoder([prompt_of(150)[len("cat ") * 75 :]]), atol=1e-6)
     padded_empty = encoder(["", prompt_of(150)])[0]
     assert torch.allclose(padded_empty[:77], empty[0], atol=1e-6), "each chunk encoded alone"
-    trimmed = PromptEncoder(parts.tokenizer, parts.text_encoder, layout="trimmed")
+    trimmed = PromptEncoder(parts.tokenizer, parts.text_encoder, 225, 2, "trimmed")
     assert trimmed([prompt_of(225)]).shape[1] == 227
     assert torch.equal(trimmed([prompt_of(225)])[:, 1:76], encoder([prompt_of(225)])[:, 1:76])
 
@@ -117,7 +121,7 @@ def unet_inputs(parts, batch: int = 2, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn((batch, 3, 32, 64), generator=generator)
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
-    context = PromptEncoder(parts.tokenizer, parts.text_encoder)(["a cat"] * batch)
+    context = PromptEncoder(parts.tokenizer, parts.text_encoder, *SOURCE)(["a cat"] * batch)
     return pixels, timesteps, context
 
 
@@ -574,7 +578,7 @@ def test_our_pt_passes_a1111s_check_where_torch_saves_zip_does_not(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"activation_func": "swiglu"}, "activation 'swiglu'"),
+        ({"activation_func": "swiglu"}, "activation .*, got swiglu"),
         ({"dropout_structure": [0, 0.3, 0, 0]}, "one entry per layer_structure entry"),
         ({"dropout_structure": [0, 1.0, 0]}, r"not in \[0, 1\)"),
         ({"layer_structure": [2, 1]}, "must start and end with 1"),
@@ -604,13 +608,19 @@ def test_a_hostile_pt_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def render(parts, hypernetwork=None, **settings):
+    """sample() on settings of SampleConfig (its `out` is the caller's to write)."""
+    return sample(parts, SampleConfig(out="unused.png", **settings), hypernetwork)
+
+
 def test_sampling_with_guidance_and_a_hypernetwork(parts, tmp_path):
     width = parts.text_encoder.config.hidden_size
     hypernetwork = shared_and_per_depth(parts.unet, width)[0]
     images = [
-        sample(parts, prompt_of(200), "blurry", 64, 32, steps=3, hypernetwork=h, seed=1)
+        render(parts, h, prompt=prompt_of(200), negative="blurry", width=64, height=32, steps=3,
+               seed=1)
         for h in (None, hypernetwork)
-    ]
+    ]  # fmt: skip
     assert images[0].size == (64, 32) and images[0].mode == "RGB"
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1])), "untrained: no change"
     assert all(not h._forward_pre_hooks for _, _, a in cross_attentions(parts.unet)
@@ -624,7 +634,7 @@ def test_sampling_renders_a_hypernetwork_in_eval_mode_and_leaves_its_mode(parts)
     images = []
     for training in (True, True, False):
         hypernetwork.train(training)
-        image = sample(parts, "a cat", "", 64, 32, steps=2, seed=1, hypernetwork=hypernetwork)
+        image = render(parts, hypernetwork, prompt="a cat", width=64, height=32, steps=2, seed=1)
         images.append(np.asarray(image))
         assert hypernetwork.training == training
     assert all(np.array_equal(images[0], image) for image in images[1:]), "no dropout"
@@ -672,7 +682,7 @@ def xl_inputs(parts, original=(64, 128), crop=(0, 0), batch: int = 2):
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn((batch, 3, 32, 64), generator=generator)
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
-    context, pooled = parts.prompt_encoder().encode(["a cat, " + prompt_of(100)] * batch)
+    context, pooled = parts.prompt_encoder(*SOURCE).encode(["a cat, " + prompt_of(100)] * batch)
     sizes = [torch.tensor([size] * batch) for size in (original, crop, (32, 64))]
     added = {"text_embeds": pooled, "time_ids": time_ids(*sizes)}
     return pixels, timesteps, context, added
@@ -682,8 +692,8 @@ def test_sdxl_context_is_both_penultimate_layers_and_the_second_encoders_pooled_
     xl_parts,
 ):
     texts = ["a cat, " + prompt_of(100), "a dog"]
-    context, pooled = xl_parts.prompt_encoder().encode(texts)
-    first = PromptEncoder(xl_parts.tokenizer, xl_parts.text_encoder)  # end-padded, with the norm
+    context, pooled = xl_parts.prompt_encoder(*SOURCE).encode(texts)
+    first = PromptEncoder(xl_parts.tokenizer, xl_parts.text_encoder, *SOURCE)  # end-padded, norm
     assert context.shape == (2, 2 * 77, 64) and pooled.shape == (2, 32)
     with torch.no_grad():
         ids = torch.from_numpy(chunk_tokens(Tokenizer()(texts[1:]), 225)[:, :1])
@@ -733,7 +743,7 @@ def test_a_tiny_sdxl_checkpoint_trains_a_hypernetwork_and_samples(tmp_path, prep
     subprocess.run(
         [sys.executable, "trainer/sample.py", f"--pretrained={tmp_path / 'sdxl'}",
          "--prompt=a cat", f"--hypernetwork={tmp_path / 'out' / 'hypernetwork.safetensors'}",
-         "--steps=2", "--width=64", "--height=32", "--original-size", "64", "128",
+         "--steps=2", "--width=64", "--height=32", "--original-size=64,128",
          f"--out={out}"],
         cwd=REPO, check=True, timeout=300,
     )  # fmt: skip

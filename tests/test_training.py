@@ -65,7 +65,7 @@ def test_storing_the_frozen_parts_in_bf16_leaves_diffusers_quiet(caplog):
     part in every mixed-precision run."""
     parts = tiny_parts(seed=0, with_vae=True)
     hypernetwork = Hypernetwork(HypernetworkConfig(widths=(parts.text_encoder.config.hidden_size,)))
-    model = Diffusion(parts, parts.prompt_encoder(), hypernetwork)
+    model = Diffusion(parts, parts.prompt_encoder(225, 2, "full"), hypernetwork)
     diffusers_logger = logging.getLogger("diffusers")  # it does not propagate to the root logger
     diffusers_logger.addHandler(caplog.handler)
     try:

@@ -25,22 +25,28 @@ import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pipeline.cli import check, option
 from pipeline.fit import crop_box, fit
+
+TAGS = "caption tags (kohya-ss's augmentations)"  # the trainer's --help group of these options
 
 
 @dataclass(frozen=True)
 class CaptionOptions:
-    """kohya-ss's caption augmentations, on comma-separated tags."""
+    """kohya-ss's caption augmentations, on comma-separated tags (trainer/config.py's Config
+    takes these fields and their options)."""
 
-    shuffle_tags: bool = False  # shuffle the tags of each caption, anew every epoch
-    keep_tokens: int = 0  # the first N tags stay in place and are never dropped
-    tag_dropout: float = 0.0  # drop each other tag with this probability
+    shuffle_tags: bool = option(
+        False, "shuffle each caption's comma-separated tags every epoch", group=TAGS
+    )
+    keep_tokens: int = option(0, "the first N tags stay in place and are never dropped", group=TAGS)
+    tag_dropout: float = option(0.0, "drop each other tag with this probability", group=TAGS)
 
     def __post_init__(self) -> None:
-        if self.keep_tokens < 0:
-            raise ValueError(f"--keep-tokens must be >= 0, got {self.keep_tokens}")
-        if not 0 <= self.tag_dropout < 1:
-            raise ValueError(f"--tag-dropout must be in [0, 1), got {self.tag_dropout}")
+        check(self, {
+            "keep_tokens": (self.keep_tokens >= 0, "must be >= 0"),
+            "tag_dropout": (0 <= self.tag_dropout < 1, "must be in [0, 1)"),
+        })  # fmt: skip
 
     @property
     def active(self) -> bool:

@@ -16,7 +16,7 @@ import ast
 import sys
 from pathlib import Path
 
-from trainer.config import parse_config, sample_parser
+from trainer.config import parse_config, parse_sample
 
 HERE = Path(__file__).resolve().parent
 LAUNCH = (
@@ -63,8 +63,8 @@ def train(argv: list[str] | None = None) -> int:
 
 def sample(argv: list[str] | None = None) -> int:
     """`arb-sample`: trainer/sample.py."""
-    args = sample_parser(_docstring("sample.py")).parse_args(argv)
+    config = parse_sample(argv, _docstring("sample.py"))
     from trainer.sample import main
 
-    main(args)
+    main(config)
     return 0

@@ -1,15 +1,26 @@
-"""The trainer's settings: one frozen dataclass, validated once, and its command line and TOML
-file derived from it. Imports no torch, so `--help` and a mistake in an option answer at once.
+"""The trainer's and the sampler's settings: frozen dataclasses, each validated once, and their
+command lines and the trainer's TOML file derived from them. Imports no torch, so `--help` and a
+mistake in an option answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import HelpFormatter, add_options, check_choices, option, repeatable, typed
+from pipeline.cli import (
+    REQUIRED,
+    HelpFormatter,
+    add_options,
+    check,
+    check_choices,
+    option,
+    parse,
+    repeatable,
+)
+from trainer.augment import CaptionOptions
 
 try:
     import tomllib
@@ -18,11 +29,99 @@ except ModuleNotFoundError:  # Python 3.10
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler
 LAYOUTS = ("full", "trimmed")  # trainer/prompts.py: how 75-token chunks are laid out
+PROMPTS = "prompts (sd, sdxl)"  # the --help group of PromptOptions
 
 
 @dataclass(frozen=True)
-class Config:
-    """Everything a run needs, validated once: a ValueError names the option at fault."""
+class PromptOptions:
+    """How prompts are encoded (trainer/prompts.py): the trainer's and the sampler's."""
+
+    max_tokens: int = option(225, "prompt limit in tokens, a multiple of 75", group=PROMPTS)
+    clip_skip: int = option(
+        2, "2 = CLIP's penultimate layer (the source's), 1 = the last", (1, 2), group=PROMPTS
+    )
+    prompt_layout: str = option(
+        "full",
+        "full 77-state chunks (231 states for 225 tokens, A1111's) or trimmed (227, kohya's)",
+        LAYOUTS,
+        group=PROMPTS,
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(self, {"max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
+                                    "must be a positive multiple of 75")})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HypernetworkConfig:
+    """A hypernetwork's structure (trainer/hypernetwork.py builds it). A field an option of the
+    trainer sets names it (`flag`): a mistake is refused by that option's name."""
+
+    widths: tuple[int, ...] = (768,)  # context widths (the text encoder's hidden size)
+    layer_structure: tuple[float, ...] = field(  # layer sizes as multiples of the width
+        default=(1, 2, 1), metadata={"flag": "hypernetwork-structure"}
+    )
+    activation: str = field(  # one of trainer.hypernetwork.ACTIVATIONS
+        default="linear", metadata={"flag": "hypernetwork-activation"}
+    )
+    layer_norm: bool = field(  # a LayerNorm after every linear layer
+        default=False, metadata={"flag": "hypernetwork-layer-norm"}
+    )
+    dropout: float = field(  # after every hidden layer, in training (dropout_structure's shorthand)
+        default=0.0, metadata={"flag": "hypernetwork-dropout"}
+    )
+    # The dropout after each layer of layer_structure (A1111's; entry 0 is unused): e.g. (0, 0.3,
+    # 0, 0) for one after the first hidden layer only. None: from `dropout`.
+    dropout_structure: tuple[float, ...] | None = None
+    # The activation after the last linear layer too (A1111 files may have it; with it an
+    # untrained module is no longer the identity).
+    activate_output: bool = False
+    per_depth: bool = True  # one pair per U-Net depth (needed by depth_penalty), else shared
+    depths: tuple[int, ...] = (0, 1, 2, 3)  # U-Net depths with cross-attention (SD 1.x's)
+    depth_penalty: tuple[float, ...] = (1e-2,)  # L2 weight on depth 0, 1, ...; missing: 0
+
+    def __post_init__(self) -> None:
+        structure = self.layer_structure
+        check(self, {
+            "activation": (self.activation in _activations(),
+                           "must be a torch.nn activation's lower-case name, linear or swish"),
+            "layer_structure": (len(structure) >= 2 and structure[0] == 1 and structure[-1] == 1,
+                                "must start and end with 1 (the module is residual)"),
+            "dropout": (0 <= self.dropout < 1, "must be in [0, 1)"),
+            "depth_penalty": (all(w >= 0 for w in self.depth_penalty), "must be >= 0 each"),
+        })  # fmt: skip
+        if self.dropout_structure is not None:
+            if self.dropout:
+                raise ValueError("give dropout or dropout_structure, not both")
+            if len(self.dropout_structure) != len(structure):
+                raise ValueError(
+                    f"dropout_structure {list(self.dropout_structure)} needs one entry per "
+                    f"layer_structure entry {list(structure)}"
+                )
+            if not all(0 <= p < 1 for p in self.dropout_structure[1:]):
+                raise ValueError(f"dropout_structure {list(self.dropout_structure)}: not in [0, 1)")
+
+    @property
+    def dropouts(self) -> tuple[float, ...]:
+        """The dropout after each layer of layer_structure: dropout_structure, or from dropout."""
+        if self.dropout_structure is not None:
+            return self.dropout_structure
+        return (0.0, *[self.dropout] * (len(self.layer_structure) - 2), 0.0)
+
+
+def _activations() -> set[str]:
+    """The hypernetwork's activation names (torch.nn's; imported only to check one)."""
+    from trainer.hypernetwork import ACTIVATIONS
+
+    return set(ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class Config(PromptOptions, CaptionOptions):
+    """Everything a run needs, validated once: a ValueError names the option at fault. The tag
+    and prompt options are CaptionOptions' and PromptOptions' fields; the hypernetwork options'
+    defaults and rules HypernetworkConfig's."""
 
     data: tuple[str, ...] = option(
         (),
@@ -64,9 +163,6 @@ class Config:
     validation_inference_steps: int = option(20, "sampler steps of a validation image")
     config: str = option("", "a TOML file of these options (flags override it)")
     flip: float = option(0.0, "probability of a horizontal flip of each sample")
-    shuffle_tags: bool = option(False, "shuffle each caption's comma-separated tags every epoch")
-    keep_tokens: int = option(0, "the first N tags stay in place and are never dropped")
-    tag_dropout: float = option(0.0, "drop each other tag with this probability")
     model: str = option(
         "conv", "conv: a small denoiser (a smoke test); sd: SD 1.x; sdxl", ("conv", "sd", "sdxl")
     )
@@ -86,38 +182,41 @@ class Config:
         "sd: what trains (a hypernetwork on the frozen U-Net, or the U-Net)",
         ("hypernetwork", "unet"),
     )
-    max_tokens: int = option(225, "sd: prompt limit in tokens, a multiple of 75")
-    clip_skip: int = option(
-        2, "sd: 2 = CLIP's penultimate layer (the source's), 1 = the last", (1, 2)
-    )
-    prompt_layout: str = option(
-        "full",
-        "sd: full 77-state chunks (231 states for 225 tokens, A1111's) or trimmed (227, kohya's)",
-        LAYOUTS,
-    )
     caption_dropout: float = option(
         0.1, "sd: share of captions replaced by the empty prompt (after the tag augmentations)"
     )
     hypernetwork_structure: tuple[float, ...] = option(
-        (1.0, 2.0, 1.0), "layer sizes in multiples of the context width, e.g. 1,2,1"
+        HypernetworkConfig.layer_structure,
+        "layer sizes in multiples of the context width, e.g. 1,2,1",
     )
-    hypernetwork_activation: str = option("linear", "an activation of trainer.hypernetwork")
-    hypernetwork_layer_norm: bool = option(False, "a LayerNorm after every hypernetwork layer")
-    hypernetwork_dropout: float = option(0.0, "dropout after every hidden hypernetwork layer")
+    hypernetwork_activation: str = option(
+        HypernetworkConfig.activation, "an activation of trainer.hypernetwork"
+    )
+    hypernetwork_layer_norm: bool = option(
+        HypernetworkConfig.layer_norm, "a LayerNorm after every hypernetwork layer"
+    )
+    hypernetwork_dropout: float = option(
+        HypernetworkConfig.dropout, "dropout after every hidden hypernetwork layer"
+    )
     hypernetwork_shared: bool = option(
-        False, "one pair per width for all depths (also written as AUTOMATIC1111's hypernetwork.pt)"
+        not HypernetworkConfig.per_depth,
+        "one pair per width for all depths (also written as AUTOMATIC1111's hypernetwork.pt)",
     )
     depth_penalty: tuple[float, ...] = option(
-        (0.01,), "L2 weight per U-Net depth, shallowest first, e.g. 0.01,0.005"
+        HypernetworkConfig.depth_penalty,
+        "L2 weight per U-Net depth, shallowest first, e.g. 0.01,0.005",
     )
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        checks = {
+        CaptionOptions.__post_init__(self)
+        PromptOptions.__post_init__(self)  # and every option's choices
+        HypernetworkConfig(
+            layer_structure=self.hypernetwork_structure, activation=self.hypernetwork_activation,
+            dropout=self.hypernetwork_dropout, depth_penalty=self.depth_penalty,
+        )  # fmt: skip
+        check(self, {
             "data": (bool(self.data), "give a prepared dataset (jobs/prepare.py --output OUT)"),
             "flip": (0 <= self.flip <= 1, "must be a probability in [0, 1]"),
-            "keep_tokens": (self.keep_tokens >= 0, "must be >= 0"),
-            "tag_dropout": (0 <= self.tag_dropout < 1, "must be in [0, 1)"),
             "batch_size": (self.batch_size >= 1, "must be >= 1"),
             "epochs": (self.epochs >= 0, "must be >= 0"),
             "max_steps": (self.max_steps >= 0, "must be >= 0"),
@@ -133,30 +232,8 @@ class Config:
             "validation_prompt": (not self.validation_prompt or self.model != "conv",
                                   "needs --model sd or sdxl"),
             "resume": (not (self.resume and self.overwrite), "and --overwrite exclude each other"),
-            "max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
-                           "must be a positive multiple of 75"),
             "caption_dropout": (0 <= self.caption_dropout < 1, "must be in [0, 1)"),
-            "hypernetwork_activation": (self.hypernetwork_activation in _activations(),
-                                        "must be a torch.nn activation's lower-case name"),
-            "hypernetwork_dropout": (0 <= self.hypernetwork_dropout < 1, "must be in [0, 1)"),
-            "hypernetwork_structure": (len(self.hypernetwork_structure) >= 2
-                                       and self.hypernetwork_structure[0] == 1
-                                       and self.hypernetwork_structure[-1] == 1,
-                                       "must start and end with 1 (the module is residual)"),
-            "depth_penalty": (all(w >= 0 for w in self.depth_penalty), "must be >= 0 each"),
-        }  # fmt: skip
-        for name, (valid, rule) in checks.items():
-            if not valid:
-                value = getattr(self, name)
-                got = f", got {typed(value)}" if value not in ((), "") else ""
-                raise ValueError(f"--{name.replace('_', '-')} {rule}{got}")
-
-
-def _activations() -> set[str]:
-    """The hypernetwork's activation names (torch.nn's; imported only to check one)."""
-    from trainer.hypernetwork import ACTIVATIONS
-
-    return set(ACTIVATIONS)
+        })  # fmt: skip
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -220,46 +297,52 @@ def read_saved(folder: Path) -> dict:
         return {}
 
 
-def sample_parser(description: str = "") -> argparse.ArgumentParser:
-    """trainer/sample.py's command line."""
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(PromptOptions):
+    """What trainer/sample.py renders, from which weights: `sample()` takes the render's fields."""
+
+    prompt: str = option(REQUIRED, "the prompt, up to --max-tokens")
+    negative: str = option("", "the unconditional prompt")
+    out: str = option(REQUIRED, "PNG to write")
+    pretrained: str = option("", "diffusers-layout folder (none: tiny random models)")
+    hypernetwork: str = option(
+        "",
+        ".safetensors (ours) or .pt (AUTOMATIC1111); its _ema sibling (--use-ema) is taken when "
+        "present",
+    )
+    unet: str = option(
+        "", "a trained U-Net folder (train.py's unet/; unet_ema/ beside it is taken when present)"
+    )
+    no_ema: bool = option(False, "the raw weights, not the average")
+    xl: bool = option(False, "without --pretrained: tiny SDXL")
+    width: int = option(512, "image width in pixels")
+    height: int = option(512, "image height in pixels")
+    original_size: tuple[int, ...] = option(
+        (), "SDXL: the size to condition on, H,W (none: the image's)"
+    )
+    crop_top_left: tuple[int, ...] = option((0, 0), "SDXL: the crop to condition on, TOP,LEFT")
+    steps: int = option(28, "DDIM steps")
+    scale: float = option(7.0, "classifier-free guidance")
+    seed: int = option(0, "the starting noise")
+
+    def __post_init__(self) -> None:
+        PromptOptions.__post_init__(self)
+        check(self, {
+            "width": (self.width >= 1, "must be >= 1"),
+            "height": (self.height >= 1, "must be >= 1"),
+            "original_size": (len(self.original_size) in (0, 2)
+                              and all(side >= 1 for side in self.original_size),
+                              "must be H,W: two sizes in pixels"),
+            "crop_top_left": (len(self.crop_top_left) == 2
+                              and all(offset >= 0 for offset in self.crop_top_left),
+                              "must be TOP,LEFT: two offsets in pixels"),
+            "steps": (self.steps >= 1, "must be >= 1"),
+        })  # fmt: skip
+
+
+def parse_sample(argv: list[str] | None = None, description: str = "") -> SampleConfig:
+    """trainer/sample.py's command line; refused by name when invalid."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    parser.add_argument("--prompt", required=True, help="the prompt, up to --max-tokens")
-    parser.add_argument("--negative", default="", help="the unconditional prompt")
-    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
-    parser.add_argument("--pretrained", help="diffusers-layout folder; default: tiny random")
-    parser.add_argument(
-        "--hypernetwork",
-        help=".safetensors (ours) or .pt (AUTOMATIC1111); its "
-        "_ema sibling (--use-ema) is taken when present",
-    )
-    parser.add_argument(
-        "--unet",
-        help="a trained U-Net folder (train.py's unet/; unet_ema/ beside it is taken when present)",
-    )
-    parser.add_argument("--no-ema", action="store_true", help="the raw weights, not the average")
-    parser.add_argument("--xl", action="store_true", help="without --pretrained: tiny SDXL")
-    parser.add_argument("--width", type=int, default=512, help="image width in pixels")
-    parser.add_argument("--height", type=int, default=512, help="image height in pixels")
-    parser.add_argument(
-        "--original-size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="SDXL: the size to condition on (none: the image's)",
-    )
-    parser.add_argument(
-        "--crop-top-left",
-        type=int,
-        nargs=2,
-        metavar=("TOP", "LEFT"),
-        default=(0, 0),
-        help="SDXL: the crop to condition on",
-    )
-    parser.add_argument("--steps", type=int, default=28, help="DDIM steps")
-    parser.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=0, help="the starting noise")
-    parser.add_argument("--max-tokens", type=int, default=225, help="prompt limit, x75")
-    parser.add_argument("--clip-skip", type=int, default=2, help="2: CLIP's penultimate layer")
-    parser.add_argument("--prompt-layout", default="full", choices=LAYOUTS,
-                        help="how 75-token chunks are laid out (trainer/prompts.py)")  # fmt: skip
-    return parser
+    add_options(parser, SampleConfig)
+    (config,) = parse(parser, argv, SampleConfig)
+    return config

@@ -39,8 +39,9 @@ class Parts:
     def xl(self) -> bool:
         return self.text_encoder_2 is not None
 
-    def prompt_encoder(self, max_tokens: int = 225, clip_skip: int = 2, layout: str = "full"):
-        """The prompt encoder for these parts: `encode(texts)` gives (context, pooled or None)."""
+    def prompt_encoder(self, max_tokens: int, clip_skip: int, layout: str):
+        """The prompt encoder for these parts: `encode(texts)` gives (context, pooled or None).
+        The values are a validated PromptOptions' (trainer/config.py)."""
         if self.xl:
             return SDXLPromptEncoder(
                 (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2),

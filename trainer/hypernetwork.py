@@ -27,13 +27,14 @@ import itertools
 import json
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from trainer.config import HypernetworkConfig  # the structure, its defaults and rules
 
 
 def _activations() -> dict[str, type[nn.Module] | None]:
@@ -48,50 +49,6 @@ def _activations() -> dict[str, type[nn.Module] | None]:
 
 
 ACTIVATIONS = _activations()
-
-
-@dataclass(frozen=True)
-class HypernetworkConfig:
-    widths: tuple[int, ...] = (768,)  # context widths (the text encoder's hidden size)
-    layer_structure: tuple[float, ...] = (1, 2, 1)  # layer sizes as multiples of the width
-    activation: str = "linear"  # one of ACTIVATIONS
-    layer_norm: bool = False  # a LayerNorm after every linear layer
-    dropout: float = 0.0  # after every hidden layer, in training (a dropout_structure shorthand)
-    # The dropout after each layer of layer_structure (A1111's; entry 0 is unused): e.g. (0, 0.3,
-    # 0, 0) for one after the first hidden layer only. None: from `dropout`.
-    dropout_structure: tuple[float, ...] | None = None
-    # The activation after the last linear layer too (A1111 files may have it; with it an
-    # untrained module is no longer the identity).
-    activate_output: bool = False
-    per_depth: bool = True  # one pair per U-Net depth (needed by depth_penalty), else shared
-    depths: tuple[int, ...] = (0, 1, 2, 3)  # U-Net depths with cross-attention (SD 1.x's)
-    depth_penalty: tuple[float, ...] = (1e-2,)  # L2 weight on depth 0, 1, ...; missing: 0
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r}: one of {sorted(ACTIVATIONS)}")
-        structure = self.layer_structure
-        if len(structure) < 2 or structure[0] != 1 or structure[-1] != 1:
-            raise ValueError("layer_structure must start and end with 1 (the module is residual)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError("dropout must be in [0, 1)")
-        if self.dropout_structure is not None:
-            if self.dropout:
-                raise ValueError("give dropout or dropout_structure, not both")
-            if len(self.dropout_structure) != len(structure):
-                raise ValueError(
-                    f"dropout_structure {list(self.dropout_structure)} needs one entry per "
-                    f"layer_structure entry {list(structure)}"
-                )
-            if not all(0 <= p < 1 for p in self.dropout_structure[1:]):
-                raise ValueError(f"dropout_structure {list(self.dropout_structure)}: not in [0, 1)")
-
-    @property
-    def dropouts(self) -> tuple[float, ...]:
-        """The dropout after each layer of layer_structure: dropout_structure, or from dropout."""
-        if self.dropout_structure is not None:
-            return self.dropout_structure
-        return (0.0, *[self.dropout] * (len(self.layer_structure) - 2), 0.0)
 
 
 class HypernetworkModule(nn.Module):

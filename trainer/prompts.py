@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import LAYOUTS
-
 CHUNK_TOKENS = 75  # CLIP's 77 positions less the start and end tokens
 START, END = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
 
@@ -65,7 +63,7 @@ class Tokenizer:
 
 def chunk_tokens(
     tokens: list[list[int]],
-    max_tokens: int = 225,
+    max_tokens: int,
     start: int = START,
     end: int = END,
     pad: int | None = None,
@@ -73,11 +71,9 @@ def chunk_tokens(
     """Token ids [B, chunks, 77]: each chunk [start] + 75 tokens (padded) + [end].
 
     The chunk count is the longest prompt's length rounded up to a multiple of 75, at least one
-    chunk and at most `max_tokens` / 75; longer prompts are cut at `max_tokens`. Padding is
-    `pad`, end-of-text by default (CLIP's own).
+    chunk and at most `max_tokens` / 75 (a multiple of 75: PromptOptions validates it); longer
+    prompts are cut at `max_tokens`. Padding is `pad`, end-of-text by default (CLIP's own).
     """
-    if max_tokens <= 0 or max_tokens % CHUNK_TOKENS:
-        raise ValueError(f"max_tokens must be a positive multiple of 75, not {max_tokens}")
     longest = min(max((len(t) for t in tokens), default=0), max_tokens)
     chunks = max(1, -(-longest // CHUNK_TOKENS))
     padded = np.full((len(tokens), chunks * CHUNK_TOKENS), end if pad is None else pad, np.int64)
@@ -98,8 +94,8 @@ def final_layer_norm(text_encoder: nn.Module) -> nn.Module:
 def encode_chunks(
     text_encoder: nn.Module,
     ids: torch.Tensor,
-    clip_skip: int = 2,
-    layout: str = "full",
+    clip_skip: int,
+    layout: str,
     final_norm: bool = True,
 ) -> tuple[torch.Tensor, object]:
     """Hidden states [B, positions, width] of token chunks [B, chunks, 77] (see the layout
@@ -107,10 +103,8 @@ def encode_chunks(
 
     `clip_skip` as kohya-ss users know it: 1 is the last layer, 2 the penultimate (the source's),
     with the final layer norm applied (SD 1.x, the source's way) or not (`final_norm=False`:
-    SDXL's way).
+    SDXL's way). The values are a validated PromptOptions' (trainer/config.py).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     batch, chunks, length = ids.shape
     output = text_encoder(ids.reshape(batch * chunks, length), output_hidden_states=clip_skip > 1)
     if clip_skip == 1:
@@ -134,13 +128,9 @@ class PromptEncoder:
     """Texts to the U-Net's context: tokenise, chunk, encode (frozen text encoder, no grad)."""
 
     def __init__(
-        self,
-        tokenizer: Tokenizer,
-        text_encoder: nn.Module,
-        max_tokens: int = 225,
-        clip_skip: int = 2,
-        layout: str = "full",
-    ):
+        self, tokenizer: Tokenizer, text_encoder: nn.Module, max_tokens: int, clip_skip: int,
+        layout: str,
+    ):  # fmt: skip
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.max_tokens, self.clip_skip, self.layout = max_tokens, clip_skip, layout
 
@@ -162,13 +152,9 @@ class SDXLPromptEncoder:
     """Texts to SDXL's context and pooled embedding (see the module docstring)."""
 
     def __init__(
-        self,
-        tokenizers: tuple[Tokenizer, Tokenizer],
-        text_encoders: tuple[nn.Module, nn.Module],
-        max_tokens: int = 225,
-        clip_skip: int = 2,
-        layout: str = "full",
-    ):
+        self, tokenizers: tuple[Tokenizer, Tokenizer], text_encoders: tuple[nn.Module, nn.Module],
+        max_tokens: int, clip_skip: int, layout: str,
+    ):  # fmt: skip
         self.tokenizers, self.text_encoders = tokenizers, text_encoders
         self.max_tokens, self.clip_skip, self.layout = max_tokens, clip_skip, layout
 

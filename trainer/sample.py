@@ -13,13 +13,12 @@ the image is noise).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from trainer.config import sample_parser
+from trainer.config import SampleConfig, parse_sample
 
 if __name__ == "__main__":  # --help and a mistaken option are answered before torch loads
-    ARGS = sample_parser(__doc__).parse_args()
+    CONFIG = parse_sample(description=__doc__)
 
 import numpy as np  # the imports that take seconds
 import torch
@@ -33,44 +32,31 @@ from trainer.hypernetwork import load as load_hypernetwork
 
 @torch.no_grad()
 def sample(
-    parts: Parts,
-    prompt: str,
-    negative: str = "",
-    width: int = 512,
-    height: int = 512,
-    steps: int = 28,
-    scale: float = 7.0,
-    seed: int = 0,
-    hypernetwork: Hypernetwork | None = None,
-    max_tokens: int = 225,
-    clip_skip: int = 2,
-    layout: str = "full",
-    original_size: tuple[int, int] | None = None,
-    crop_top_left: tuple[int, int] = (0, 0),
+    parts: Parts, config: SampleConfig, hypernetwork: Hypernetwork | None = None
 ) -> Image.Image:
-    """One image from `prompt`: DDIM steps on the U-Net with classifier-free guidance.
+    """One image of `config.prompt`: DDIM steps on the U-Net with classifier-free guidance.
 
-    SDXL parts are conditioned on `original_size` (height, width; default the image's),
-    `crop_top_left` (top, left) and the image's size as the target. The hypernetwork renders in
-    eval mode (no dropout) whatever its mode; its mode is restored.
+    SDXL parts are conditioned on `config.original_size` (height, width; none: the image's),
+    `config.crop_top_left` (top, left) and the image's size as the target. The hypernetwork
+    renders in eval mode (no dropout) whatever its mode; its mode is restored.
     """
     device = next(parts.unet.parameters()).device
+    height, width, scale = config.height, config.width, config.scale
     training = hypernetwork is not None and hypernetwork.training
     handles = hypernetwork.to(device).eval().attach(parts.unet) if hypernetwork is not None else []
     try:
-        context, pooled = parts.prompt_encoder(max_tokens, clip_skip, layout).encode(
-            [negative, prompt]
-        )  # unconditional first
+        prompts = parts.prompt_encoder(config.max_tokens, config.clip_skip, config.prompt_layout)
+        context, pooled = prompts.encode([config.negative, config.prompt])  # unconditional first
         added = None
         if pooled is not None:
-            sizes = [original_size or (height, width), crop_top_left, (height, width)]
+            sizes = [config.original_size or (height, width), config.crop_top_left, (height, width)]
             ids = time_ids(*(torch.tensor([size, size]) for size in sizes)).to(device)
             added = {"text_embeds": pooled, "time_ids": ids}
         scheduler = DDIMScheduler.from_config(parts.scheduler.config)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(config.steps)
         factor = 2 ** (len(parts.vae.config.block_out_channels) - 1) if parts.vae else 1
         channels = parts.unet.config.in_channels
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(config.seed)
         shape = (1, channels, height // factor, width // factor)
         latents = torch.randn(shape, generator=generator).to(device)
         latents = latents * scheduler.init_noise_sigma
@@ -106,33 +92,30 @@ def averaged(path: Path, raw: bool = False) -> Path:
     return path
 
 
-def main(args: argparse.Namespace) -> None:
+def main(config: SampleConfig) -> None:
     """Render the image the parsed command line asks for."""
-    if args.pretrained:
-        parts = load_parts(args.pretrained)
+    if config.pretrained:
+        parts = load_parts(config.pretrained)
     else:  # latent space, as SD: any image size
-        parts = tiny_parts(args.seed, with_vae=True, xl=args.xl)
-    if args.unet:
+        parts = tiny_parts(config.seed, with_vae=True, xl=config.xl)
+    if config.unet:
         from diffusers import UNet2DConditionModel
 
-        folder = averaged(Path(args.unet), args.no_ema)
+        folder = averaged(Path(config.unet), config.no_ema)
         parts.unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for module in (parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae):
         if module is not None:
             module.to(device).eval()
     hypernetwork = None
-    if args.hypernetwork:
-        hypernetwork = load_hypernetwork(averaged(Path(args.hypernetwork), args.no_ema))
-    image = sample(
-        parts, args.prompt, args.negative, args.width, args.height, args.steps, args.scale,
-        args.seed, hypernetwork, args.max_tokens, args.clip_skip, args.prompt_layout,
-        tuple(args.original_size) if args.original_size else None, tuple(args.crop_top_left),
-    )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"wrote {args.out} ({image.width}x{image.height})")
+    if config.hypernetwork:
+        hypernetwork = load_hypernetwork(averaged(Path(config.hypernetwork), config.no_ema))
+    image = sample(parts, config, hypernetwork)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out} ({image.width}x{image.height})")
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main(CONFIG)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from trainer.config import SampleConfig
 from trainer.sample import sample
 
 
@@ -23,13 +24,15 @@ def render_validation(model: nn.Module, config, step: int, dtype) -> list[Image.
         device_type = next(model.parameters()).device.type
         with torch.autocast(device_type, dtype, enabled=dtype is not None):
             for number, prompt in enumerate(config.validation_prompt):
-                image = sample(
-                    model.parts, prompt, width=config.validation_width,
-                    height=config.validation_height, steps=config.validation_inference_steps,
-                    seed=config.seed + number, max_tokens=config.max_tokens,
-                    clip_skip=config.clip_skip, layout=config.prompt_layout,
+                render = SampleConfig(
+                    prompt=prompt, out=str(folder / f"step-{step}-{number}.png"),
+                    width=config.validation_width, height=config.validation_height,
+                    steps=config.validation_inference_steps, seed=config.seed + number,
+                    max_tokens=config.max_tokens, clip_skip=config.clip_skip,
+                    prompt_layout=config.prompt_layout,
                 )  # fmt: skip
-                image.save(folder / f"step-{step}-{number}.png")
+                image = sample(model.parts, render)
+                image.save(render.out)
                 images.append(image)
     finally:
         model.train(training)

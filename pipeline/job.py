@@ -1,0 +1,90 @@
+"""Prepare an image dataset for aspect-ratio-bucketed training (`arb-prepare`, jobs/prepare.py).
+
+    arb-prepare --input IMAGES --output OUT             # embedded local Ray
+    RAY_ADDRESS=ray://head:10001 arb-prepare ...        # join a running cluster
+
+On a cluster, submit the script instead (`ray job submit ... -- python jobs/prepare.py ...`,
+`ray submit cluster.yaml jobs/prepare.py -- ...`). See docs/format.md for what OUT holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from pipeline.cli import HelpFormatter, add_options, check, option, parse
+from pipeline.config import RAY, PrepareConfig
+from pipeline.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where the job runs: no setting of the output, so not in PrepareConfig."""
+
+    ray_address: str = option(
+        lambda: os.environ.get("RAY_ADDRESS", ""),
+        "a running cluster to join ($RAY_ADDRESS); none: an embedded local Ray",
+        group=RAY,
+    )
+    num_cpus: int | None = option(
+        None, "CPUs of the embedded local Ray (none: all of this machine's)", group=RAY
+    )
+
+    def __post_init__(self) -> None:
+        check(self, {"num_cpus": (self.num_cpus is None or self.num_cpus >= 1, "must be >= 1")})
+
+
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The command line: one option per field of the job's configs, in groups."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_options(parser, PrepareConfig, RayOptions)
+    return parser
+
+
+def main(argv: list[str] | None = None, description: str = __doc__) -> int:
+    """Run the job the command line asks for: prepare --input into --output, or only add the
+    latents of --vae to a prepared --output."""
+    config, where = parse(build_parser(description), argv, PrepareConfig, RayOptions)
+    from pipeline.format import OutputDir  # here: --help answers at once
+    from pipeline.latents import add_latents, vae_folder
+    from pipeline.sources import absolute, check_input, check_separate
+
+    try:  # local mistakes are answered before Ray starts
+        if config.input:
+            check_input(config.input)
+            check_separate(config.input, config.output)
+        if config.vae:
+            vae_folder(config.vae)
+    except UsageError as error:
+        print(f"prepare: {error}", file=sys.stderr)
+        return 2
+    import ray  # here, not at the top: --help and the checks above answer at once
+
+    from pipeline.prepare import run
+    from pipeline.report import summary
+
+    if where.ray_address:
+        ray.init(address=where.ray_address, log_to_driver=False)
+    else:
+        # Ray turns token auth on for a new local cluster (it listens on every interface, not on
+        # loopback only) and warns on every run that it did: keep the auth, drop the notice.
+        # Not RAY_AUTH_MODE=token: `ray submit` lands here too, joining a cluster without auth.
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        ray.init(num_cpus=where.num_cpus, include_dashboard=False, log_to_driver=False)
+    out = OutputDir(absolute(config.output))
+    try:
+        if config.input:
+            manifest = run(config)
+        else:
+            manifest = add_latents(out, config.vae, config.max_in_flight)
+    except UsageError as error:  # a refused OUT, an input with nothing to prepare
+        print(f"prepare: {error}", file=sys.stderr)
+        return 2
+    print(summary(out.read_json(out.path("stats.json")), len(manifest.shards), out.uri))
+    return 0
