@@ -22,8 +22,8 @@ import ray
 from corpus import photo
 
 from pipeline.config import PrepareConfig
+from pipeline.format import OutputDir
 from pipeline.latents import add_latents
-from pipeline.output import OutputDir
 from pipeline.prepare import run
 from trainer.dataset import PreparedData
 from trainer.diffusion import save_parts, tiny_parts

@@ -9,5 +9,6 @@ Core modules (NumPy only, no Ray, no torch, no I/O):
 
 The job around them (README's Layout table has one line a module): sources and scan read the
 inputs, imaging decodes and fits, shard_writer writes, distributor is the Ray layer, prepare
-runs the stages, latents is the optional VAE stage.
+runs the stages, latents is the optional VAE stage. format is the on-disk format they write and
+the trainer reads.
 """

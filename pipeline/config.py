@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pipeline.buckets import BucketConfig
 from pipeline.cli import REQUIRED, check, check_choices, option
-from pipeline.output import FORMAT_VERSION
+from pipeline.format import FORMAT_VERSION
 
 # A guard against decompression bombs, checked from the header before any decoding. libvips
 # streams PNG and TIFF, so a worker's memory does not grow with the pixel count (a 625 MP PNG

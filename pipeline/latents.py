@@ -25,34 +25,26 @@ alone: machines that prepare without --vae never need them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from webdataset import TarWriter
 
 from pipeline.errors import UsageError
-from pipeline.output import Manifest, OutputDir
-from pipeline.shard_writer import TAR_MTIME
+from pipeline.format import (
+    LATENT_INDEX_SCHEMA,
+    Manifest,
+    OutputDir,
+    is_jpeg,
+    latents_folder,
+    vae_fingerprint,
+)
 
 ENCODE_BATCH = 8  # images of one size a forward
-LATENT_PART_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("latent_shard", pa.string()),  # path of the latent tar relative to OUT
-        ("latent_offset", pa.int64()),  # where the float16 data starts (after the .npy header)
-        ("latent_size", pa.int64()),
-        ("latent_channels", pa.int32()),
-        ("latent_height", pa.int32()),  # in latents: stored height // factor
-        ("latent_width", pa.int32()),
-    ]
-)
 
 
 def vae_folder(path: str | Path) -> Path:
@@ -63,19 +55,6 @@ def vae_folder(path: str | Path) -> Path:
         if config.exists() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
             return folder
     raise UsageError(f"--vae {path}: no diffusers AutoencoderKL there (config.json), nor in vae/")
-
-
-def vae_fingerprint(vae) -> str:
-    """16 hex digits of a VAE's config and weights: the same VAE, the same name, anywhere."""
-    import torch
-
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype
-        digest.update(raw.numpy().tobytes())
-    return digest.hexdigest()
 
 
 class LatentEncoder:
@@ -139,7 +118,7 @@ def _decoded(shard, row: dict, simplejpeg, factor: int) -> np.ndarray:
     """A stored image, cut to multiples of `factor` from its top-left corner."""
     shard.seek(row["image_offset"])
     data = shard.read(row["image_size"])
-    if data[:2] == b"\xff\xd8":
+    if is_jpeg(data):
         image = simplejpeg.decode_jpeg(data, colorspace="RGB")
     else:
         from PIL import Image
@@ -153,30 +132,27 @@ def _write_latent_shard(
     out: OutputDir, folder: str, name: str, keys: list[str], latents: list[np.ndarray]
 ) -> None:
     """The latent tar and its part, atomically (part first, tar last: finished once named)."""
-    tar_path = out.path(folder, f"{name}.tar")
-    temporary = out.temporary(tar_path)
-    headers = []
-    with out.filesystem.open_output_stream(temporary) as stream:
-        writer = TarWriter(stream, mtime=TAR_MTIME, user="arb", group="arb")
-        for key, latent in zip(keys, latents, strict=True):
-            buffer = io.BytesIO()
-            np.save(buffer, latent, allow_pickle=False)
-            data = buffer.getvalue()
-            headers.append(len(data) - latent.nbytes)
-            writer.write({"__key__": key, "latent.npy": data})
-        writer.close()
-    with out.filesystem.open_input_file(temporary) as stream, tarfile.open(fileobj=stream) as tar:
-        offsets = {member.name: member.offset_data for member in tar}
-    records = [
-        {"key": key, "latent_shard": f"{folder}/{name}.tar",
-         "latent_offset": offsets[f"{key}.latent.npy"] + header, "latent_size": latent.nbytes,
-         "latent_channels": latent.shape[1], "latent_height": latent.shape[2],
-         "latent_width": latent.shape[3]}
-        for key, latent, header in zip(keys, latents, headers, strict=True)
-    ]  # fmt: skip
-    out.write_table(out.path(folder, "parts", f"{name}.parquet"),
-                    pa.Table.from_pylist(records, schema=LATENT_PART_SCHEMA))  # fmt: skip
-    out.commit(temporary, tar_path)
+    members = [_npy(latent) for latent in latents]
+
+    def part_of(offsets: dict[str, tuple[int, int]]) -> pa.Table:
+        records = [
+            {"key": key, "latent_shard": f"{folder}/{name}.tar",
+             "latent_offset": offsets[f"{key}.latent.npy"][0] + len(data) - latent.nbytes,
+             "latent_size": latent.nbytes, "latent_channels": latent.shape[1],
+             "latent_height": latent.shape[2], "latent_width": latent.shape[3]}
+            for key, latent, data in zip(keys, latents, members, strict=True)
+        ]  # fmt: skip
+        return pa.Table.from_pylist(records, schema=LATENT_INDEX_SCHEMA)
+
+    samples = [(key, {"latent.npy": data}) for key, data in zip(keys, members, strict=True)]
+    out.write_shard(out.latent_shard(folder, name), out.latent_part(folder, name), samples, part_of)
+
+
+def _npy(latent: np.ndarray) -> bytes:
+    """A plain .npy file (never pickled): the header, then the data."""
+    buffer = io.BytesIO()
+    np.save(buffer, latent, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def add_latents(out: OutputDir, vae: str, max_in_flight: int | None = None) -> Manifest:
@@ -189,7 +165,7 @@ def add_latents(out: OutputDir, vae: str, max_in_flight: int | None = None) -> M
         raise UsageError(f"{out.uri} is not a complete prepared dataset: prepare it first")
     folder = str(vae_folder(vae))
     info = LatentEncoder(folder).info()  # here too: the fingerprint names the folder
-    latents = f"latents/{info['fingerprint']}"
+    latents = latents_folder(info["fingerprint"])
     out.filesystem.create_dir(out.path(latents, "parts"), recursive=True)
     names = [Path(shard).stem for shard in manifest.shards]
     finished = set(out.list_names(latents, ".tar"))
@@ -201,9 +177,9 @@ def add_latents(out: OutputDir, vae: str, max_in_flight: int | None = None) -> M
         items_of=lambda result: result["latents"], max_in_flight=max_in_flight,
     )  # fmt: skip
     for name in set(out.list_names(latents, ".tar")) - set(names):  # replaced image shards
-        out.delete(out.path(latents, f"{name}.tar"))
-        out.delete(out.path(latents, "parts", f"{name}.parquet"))
-    parts = [out.path(latents, "parts", f"{name}.parquet") for name in names]
+        out.delete(out.latent_shard(latents, name))
+        out.delete(out.latent_part(latents, name))
+    parts = [out.latent_part(latents, name) for name in names]
     index = pa.concat_tables([pq.read_table(p, filesystem=out.filesystem) for p in parts])
     out.write_table(out.path(latents, "index.parquet"), index)
     info |= {"latents": len(index), "path": latents}

@@ -23,14 +23,21 @@ from pipeline.config import PrepareConfig, fingerprint
 from pipeline.distributor import cluster_cpus, default_in_flight, fit_then_write, map_unordered
 from pipeline.errors import UsageError
 from pipeline.fit import fit_measures
+from pipeline.format import (
+    INDEX_SCHEMA,
+    REJECTS_SCHEMA,
+    Manifest,
+    OutputDir,
+    latents_folder,
+    shard_path,
+)
 from pipeline.latents import add_latents
-from pipeline.output import Manifest, OutputDir
-from pipeline.rejects import REJECTS_SCHEMA, Reason, rejects_table
+from pipeline.rejects import Reason, rejects_table
 from pipeline.report import dataset_stats, draw_buckets
 from pipeline.samples import fit_samples
 from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, is_shard_name, plan_shards
-from pipeline.shard_writer import PART_SCHEMA, write_shard
+from pipeline.shard_writer import write_shard
 from pipeline.sources import (
     InputRoot,
     absolute,
@@ -41,7 +48,6 @@ from pipeline.sources import (
 )
 from pipeline.work_plan import estimate_cost, heaviest_first, plan_tasks
 
-INDEX_SCHEMA = pa.schema([f for f in PART_SCHEMA if f.name not in ("reject", "message")])
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
 JOB_FOLDERS = (("shards", ".tar"), ("parts", ".parquet"))  # of files named by shard_name
 
@@ -282,7 +288,7 @@ def _finish(
         settings=config.settings(),
         buckets=buckets.tolist(),
         counts={"images": stats["images"], "rejected": stats["rejected"], "shards": len(names)},
-        shards=[f"shards/{name}.tar" for name in names],
+        shards=[shard_path(name) for name in names],
         trainer={"batch_size": config.batch_size, "world_size": config.world_size,
                  "seed": config.write.seed},
         input={"uri": config.input, "fingerprint": input_fingerprint},
@@ -297,8 +303,8 @@ def _current_latents(out: OutputDir, names: set[str]) -> dict:
     replaced shards leaves a VAE's latents out until `--vae` adds the new ones)."""
     current = {}
     for folder in out.list_folders("latents"):
-        info = out.read_json(out.path("latents", folder, "vae.json"))
-        if info and set(out.list_names(f"latents/{folder}", ".tar")) == names:
+        info = out.read_json(out.path(latents_folder(folder), "vae.json"))
+        if info and set(out.list_names(latents_folder(folder), ".tar")) == names:
             current[folder] = {key: value for key, value in info.items() if key != "fingerprint"}
     return current
 

@@ -1,8 +1,10 @@
-"""Why a file is not in the dataset: the reason codes, their meaning, and the rejects table.
+"""Why a file is not in the dataset: the reason codes, their meaning, and rejects' rows.
 
 Every stage that turns an input away names one of `Reason`'s codes and a message with the
 numbers; the codes are stable (users filter rejects.parquet by them) and docs/format.md lists
-them with `DESCRIPTIONS` (a test keeps the two equal).
+them with `DESCRIPTIONS` (tests/test_format.py keeps the two equal). The table's schema is the
+format's (pipeline/format.py, where `reason` is a string); the codes stay here, beside the
+checks that name them and the summary that describes them, so a new check changes one module.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from enum import Enum
 
 import pyarrow as pa
+
+from pipeline.format import REJECTS_SCHEMA
 
 
 class Reason(str, Enum):
@@ -64,17 +68,6 @@ DESCRIPTIONS = {
     Reason.CHANGED: "changed between the scan and the write (another size or orientation): "
     "rerun to take the new file",
 }
-
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("reason", pa.string()),  # a Reason's value
-        ("message", pa.string()),  # for people, with the numbers
-        ("key", pa.string()),
-        ("size", pa.int64()),
-        ("mtime_ns", pa.int64()),
-    ]
-)
 
 
 def reject(reason: Reason, message: str) -> dict:

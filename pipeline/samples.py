@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import WriteOptions
+from pipeline.format import JSON_MEMBER_FIELDS
 from pipeline.imaging import encode, fitted_image
 from pipeline.rejects import Reason, Rejected
 from pipeline.sources import InputRoot
@@ -79,16 +80,8 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         "crop_top": fitted.crop[1],
         "note": fitted.note,
     }
-    metadata = {
-        "source": row["source"],
-        "width": row["width"],
-        "height": row["height"],
-        "bucket": row["bucket"],
-        "bucket_width": bucket[0],
-        "bucket_height": bucket[1],
-        "stored_width": image.width,
-        "stored_height": image.height,
-    }
+    described = row | fields
+    metadata = {name: described[name] for name in JSON_MEMBER_FIELDS}
     members = {
         options.image_format: encode(image, options.image_format, options.quality),
         "json": json.dumps(metadata, sort_keys=True).encode(),

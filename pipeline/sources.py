@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
+from pipeline.format import split_uri
 from pipeline.rejects import Reason, reject
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -44,12 +45,6 @@ LISTING_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-
-
-def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem of a path or URL and the path inside it, without a trailing slash."""
-    filesystem, path = pafs.FileSystem.from_uri(uri)
-    return filesystem, path.rstrip("/")
 
 
 @dataclass(frozen=True)

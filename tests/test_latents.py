@@ -18,8 +18,8 @@ from torchrun import torchrun
 
 from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.distributor import map_on_actors
-from pipeline.latents import LatentEncoder, add_latents, vae_fingerprint
-from pipeline.output import OutputDir
+from pipeline.format import OutputDir, vae_fingerprint
+from pipeline.latents import LatentEncoder, add_latents
 from pipeline.prepare import run
 from trainer.dataset import PreparedData
 from trainer.diffusion import save_parts, tiny_parts

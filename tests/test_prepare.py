@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tarfile
@@ -360,13 +359,3 @@ def test_the_readmes_webdataset_snippet_fails_without_a_dataset(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # no prepared/ here
     with pytest.raises(FileNotFoundError, match=r"prepared/manifest\.json"):
         exec(readme_webdataset_snippet(), {"batches": []})
-
-
-def test_the_format_doc_lists_every_rejection_reason():
-    from pipeline.rejects import DESCRIPTIONS, Reason
-
-    document = (Path(__file__).resolve().parent.parent / "docs" / "format.md").read_text()
-    section = document.split("## rejects.parquet")[1].split("\n## ")[0]
-    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", section, re.MULTILINE))
-    assert set(DESCRIPTIONS) == set(Reason)
-    assert rows == {reason.value: text for reason, text in DESCRIPTIONS.items()}

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
-from pipeline.output import Manifest, OutputDir
+from pipeline.format import Manifest, OutputDir
 from pipeline.sources import IMAGE_EXTENSIONS
 
 INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket", "width",

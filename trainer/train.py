@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cli import typed
 from pipeline.errors import UsageError
-from pipeline.latents import vae_fingerprint
+from pipeline.format import vae_fingerprint
 from pipeline.report import epoch_use_warning
 from trainer.augment import CaptionOptions
 from trainer.dataset import latents_to_use, read_manifest
