@@ -19,6 +19,7 @@ from pipeline.format import FORMAT_VERSION
 # A guard against decompression bombs, checked from the header before any decoding. libvips
 # streams PNG and TIFF, so a worker's memory does not grow with the pixel count (a 625 MP PNG
 # peaks at 0.2 GB): gigapixel scans and panoramas pass.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 1_000_000_000
 DEFAULT_BACKGROUND = (255, 255, 255)  # white under transparency: what viewers and sites show
 IMAGE_FORMATS = ("jpg", "png", "webp")  # how stored images are encoded: imaging.ENCODERS

@@ -217,3 +217,17 @@ def plan_epoch(
         catch_all_items=len(leftover),
         catch_all_aspect_error=aspect_error,
     )
+
+
+DROPPED_WARNING_SHARE = 0.05  # warn when truncation leaves out more of an epoch than this
+
+
+def epoch_use_warning(images: int, used: int, batch_size: int, world_size: int) -> str | None:
+    """Why an epoch leaves out more than DROPPED_WARNING_SHARE of its images; None if it does
+    not. The prepare job and the trainer say it in these words."""
+    if not images or images - used <= DROPPED_WARNING_SHARE * images:
+        return None
+    return (
+        f"an epoch at batch size {batch_size} x world size {world_size} uses {used} of "
+        f"{images} images: every rank needs whole batches"
+    )

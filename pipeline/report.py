@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipeline.buckets import bucket_aspects
 from pipeline.fit import fit_measures
-from pipeline.plan import plan_epoch
+from pipeline.plan import epoch_use_warning, plan_epoch
 from pipeline.rejects import DESCRIPTIONS, Reason
 
 REJECTS_NAMED = 5  # rejected files stats.json and the summary name; rejects.parquet has them all
@@ -94,20 +94,6 @@ def dataset_stats(
         "epoch": epoch,
         "warnings": _warnings(len(width), epoch),
     }
-
-
-DROPPED_WARNING_SHARE = 0.05  # warn when truncation leaves out more of an epoch than this
-
-
-def epoch_use_warning(images: int, used: int, batch_size: int, world_size: int) -> str | None:
-    """Why an epoch leaves out more than DROPPED_WARNING_SHARE of its images; None if it does
-    not. The prepare job and the trainer say it in these words."""
-    if not images or images - used <= DROPPED_WARNING_SHARE * images:
-        return None
-    return (
-        f"an epoch at batch size {batch_size} x world size {world_size} uses {used} of "
-        f"{images} images: every rank needs whole batches"
-    )
 
 
 def _warnings(images: int, epoch: dict) -> list[str]:

@@ -25,11 +25,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.errors import UsageError
 from pipeline.format import split_uri
 from pipeline.rejects import Reason, reject
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTION_EXTENSIONS = (".txt", ".caption")  # a .txt sidecar wins over a .caption one
 
 LISTING_SCHEMA = pa.schema(

@@ -18,13 +18,13 @@ def main() -> None:
     rows = [slice(4 * rank + 2 * i, 4 * rank + 2 * i + 2) for i in range(2)] * 2
     for position, part in enumerate(rows):  # rows of this rank, twice: 4 micro-batches
         optimization.micro_step(ddp, batch_of(part), None, position == 3, 4)
-    optimization.step(model)
+    optimization.step()
     reference = Line()
     whole = Optimization.build(reference, torch.device("cpu"), 0.1, "constant", 0, 10)
     everything = [slice(0, 4), slice(0, 4), slice(4, 8), slice(4, 8)]  # both ranks' rows
     for position, part in enumerate(everything):
         whole.micro_step(reference, batch_of(part), None, position == 3, 4)
-    whole.step(reference)
+    whole.step()
     for ours, expected in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(ours, expected, atol=1e-6), (ours, expected)
     if rank == 0:

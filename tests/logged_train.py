@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-from trainer.train import Step, parse_config, train, trained_state
+from trainer.checkpoint import trained_state
+from trainer.train import Step, parse_config, train
 
 
 def main() -> None:

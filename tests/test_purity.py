@@ -1,6 +1,7 @@
 """What importing a module loads, in a fresh interpreter: the core is NumPy and the standard
 library alone; the format, which a training process reads a dataset with, loads neither
-libvips, Ray, torch, webdataset, Pillow nor a stage of the job."""
+libvips, Ray, torch, webdataset, Pillow nor a stage of the job; the trainer loads the core and
+the format, never libvips, Ray or a stage."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def test_the_format_loads_nothing_heavy_and_no_stage(at_start):
     imported = loaded("import pipeline.format") - at_start
     assert not {name.split(".")[0] for name in imported} & HEAVY
     assert {name for name in imported if name.startswith("pipeline.")} == {"pipeline.format"}
+
+
+STAGES = {"pipeline.sources", "pipeline.scan", "pipeline.imaging", "pipeline.samples",
+          "pipeline.shard_writer", "pipeline.latents", "pipeline.distributor", "pipeline.prepare",
+          "pipeline.report", "pipeline.rejects", "pipeline.job"}  # fmt: skip
+
+
+def test_the_trainer_imports_the_core_and_the_format_never_a_stage(at_start):
+    imported = loaded("import trainer.train") - at_start
+    assert not {"pyvips", "ray", "webdataset"} & {name.split(".")[0] for name in imported}
+    assert not STAGES & imported, STAGES & imported

@@ -16,10 +16,11 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 from torchrun import torchrun
 
+from trainer.checkpoint import trained_state
 from trainer.diffusion import Diffusion, tiny_parts
 from trainer.hypernetwork import Hypernetwork, HypernetworkConfig
-from trainer.optimization import Optimization, store_frozen_parts, trained_module
-from trainer.train import Config, parse_config, train, trained_state
+from trainer.optimization import Optimization, store_frozen_parts
+from trainer.train import Config, parse_config, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def test_bf16_on_the_cpu_trains_with_fp32_master_weights(prepared, tmp_path):
     seen = {}
 
     def check(step):
-        trained = trained_module(step.model)
+        trained = step.model.trained_module()
         seen["trained"] = {p.dtype for p in trained.parameters()}
         seen["frozen"] = {p.dtype for p in step.model.unet.parameters()}
 
@@ -124,7 +125,7 @@ def updated(groups: list[list[slice]]) -> torch.Tensor:
         for position, rows in enumerate(group):
             last = position == len(group) - 1
             optimization.micro_step(model, batch_of(rows), None, last, len(group))
-        optimization.step(model)
+        optimization.step()
     return torch.cat([p.detach().ravel() for p in model.parameters()])
 
 
@@ -167,12 +168,12 @@ def test_ema_is_the_closed_form_on_a_toy_parameter():
         with torch.no_grad():
             model.weight.fill_(value)
         model.weight.grad = torch.zeros_like(model.weight)
-        optimization.step(model)
+        optimization.step()
     decay, expected = 0.9, values[0]  # the first update takes the weights as they are
     for value in values[1:]:
         expected = decay * expected + (1 - decay) * value
     assert optimization.ema.module.weight.item() == pytest.approx(expected)
-    with optimization.averaged(model):
+    with optimization.averaged():
         assert model.weight.item() == pytest.approx(expected)
     assert model.weight.item() == values[-1], "the live weights come back"
 
@@ -226,7 +227,7 @@ def test_tensorboard_holds_the_scalars_and_validation_images(prepared, tmp_path)
 
 
 def test_validation_images_are_the_same_for_the_same_seed_and_weights(prepared, tmp_path):
-    from trainer.train import MODELS
+    from trainer.models import MODELS
     from trainer.validation import render_validation
 
     options = config(

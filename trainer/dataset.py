@@ -18,13 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.errors import UsageError
-from pipeline.format import Manifest, OutputDir
-from pipeline.sources import IMAGE_EXTENSIONS
-
-INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket", "width",
-                 "height", "stored_width", "stored_height"]  # fmt: skip
-CROP_COLUMNS = ["crop_left", "crop_top"]  # format 2: where --crop cut the stored image
+from pipeline.format import CROP_COLUMNS, INDEX_COLUMNS, Manifest, OutputDir
 
 
 @dataclass(frozen=True)

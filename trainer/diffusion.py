@@ -167,17 +167,39 @@ class Diffusion(nn.Module):
             parts.scheduler, prompts, caption_dropout
         )  # fmt: skip
         self.hypernetwork = hypernetwork
-        frozen = (
-            self.text_encoder,
-            self.text_encoder_2,
-            self.vae,
-            self.unet if hypernetwork else None,
-        )
-        for module in frozen:
-            if module is not None:
-                module.requires_grad_(False)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
         if hypernetwork is not None:
             hypernetwork.attach(self.unet)
+
+    def trained_module(self) -> nn.Module:
+        """The hypernetwork on the frozen U-Net, or the U-Net."""
+        return self.hypernetwork if self.hypernetwork is not None else self.unet
+
+    def frozen_modules(self) -> list[nn.Module]:
+        parts = (self.text_encoder, self.text_encoder_2, self.vae,
+                 self.unet if self.hypernetwork is not None else None)  # fmt: skip
+        return [module for module in parts if module is not None]
+
+    def latent_encoder(self) -> nn.Module | None:
+        return self.vae
+
+    def enable_gradient_checkpointing(self) -> None:
+        """The U-Net's (the text encoders never train here)."""
+        self.unet.enable_gradient_checkpointing()
+
+    def save_weights(self, out_dir: Path, suffix: str = "") -> list[Path]:
+        """A hypernetwork as `.safetensors` (and AUTOMATIC1111's `.pt` when shared across
+        depths); a U-Net as a diffusers folder."""
+        if self.hypernetwork is None:
+            self.unet.save_pretrained(out_dir / f"unet{suffix}")
+            return [out_dir / f"unet{suffix}"]
+        shared = not self.hypernetwork.config.per_depth
+        paths = [out_dir / f"hypernetwork{suffix}{extension}"
+                 for extension in (".safetensors",) + (".pt",) * shared]  # fmt: skip
+        for path in paths:
+            self.hypernetwork.save(path)
+        return paths
 
     @torch.no_grad()
     def latents(self, batch, generator: torch.Generator) -> torch.Tensor:

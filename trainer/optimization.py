@@ -29,36 +29,26 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def trained_module(model: nn.Module) -> nn.Module:
-    """The part of `model` that trains: its hypernetwork, else its U-Net, else all of it."""
-    for name in ("hypernetwork", "unet"):
-        module = getattr(model, name, None)
-        if module is not None and any(p.requires_grad for p in module.parameters()):
-            return module
-    return model
-
-
 def store_frozen_parts(model: nn.Module, dtype: torch.dtype | None) -> None:
-    """Frozen submodules (every parameter without grad) in `dtype`; trained ones stay fp32.
+    """The model's frozen parts (`Model.frozen_modules`) in `dtype`; trained ones stay fp32.
     Under fp16 the VAE stays fp32 too, as in diffusers' SDXL scripts: SDXL's VAE overflows in
     fp16 (it encodes and decodes outside autocast, in its own dtype)."""
     if dtype is None:
         return
-    for name, module in model.named_children():
-        parameters = list(module.parameters())
-        if name == "vae" and dtype == torch.float16:
+    for module in model.frozen_modules():
+        if module is model.latent_encoder() and dtype == torch.float16:
             continue
-        if parameters and not any(p.requires_grad for p in parameters):
-            # torch's own to(), the cast diffusers' ModelMixin.to ends in: 0.42's warns first, on
-            # every dtype cast, of modules that "should be kept in float32", even when it has none
-            # ("[]", as the U-Net and the VAE have).
-            nn.Module.to(module, dtype)
+        # torch's own to(), the cast diffusers' ModelMixin.to ends in: 0.42's warns first, on
+        # every dtype cast, of modules that "should be kept in float32", even when it has none
+        # ("[]", as the U-Net and the VAE have).
+        nn.Module.to(module, dtype)
 
 
 @dataclass
 class Optimization:
     """The optimizer and everything that steps with it, for one run."""
 
+    trained: nn.Module  # the model's part that trains (Model.trained_module)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -71,7 +61,7 @@ class Optimization:
     @classmethod
     def build(
         cls,
-        model: nn.Module,
+        trained: nn.Module,
         device: torch.device,
         lr: float,
         schedule: str,
@@ -83,18 +73,18 @@ class Optimization:
     ) -> Optimization:
         from diffusers.optimization import get_scheduler
 
-        trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=lr)
+        parameters = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=lr)
         scheduler = get_scheduler(
             schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
         )
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         ema = None
         if ema_decay is not None:
-            ema = AveragedModel(trained_module(model), multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
-        return cls(
-            optimizer, scheduler, scaler, ema, PRECISIONS[precision], device.type, max_grad_norm
-        )
+            average = get_ema_multi_avg_fn(ema_decay)
+            ema = AveragedModel(trained, multi_avg_fn=average)
+        return cls(trained, optimizer, scheduler, scaler, ema, PRECISIONS[precision], device.type,
+                   max_grad_norm)  # fmt: skip
 
     def micro_step(
         self, model: nn.Module, batch, generator: torch.Generator, last: bool, group: int
@@ -108,7 +98,7 @@ class Optimization:
             self.scaler.scale(loss / group).backward()
         return float(loss.detach())
 
-    def step(self, model: nn.Module) -> None:
+    def step(self) -> None:
         """Apply the group's gradient: unscale, clip, step, schedule, average."""
         if self.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
@@ -121,7 +111,7 @@ class Optimization:
         if not self.scaler.get_scale() < scale:  # fp16 skipped no step (inf): as accelerate,
             self.scheduler.step()  # the schedule waits for the steps that are taken
         if self.ema is not None:
-            self.ema.update_parameters(trained_module(model))
+            self.ema.update_parameters(self.trained)
         self.steps += 1
 
     @property
@@ -144,12 +134,12 @@ class Optimization:
             self.ema.load_state_dict(state["ema"])
 
     @contextlib.contextmanager
-    def averaged(self, model: nn.Module):
+    def averaged(self):
         """The EMA weights in the trained module for the duration (validation, saving)."""
         if self.ema is None:
             yield
             return
-        module = trained_module(model)
+        module = self.trained
         live = {name: p.detach().clone() for name, p in module.named_parameters()}
         averaged = dict(self.ema.module.named_parameters())
         with torch.no_grad():

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline.fit import fit
+from pipeline.format import is_jpeg
 from trainer.batch_pool import Lease, WorkerPool
 from trainer.dataset import Dataset
 from trainer.sampler import BatchPlan
@@ -48,7 +49,7 @@ def decode_rgb(data: bytes, scratch: np.ndarray | None = None) -> np.ndarray:
     Pillow's decoder in two thirds of the time, without Pillow's RGBX-to-RGB copy; other formats
     through Pillow. A reused `scratch` spares the page faults of a fresh array (3%, measured).
     """
-    if data[:2] == b"\xff\xd8":
+    if is_jpeg(data):
         if scratch is not None:
             height, width = simplejpeg.decode_jpeg_header(data)[:2]
             scratch = scratch if scratch.nbytes >= height * width * 3 else None
@@ -212,7 +213,7 @@ class BatchReader(torch.utils.data.Dataset):
 
 def _in_place_size(data: bytes, bucket: tuple[int, int]) -> tuple[int, int] | None:
     """(width, height) of a JPEG whose stored size covers `bucket` with nothing to resample."""
-    if data[:2] != b"\xff\xd8":
+    if not is_jpeg(data):
         return None
     height, width = simplejpeg.decode_jpeg_header(data)[:2]
     return (width, height) if fit(width, height, *bucket) == (width, height) else None

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import sys
 
-from trainer.config import Config, parse_config, read_saved, save_config
+from trainer.config import Config, parse_config
 
 if __name__ == "__main__":  # --help and a mistaken option are answered before torch loads
     CONFIG = parse_config(sys.argv[1:], __doc__)
 
-import contextlib  # the imports that take seconds
 import os
 import time
 from collections.abc import Callable
@@ -50,116 +49,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.cli import typed
 from pipeline.errors import UsageError
 from pipeline.format import vae_fingerprint
-from pipeline.report import epoch_use_warning
+from pipeline.plan import epoch_use_warning
+from trainer import checkpoint
 from trainer.augment import CaptionOptions
 from trainer.dataset import latents_to_use, read_manifest
 from trainer.loader import Batch, make_loader
 from trainer.mixture import open_datasets, parse_weighted
+from trainer.models import MODELS, save_result
 from trainer.optimization import PRECISIONS, Optimization, store_frozen_parts
 from trainer.sampler import EpochBatches
 from trainer.tracking import Tracker
 from trainer.validation import render_validation
-
-
-class ConvDenoiser(nn.Module):
-    """A small fully convolutional denoiser: it sees pixels + noise and must name the noise."""
-
-    def __init__(self, channels: int, noise: float):
-        super().__init__()
-        c, self.noise = channels, noise
-        self.net = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, 3, 3, padding=1),
-        )  # fmt: skip
-
-    def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        pixels = batch.pixels
-        noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
-        return nn.functional.mse_loss(self.net(pixels + self.noise * noise), noise)
-
-
-def _conv(config: Config) -> nn.Module:
-    return ConvDenoiser(config.channels, config.noise)
-
-
-def _stable_diffusion(config: Config) -> nn.Module:
-    from trainer.diffusion import Diffusion, load_parts, tiny_parts
-
-    xl = config.model == "sdxl"
-    parts = (
-        load_parts(config.pretrained)
-        if config.pretrained
-        else tiny_parts(config.seed, with_vae=True, xl=xl)  # latent space: any image size
-    )
-    if parts.xl != xl:
-        kind, model = ("an SDXL", "sdxl") if parts.xl else ("an SD 1.x", "sd")
-        raise ValueError(
-            f"--pretrained {config.pretrained} is {kind} checkpoint: use --model {model}"
-        )
-    prompts = parts.prompt_encoder(config.max_tokens, config.clip_skip, config.prompt_layout)
-    hypernetwork = TRAIN_PARTS[config.train_part](config, parts.unet)
-    return Diffusion(parts, prompts, hypernetwork, config.caption_dropout)
-
-
-def _hypernetwork(config: Config, unet: nn.Module) -> nn.Module:
-    """A new hypernetwork for `unet` (which stays frozen)."""
-    from trainer.hypernetwork import Hypernetwork, HypernetworkConfig, cross_attentions
-
-    return Hypernetwork(
-        HypernetworkConfig(
-            widths=(unet.config.cross_attention_dim,),
-            layer_structure=config.hypernetwork_structure,
-            activation=config.hypernetwork_activation,
-            layer_norm=config.hypernetwork_layer_norm,
-            dropout=config.hypernetwork_dropout,
-            per_depth=not config.hypernetwork_shared,
-            depths=tuple(sorted({depth for _, depth, _ in cross_attentions(unet)})),
-            depth_penalty=config.depth_penalty,
-        )
-    )
-
-
-MODELS: dict[str, Callable[[Config], nn.Module]] = {  # forward(pixels, captions, generator): loss
-    "conv": _conv,
-    "sd": _stable_diffusion,
-    "sdxl": _stable_diffusion,
-}
-TRAIN_PARTS: dict[str, Callable[[Config, nn.Module], nn.Module | None]] = {  # sd: what trains
-    "hypernetwork": _hypernetwork,
-    "unet": lambda config, unet: None,  # the U-Net itself
-}
-
-
-def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters being trained (a frozen base model is not copied into checkpoints)."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: t for name, t in model.state_dict().items() if name in trained}
-
-
-def save_result(model: nn.Module, out_dir: Path, optimization: Optimization) -> list[Path]:
-    """The trained hypernetwork or U-Net, in the formats other tools read; with --use-ema, the
-    average beside it (`hypernetwork_ema.*`, `unet_ema/`), which trainer/sample.py prefers.
-    The paths written."""
-    written, names = [], [("", contextlib.nullcontext())]
-    if optimization.ema is not None:
-        names.append(("_ema", optimization.averaged(model)))
-    for suffix, weights in names:
-        with weights:
-            hypernetwork = getattr(model, "hypernetwork", None)
-            if hypernetwork is not None:
-                formats = (".safetensors",) + ((".pt",) * (not hypernetwork.config.per_depth))
-                for extension in formats:
-                    written.append(out_dir / f"hypernetwork{suffix}{extension}")
-                    hypernetwork.save(written[-1])
-            elif hasattr(model, "unet"):
-                written.append(out_dir / f"unet{suffix}")
-                model.unet.save_pretrained(written[-1])
-    return written
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -213,14 +115,14 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     master = rank == 0
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
-    vae = getattr(model, "vae", None)  # its fingerprint: of its own weights, before any cast
+    vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
     latents = latents_to_use(config.latents, vae and vae_fingerprint(vae), manifests)
     data = open_datasets(config.data, latents)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
-    if config.gradient_checkpointing and hasattr(model, "unet"):
-        model.unet.enable_gradient_checkpointing()
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     captions = CaptionOptions(config.shuffle_tags, config.keep_tokens, config.tag_dropout)
     batches = EpochBatches(  # rank and world size: torch.distributed's
         data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
@@ -233,13 +135,14 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     total = config.epochs * -(-per_epoch // group)  # the schedule spans --epochs, whatever
     # --max-steps stops this run at: a resumed run continues the same schedule
     optimization = Optimization.build(
-        model, device, config.lr, config.lr_scheduler, config.lr_warmup_steps, total,
-        config.mixed_precision, config.max_grad_norm, config.ema_decay if config.use_ema else None,
+        model.trained_module(), device, config.lr, config.lr_scheduler, config.lr_warmup_steps,
+        total, config.mixed_precision, config.max_grad_norm,
+        config.ema_decay if config.use_ema else None,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     epoch, step = 0, 0  # step: the next batch of the epoch, always the start of a group
     if config.resume:
-        epoch, step = _resume(config, out_dir, model, optimization, generator)
+        epoch, step = checkpoint.load(config, out_dir, model, optimization, generator)
         if epoch >= config.epochs:
             if master:
                 print(f"nothing left to train: {out_dir / 'checkpoint.pt'} has finished epoch "
@@ -252,18 +155,12 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     tracker = Tracker(config.logging_dir, master, world_size, config.log_every)
 
     def save() -> None:
-        states = _gathered(_random_state(generator), world_size)
-        if master:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            state = {"model": trained_state(model), "optimization": optimization.state_dict(),
-                     "epoch": epoch, "step": step, "generators": states}  # fmt: skip
-            torch.save(state, out_dir / "checkpoint.tmp")
-            (out_dir / "checkpoint.tmp").replace(out_dir / "checkpoint.pt")
-            save_config(config, out_dir)
+        checkpoint.save(config, out_dir, model, optimization, (epoch, step), generator,
+                        world_size, master)  # fmt: skip
 
     def validate() -> None:
         if master and config.validation_prompt:
-            with optimization.averaged(model):
+            with optimization.averaged():
                 images = render_validation(model, config, optimization.steps, optimization.dtype)
             tracker.images(optimization.steps, images)
 
@@ -280,7 +177,7 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
                 on_step(Step(rank, batch, losses[-1], model, optimization.lr))
             if position < size - 1:
                 continue
-            optimization.step(model)
+            optimization.step()
             step, steps_run = batch.step + 1, steps_run + 1
             samples = size * len(batch.keys)
             tracker.step(optimization.steps, epoch, losses[-1], optimization.lr, samples)
@@ -336,75 +233,11 @@ def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> s
     return f"{warning}: {advice}" if fits else warning
 
 
-def _resume(config: Config, out_dir: Path, model, optimization: Optimization, generator
-            ) -> tuple[int, int]:  # fmt: skip
-    """Weights, optimizer, schedule, scaler, EMA and this rank's random state from OUT_DIR's
-    checkpoint; (epoch, step) to continue from."""
-    path = out_dir / "checkpoint.pt"
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        loaded = model.load_state_dict(state["model"], strict=False)
-        other = loaded.unexpected_keys or set(trained_state(model)) - set(state["model"])
-    except RuntimeError:  # parameters of other shapes
-        other = True
-    if other:
-        raise UsageError(f"{path} was written by another model configuration"
-                         f"{_differences(config, read_saved(out_dir))}: resume with its own "
-                         f"settings, --config {out_dir / 'config.toml'} --resume")  # fmt: skip
-    optimization.load_state_dict(state["optimization"])
-    generators = state["generators"]
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if len(generators) == (dist.get_world_size() if dist.is_initialized() else 1):
-        _set_random_state(generator, generators[rank])
-    return state["epoch"], state["step"]
-
-
-def _random_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """This rank's random state: the loss's generator and torch's own (dropout draws from it)."""
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_random_state(generator: torch.Generator, state) -> None:
-    if isinstance(state, torch.Tensor):  # a checkpoint of before torch's own state was kept
-        generator.set_state(state)
-        return
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _gathered(value, world_size: int) -> list:
-    """Every rank's `value` (for rank 0 to save), in rank order."""
-    if world_size == 1:
-        return [value]
-    values: list = [None] * world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
 def _bucket_counts(batches: EpochBatches, data) -> dict[str, int]:
     """Images per bucket in this rank's epoch."""
     plan = batches.plan()[0]
     counts = np.bincount(plan.bucket, minlength=len(data.buckets)) * batches.batch_size
     return {f"{w}x{h}": int(n) for (w, h), n in zip(data.buckets, counts, strict=True) if n}
-
-
-RUN_ONLY = {"resume", "overwrite", "config"}  # settings that say how to run, not what
-
-
-def _differences(config: Config, saved: dict) -> str:
-    """ ", which ran with --x A (this run: B), ..." for the settings a saved run differs in."""
-    current = {key: typed(value) for key, value in vars(config).items() if key not in RUN_ONLY}
-    differ = [
-        f"--{key.replace('_', '-')} {typed(saved[key])} (this run: {value or 'none'})"
-        for key, value in current.items()
-        if key in saved and typed(saved[key]) != value
-    ]
-    return f", which ran with {', '.join(differ)}" if differ else ""
 
 
 def main(config: Config) -> int:
