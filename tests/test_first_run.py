@@ -4,6 +4,7 @@ checkpoint replaced without being asked."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,6 +14,11 @@ from pathlib import Path
 import pytest
 from images import rgb, save
 from torchrun import torchrun
+
+from pipeline.errors import UsageError
+from trainer.config import Config
+from trainer.train import _epoch_use, check_usage
+from trainer.train import train as train_here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +52,17 @@ def test_a_short_run_reports_its_first_step_and_ends_with_what_it_wrote(prepared
     assert str(out / "checkpoint.pt") in summary and (out / "checkpoint.pt").exists()
 
 
+def test_the_epoch_use_warning_says_which_batch_size_would_not_leave_images_out():
+    assert _epoch_use(31, 7, 4, 2) == (
+        "an epoch at batch size 4 x world size 2 uses 24 of 31 images: every rank needs whole "
+        "batches: --batch-size 3 would use 30"
+    )
+    assert _epoch_use(12, 0, 2, 2) is None and _epoch_use(100, 4, 32, 3) is None  # 4% out
+    with pytest.raises(UsageError, match="--batch-size 64 x world size 1 needs at least 64"):
+        _epoch_use(31, 31, 64, 1)
+
+
+@pytest.mark.slow
 def test_an_epoch_that_leaves_images_out_is_warned_about_before_step_one(prepared, tmp_path):
     # 31 images, 2 ranks of 4: an epoch uses 24; batches of 3 would use 30
     done = torchrun(2, "trainer/train.py", f"--data={prepared}", f"--out-dir={tmp_path / 'o'}",
@@ -59,11 +76,6 @@ def test_an_epoch_that_leaves_images_out_is_warned_about_before_step_one(prepare
     assert done.stdout.index("epoch 0 step 1") < done.stdout.index("done:")
 
 
-def test_too_few_images_for_one_batch_is_a_usage_error(prepared, tmp_path):
-    refused(train(f"--data={prepared}", f"--out-dir={tmp_path}", "--batch-size=64"),
-            "--batch-size 64", "needs at least 64 images", "has 31")  # fmt: skip
-
-
 def test_each_kind_of_wrong_data_gets_its_own_answer(prepared, tmp_path):
     images = tmp_path / "photos"
     save(rgb(64, 48, 0), images / "cat.jpg")
@@ -72,11 +84,15 @@ def test_each_kind_of_wrong_data_gets_its_own_answer(prepared, tmp_path):
     (unfinished / "manifest.json").unlink()
     answers = {
         tmp_path / "nowhere": ("no such folder", "jobs/prepare.py"),
-        images: ("holds images", f"jobs/prepare.py --input {images} --output OUT"),
         unfinished: ("did not finish", "rerun"),
     }
     for data, named in answers.items():
-        refused(train(f"--data={data}", f"--out-dir={tmp_path / 'out'}"), str(data), *named)
+        with pytest.raises(UsageError) as refusal:
+            check_usage(Config(data=(str(data),), out_dir=str(tmp_path / "out")))
+        assert all(name in str(refusal.value) for name in (str(data), *named)), refusal.value
+    # the command line: one line, exit status 2, nothing written
+    refused(train(f"--data={images}", f"--out-dir={tmp_path / 'out'}"), str(images),
+            "holds images", f"jobs/prepare.py --input {images} --output OUT")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -86,6 +102,27 @@ def test_a_missing_or_broken_config_file_is_named(tmp_path):
     refused(train("--config", str(tmp_path / "bad.toml")), "bad.toml", "not valid TOML")
 
 
+def test_an_out_dir_with_a_checkpoint_is_continued_or_overwritten_never_replaced(
+    prepared, tmp_path
+):
+    config = Config(data=(str(prepared),), out_dir=str(tmp_path / "run"), num_workers=0,
+                    max_steps=1)  # fmt: skip
+    train_here(config)
+    written = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(UsageError, match=r"holds the checkpoint .* --resume .* --overwrite"):
+        train_here(config)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == written
+    other = dataclasses.replace(config, resume=True, channels=16)
+    with pytest.raises(UsageError) as refusal:
+        train_here(other)
+    message = str(refusal.value)
+    assert "another model configuration" in message and "--channels 32 (this run: 16)" in message
+    assert f"--config {tmp_path / 'run' / 'config.toml'} --resume" in message
+    assert "--resume" not in message.split("which ran with")[1].split(":")[0], "not a setting"
+    train_here(dataclasses.replace(config, overwrite=True))
+
+
+@pytest.mark.slow
 def test_a_checkpoint_is_never_replaced_without_being_asked(prepared, tmp_path):
     out = tmp_path / "run"
     first = train(f"--data={prepared}", f"--out-dir={out}", "--epochs=2")
@@ -106,6 +143,7 @@ def test_a_checkpoint_is_never_replaced_without_being_asked(prepared, tmp_path):
             "--resume", "does not exist")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_names_them_and_the_way_out(prepared, tmp_path):
     out = tmp_path / "run"
     assert train(f"--data={prepared}", f"--out-dir={out}", "--max-steps=1").returncode == 0

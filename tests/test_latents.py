@@ -136,6 +136,7 @@ def _stored_image(data: PreparedData, item: int) -> Image.Image:
         return Image.open(io.BytesIO(shard.read(int(columns.image_size[item])))).convert("RGB")
 
 
+@pytest.mark.slow
 def test_latents_added_to_a_prepared_out_then_only_new_shards_encoded(images, checkpoint, tmp_path):
     source, output = tmp_path / "images", tmp_path / "out"
     shutil.copytree(images, source)
@@ -169,6 +170,7 @@ class DyingOnce(LatentEncoder):
         return super().encode_shard(out, name, folder)
 
 
+@pytest.mark.slow
 def test_a_killed_actors_shard_is_redone(with_latents, checkpoint, tmp_path):
     output = tmp_path / "out"
     shutil.copytree(with_latents, output)

@@ -136,6 +136,7 @@ def test_accumulated_micro_batches_make_the_update_of_one_big_batch():
     assert not torch.allclose(updated([[slice(0, 2)]]), whole, atol=1e-4), "a real difference"
 
 
+@pytest.mark.slow
 def test_accumulation_on_two_ranks_syncs_once_and_matches_one_big_batch():
     done = torchrun(2, "tests/accumulation_ranks.py", timeout=240)
     assert done.returncode == 0 and "same update" in done.stdout, done.stderr[-3000:]
@@ -178,6 +179,7 @@ def test_ema_is_the_closed_form_on_a_toy_parameter():
     assert model.weight.item() == values[-1], "the live weights come back"
 
 
+@pytest.mark.slow
 def test_ema_weights_are_saved_and_sample_py_prefers_them(prepared, tmp_path):
     train(config(prepared, tmp_path, model="sd", use_ema=True, ema_decay=0.5, max_steps=3,
                  lr=0.05, caption_dropout=0.0))  # fmt: skip
@@ -259,7 +261,7 @@ def test_a_toml_config_gives_the_flags_config_and_flags_override_it(prepared, tm
     assert done.returncode == 2 and "batch_sise" in done.stderr
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path, precision):
     """Accumulation 2 (an odd epoch ends with a smaller group), cosine with warm-up, clipping,
     EMA, bf16 or fp16 (its loss scale): 3 + 3 optimizer steps after a resume are the 6 of an
