@@ -53,7 +53,6 @@ from pipeline.errors import UsageError
 from pipeline.format import vae_fingerprint
 from pipeline.plan import epoch_use_warning
 from trainer import checkpoint
-from trainer.augment import CaptionOptions
 from trainer.dataset import latents_to_use, read_manifest
 from trainer.loader import Batch, make_loader
 from trainer.mixture import open_datasets, parse_weighted
@@ -92,13 +91,13 @@ def check_usage(config: Config) -> list:
     run would replace without being told to (--resume or --overwrite)."""
     manifests = [read_manifest(parse_weighted(spec)[0]) for spec in config.data]
     out_dir = Path(config.out_dir)
-    checkpoint = out_dir / "checkpoint.pt"
-    if config.resume and not checkpoint.exists():
+    saved = out_dir / checkpoint.NAME
+    if config.resume and not saved.exists():
         raise UsageError(
-            f"--resume: {checkpoint} does not exist: give the --out-dir of the run to continue, "
+            f"--resume: {saved} does not exist: give the --out-dir of the run to continue, "
             "or leave --resume out to start one"
         )
-    if not config.resume and not config.overwrite and checkpoint.exists():
+    if not config.resume and not config.overwrite and saved.exists():
         raise UsageError(
             f"--out-dir {out_dir} holds the checkpoint of an earlier run: continue it with "
             f"--resume (--config {out_dir / 'config.toml'} --resume takes its settings), start "
@@ -123,9 +122,8 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    captions = CaptionOptions(config.shuffle_tags, config.keep_tokens, config.tag_dropout)
-    batches = EpochBatches(  # rank and world size: torch.distributed's
-        data, config.batch_size, seed=config.seed, flip=config.flip, captions=captions
+    batches = EpochBatches(  # rank and world size: torch.distributed's; a Config is CaptionOptions
+        data, config.batch_size, seed=config.seed, flip=config.flip, captions=config
     )
     plan, epoch_items, _ = batches.plan()
     warning = _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size)
@@ -145,7 +143,7 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         epoch, step = checkpoint.load(config, out_dir, model, optimization, generator)
         if epoch >= config.epochs:
             if master:
-                print(f"nothing left to train: {out_dir / 'checkpoint.pt'} has finished epoch "
+                print(f"nothing left to train: {out_dir / checkpoint.NAME} has finished epoch "
                       f"{epoch} of --epochs {config.epochs}; give more --epochs to go on "
                       "training it")  # fmt: skip
             _close_distributed(world_size)
@@ -192,7 +190,7 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
             epoch, step = epoch + 1, 0
     save()
     if master:
-        written = [out_dir / "checkpoint.pt", *save_result(model, out_dir, optimization)]
+        written = [out_dir / checkpoint.NAME, *save_result(model, out_dir, optimization)]
         if config.validation_prompt:
             written.append(out_dir / "validation")
         if config.logging_dir:
