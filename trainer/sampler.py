@@ -3,7 +3,7 @@
 (trainer/augment.py), decided in the trainer's process from the index alone.
 
     batches = EpochBatches(data, batch_size=4, world_size=world, rank=rank, seed=0)
-    batches.set_epoch(epoch, start_step)    # plans the epoch once; resume mid-epoch
+    batches.set_epoch(epoch, start_step)    # planned once an epoch; resume mid-epoch
     for plan in batches: ...                # BatchPlan, what a loader worker reads
 
 Every rank plans the epoch itself (no communication), so every rank gets the same number of
@@ -68,29 +68,29 @@ class EpochBatches(torch.utils.data.Sampler):
             data, batch_size, world_size, rank, seed
         )  # fmt: skip
         self.flip, self.caption_options = flip, captions or CaptionOptions()
-        self.epoch: int | None = None
-        self.start_step, self.iterations = 0, 0
-        self.set_epoch(0)
+        self.epoch, self.start_step, self.iterations = 0, 0, 0
+        self._planned: tuple | None = None  # (epoch, plan, items, copies) of the last planned
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Plan `epoch` (once); begin at `start_step` to resume mid-epoch without replaying it."""
-        if epoch != self.epoch:
-            items, copies = self.data.epoch_items(self.seed, epoch)
-            plan = plan_epoch(self.data.columns.bucket[items], self.batch_size, self.world_size,
-                              self.rank, self.seed, epoch)  # fmt: skip
-            self._planned = plan, items, copies
+        """Serve `epoch`; begin at `start_step` to resume mid-epoch without replaying it."""
         self.epoch, self.start_step = epoch, start_step
 
     def plan(self) -> tuple[RankPlan, np.ndarray, np.ndarray]:
-        """This rank's plan over the epoch's list, and the list: (items, copy numbers)."""
-        return self._planned
+        """This rank's plan over the epoch's list, and the list: (items, copy numbers); planned
+        once an epoch (a plan of 10M items takes seconds)."""
+        if self._planned is None or self._planned[0] != self.epoch:
+            items, copies = self.data.epoch_items(self.seed, self.epoch)
+            plan = plan_epoch(self.data.columns.bucket[items], self.batch_size, self.world_size,
+                              self.rank, self.seed, self.epoch)  # fmt: skip
+            self._planned = self.epoch, plan, items, copies
+        return self._planned[1:]
 
     def __len__(self) -> int:
-        return max(0, len(self._planned[0]) - self.start_step)
+        return max(0, len(self.plan()[0]) - self.start_step)
 
     def __iter__(self):
         self.iterations += 1
-        iteration, (plan, epoch_items, epoch_copies) = self.iterations, self._planned
+        iteration, (plan, epoch_items, epoch_copies) = self.iterations, self.plan()
         for step in range(self.start_step, len(plan)):
             items, copies = epoch_items[plan.items[step]], epoch_copies[plan.items[step]]
             bucket = int(plan.bucket[step])
