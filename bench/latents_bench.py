@@ -77,6 +77,7 @@ def main() -> None:
             data=(str(output),), model="sd", pretrained=str(checkpoint), latents=mode,
             batch_size=4, max_steps=args.steps, epochs=100, num_workers=1, log_every=10**6,
             out_dir=str(args.workdir / f"latents-ckpt-{mode}"), checkpoint_every=10**6,
+            overwrite=True,
         )  # fmt: skip
         start = time.perf_counter()
         steps = train(config)["steps"]

@@ -59,7 +59,7 @@ def steps_per_second(data: Path, workdir: Path, precision: str, steps: int, skip
     config = Config(
         data=(str(data),), model="sd", train_part="unet", mixed_precision=precision,
         batch_size=8, max_steps=skip + steps, epochs=1000, num_workers=1, log_every=10**6,
-        checkpoint_every=10**6, out_dir=str(workdir / f"trainer-ckpt-{precision}"),
+        checkpoint_every=10**6, out_dir=str(workdir / f"trainer-ckpt-{precision}"), overwrite=True,
     )  # fmt: skip
     train(config, on_step=lambda step: stamps.append(time.perf_counter()))
     return steps / (stamps[-1] - stamps[skip - 1])
