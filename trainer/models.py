@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from pipeline.errors import UsageError
 from trainer.config import Config
 from trainer.loader import Batch
 from trainer.optimization import Optimization
@@ -96,7 +97,7 @@ def _stable_diffusion(config: Config) -> Model:
     )
     if parts.xl != xl:
         kind, model = ("an SDXL", "sdxl") if parts.xl else ("an SD 1.x", "sd")
-        raise ValueError(
+        raise UsageError(
             f"--pretrained {config.pretrained} is {kind} checkpoint: use --model {model}"
         )
     prompts = parts.prompt_encoder(config.max_tokens, config.clip_skip, config.prompt_layout)
