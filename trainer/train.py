@@ -7,6 +7,8 @@ Several machines (run on each, node_rank 0..nnodes-1):
         trainer/train.py --data OUT
 One process without torchrun:
     python trainer/train.py --data OUT
+N ranks on this machine, a mistake answered before any starts (pip install puts it on PATH):
+    arb-train --nproc-per-node N --data OUT
 
 Models (`--model`): `conv`, a small fully convolutional denoiser trained to predict the noise
 added to an image (any resolution goes through it; a smoke test of the data path); `sd`, a
@@ -14,8 +16,10 @@ Stable Diffusion 1.x U-Net conditioned by CLIP with the source's techniques: pro
 tokens, the penultimate CLIP layer, and hypernetworks on cross-attention's k and v (trained alone
 on the frozen base, the source's use, or `--train-part unet`); `sdxl`, the same on SDXL's U-Net
 with its two text encoders and its size and crop conditioning from every batch. `--pretrained
-DIR` loads a local diffusers-layout checkpoint; without it, tiny random models. Every model's
-forward(batch, generator) returns its loss, so `MODELS` is the one place another model plugs in.
+DIR` loads a local diffusers-layout checkpoint; without it, tiny random models. A model is what
+trainer/models.py's `Model` protocol says (its loss, what trains, what stays frozen, its VAE, its
+saved weights), and `MODELS` is the one place another model plugs in. Settings: trainer/config.py;
+checkpoints and resume: trainer/checkpoint.py.
 
 Data: `--data A --data B:3` trains on several prepared datasets at once, B's images three times
 an epoch (a fractional weight takes that share of an epoch); `--flip`, `--shuffle-tags`,
