@@ -119,7 +119,8 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
     vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
-    latents = latents_to_use(config.latents, vae and vae_fingerprint(vae), manifests)
+    fingerprint = None if vae is None else vae_fingerprint(vae)
+    latents = latents_to_use(config.latents, fingerprint, manifests)
     data = open_datasets(config.data, latents)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
