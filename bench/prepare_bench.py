@@ -22,9 +22,7 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np
 import pyvips
 from corpus import make_corpus
 from PIL import Image
+from processes import watch
 
 from pipeline.buckets import BucketConfig, bucketize
 from pipeline.fit import crop_box, fit
@@ -149,57 +148,16 @@ def scan_speed(folder: Path, repeats: int = 3) -> None:
           f"{min(bare) / min(scanned):5.2f}x of bare")  # fmt: skip
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants, from /proc."""
-    pids, stack = [], [pid]
-    while stack:
-        current = stack.pop()
-        pids.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as children:
-                    stack += [int(child) for child in children.read().split()]
-        except OSError:
-            continue
-    return pids
-
-
-def _memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of a process in bytes; 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            fields = dict(line.split(":", 1) for line in rollup if ":" in line)
-        return (int(fields["Rss"].split()[0]) * 1024, int(fields["Pss"].split()[0]) * 1024)
-    except (OSError, KeyError, ValueError):
-        return 0, 0
-
-
 def job_once(input_folder: Path, cpus: int, tiny: bool = False) -> dict:
     """The whole job in a fresh process with a local Ray of `cpus` CPUs; peak memory of its tree."""
     output = input_folder.parent / f"out-{input_folder.name}-{cpus}"
     command = [sys.executable, __file__, "--job", str(input_folder), str(output), str(cpus)]
-    child = subprocess.Popen(
-        [*command, *(["--tiny-buckets"] if tiny else [])], stdout=subprocess.PIPE, text=True,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    peak = [0, 0, 0]  # RSS and PSS summed over the process tree; the driver's own RSS
-
-    def sample() -> None:
-        while child.poll() is None:
-            usage = [_memory(pid) for pid in _tree(child.pid)]
-            peak[0] = max(peak[0], sum(u[0] for u in usage))
-            peak[1] = max(peak[1], sum(u[1] for u in usage))
-            peak[2] = max(peak[2], usage[0][0])
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    stdout, _ = child.communicate()
-    sampler.join()
-    if child.returncode:
-        raise RuntimeError(f"job failed with {child.returncode}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    return result | {"rss": peak[0], "pss": peak[1], "driver_rss": peak[2]}
+    watched = watch([*command, *(["--tiny-buckets"] if tiny else [])], interval=0.2)
+    if watched.returncode:
+        raise RuntimeError(f"job failed with {watched.returncode}: {watched.stderr[-2000:]}")
+    result = json.loads(watched.stdout.strip().splitlines()[-1])
+    return result | {"rss": watched.peak_rss, "pss": watched.peak_pss,
+                     "driver_rss": watched.driver_rss}  # fmt: skip
 
 
 def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:

@@ -8,6 +8,7 @@ an I/O error, and anything else stops the job.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import ray
@@ -23,73 +24,86 @@ def default_in_flight() -> int:
     return max(2, 2 * cluster_cpus())
 
 
+def _timed(function: Callable, *args) -> tuple[object, float]:
+    """`function(*args)` and the milliseconds it took on its worker."""
+    start = time.perf_counter()
+    result = function(*args)
+    return result, 1000 * (time.perf_counter() - start)
+
+
 def map_unordered(
     function: Callable,
-    arguments: Iterable[tuple],
+    tasks: Iterable[tuple[object, tuple]],
     *,
     description: str,
     total_items: int,
     items_of: Callable[[object], int],
     max_in_flight: int | None = None,
     max_retries: int = 3,
-) -> Iterator:
-    """Yield `function(*args)` for every tuple of `arguments`, in completion order.
+) -> Iterator[tuple[object, object, float]]:
+    """For every (tag, args) of `tasks`, yield (tag, `function(*args)`, milliseconds it took on
+    its worker), in completion order.
 
-    At most `max_in_flight` tasks are submitted at once; `items_of(result)` advances the
-    progress bar, which counts images (`total_items`) and shows images/s.
+    `tasks` is read as slots free up, so it may size each task from the results yielded
+    before (work_plan.py). At most `max_in_flight` tasks are submitted at once;
+    `items_of(result)` advances the progress bar, which counts images (`total_items`).
     """
-    remote = ray.remote(function).options(max_retries=max_retries, retry_exceptions=[OSError])
+    remote = ray.remote(_timed).options(max_retries=max_retries, retry_exceptions=[OSError])
     limit = max_in_flight or default_in_flight()
-    pending: list[ray.ObjectRef] = []
+    pending: dict[ray.ObjectRef, object] = {}
     with tqdm(total=total_items, desc=description, unit="img", smoothing=0.1) as bar:
 
         def next_result():
-            nonlocal pending
-            done, pending = ray.wait(pending, num_returns=1)
-            result = ray.get(done[0])
+            done, _ = ray.wait(list(pending), num_returns=1)
+            result, milliseconds = ray.get(done[0])
             bar.update(items_of(result))
-            return result
+            return pending.pop(done[0]), result, milliseconds
 
-        for args in arguments:
-            pending.append(remote.remote(*args))
+        for tag, args in tasks:
+            pending[remote.remote(function, *args)] = tag
             if len(pending) >= limit:
                 yield next_result()
         while pending:
             yield next_result()
 
 
-def _spread(function: Callable, *args) -> object:
-    """Run `function`, whose result is a list of one value per return of its task."""
-    results = function(*args)
-    return results[0] if len(results) == 1 else tuple(results)
+def _fit_task(fit: Callable, *args) -> tuple:
+    """A fit task's returns: one per piece it fitted, then its report (small: the driver reads
+    it)."""
+    pieces, report = fit(*args)
+    return (*pieces, report)
 
 
 def fit_then_write(
     fit: Callable,
-    fit_arguments: Iterable[tuple[tuple, list[int], int]],
+    fit_tasks: Iterable[tuple[object, tuple, list[int], list[bool]]],
     write: Callable,
     write_arguments: list[tuple],
-    pieces_of: list[int],
     *,
     total_items: int,
+    on_fitted: Callable[[object, object], int],
     max_in_flight: int | None = None,
     max_retries: int = 3,
 ) -> Iterator:
     """Run fit tasks and the write tasks that gather their pieces; yield write results.
 
-    `fit_arguments` yields (args, groups, items): `fit(*args)` returns one result per entry of
-    `groups`, the write group (shard) it belongs to, for `items` images. Once every one of
-    group g's `pieces_of[g]` results is submitted, `write(*write_arguments[g], *results)` is
-    submitted with them as object references: the pieces go from the fit workers to the writer
-    through Ray's object store, never through the driver. At most `max_in_flight` tasks of both
-    kinds are pending at once; progress bars count images fitted and shards written.
+    `fit_tasks` yields (tag, args, groups, last): `fit(*args)` returns (one result per entry of
+    `groups`, the write group (shard) each belongs to, and a report). When a task's piece is
+    its group's `last`, `write(*write_arguments[g], *pieces)` is submitted with all of group
+    g's pieces as object references: they go from the fit workers to the writer through Ray's
+    object store, never through the driver. As each fit task ends, `on_fitted(tag, report)`
+    runs in the driver and returns its images for the progress bar; `fit_tasks` is read as
+    slots free up, so it may size each task from the reports before.
+
+    At most `max_in_flight` fit tasks are pending at once, and as many writes: a write
+    waiting for its pieces holds no CPU, so it must not hold a fit task's place either.
     """
     options = {"max_retries": max_retries, "retry_exceptions": [OSError]}
-    remote_fit = ray.remote(_spread)
+    remote_fit = ray.remote(_fit_task)
     remote_write = ray.remote(write).options(**options)
     limit = max_in_flight or default_in_flight()
     gathered: dict[int, list[ray.ObjectRef]] = {}
-    fits: dict[ray.ObjectRef, int] = {}  # a task's first result -> its images
+    fits: dict[ray.ObjectRef, object] = {}  # a task's report -> its tag
     writes: list[ray.ObjectRef] = []
     with (
         tqdm(total=total_items, desc="fit", unit="img", smoothing=0.1) as fit_bar,
@@ -97,25 +111,23 @@ def fit_then_write(
     ):
 
         def settle_one():
-            nonlocal writes
             done, _ = ray.wait([*fits, *writes], num_returns=1)
             if done[0] in fits:
-                fit_bar.update(fits.pop(done[0]))
+                fit_bar.update(on_fitted(fits.pop(done[0]), ray.get(done[0])))
                 return None
             writes.remove(done[0])
             write_bar.update(1)
             return ray.get(done[0])
 
-        for args, groups, items in fit_arguments:
-            results = remote_fit.options(num_returns=len(groups), **options).remote(fit, *args)
-            results = [results] if len(groups) == 1 else results
-            fits[results[0]] = items
-            for group, result in zip(groups, results, strict=True):
+        for tag, args, groups, last in fit_tasks:
+            returns = remote_fit.options(num_returns=len(groups) + 1, **options).remote(fit, *args)
+            fits[returns[-1]] = tag
+            for group, result, closes in zip(groups, returns[:-1], last, strict=True):
                 gathered.setdefault(group, []).append(result)
-                if len(gathered[group]) == pieces_of[group]:
+                if closes:
                     pieces = gathered.pop(group)
                     writes.append(remote_write.remote(*write_arguments[group], *pieces))
-            while len(fits) + len(writes) >= limit:
+            while len(fits) >= limit or len(writes) >= limit:
                 if (result := settle_one()) is not None:
                     yield result
         while fits or writes:

@@ -9,9 +9,12 @@ or captions' files; images are read, fitted and written by Ray tasks, one task p
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import sys
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.buckets import REJECT_ASPECT, bucketize
 from pipeline.config import PrepareConfig, fingerprint
-from pipeline.distributor import cluster_cpus, default_in_flight, fit_then_write, map_unordered
+from pipeline.distributor import cluster_cpus, fit_then_write, map_unordered
 from pipeline.errors import UsageError
 from pipeline.fit import fit_measures
 from pipeline.format import (
@@ -46,10 +49,27 @@ from pipeline.sources import (
     input_root,
     list_input,
 )
-from pipeline.work_plan import estimate_cost, heaviest_first, plan_tasks
+from pipeline.work_plan import FIRST_TASK_MS, WorkPlan, estimate_cost, heaviest_first
 
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
 JOB_FOLDERS = (("shards", ".tar"), ("parts", ".parquet"))  # of files named by shard_name
+
+
+class Stages:
+    """When each stage started, how long it took and how many items it handled: stats.json's
+    `stages`, and the summary's timing line."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time the block; it may set the entry's "items"."""
+        entry = {"started": time.time(), "seconds": 0.0, "items": None}
+        start = time.perf_counter()
+        yield entry
+        entry["seconds"] = time.perf_counter() - start
+        self.timings[name] = entry
 
 
 def run(config: PrepareConfig) -> dict:
@@ -59,7 +79,10 @@ def run(config: PrepareConfig) -> dict:
     )
     check_input(config.input)
     check_separate(config.input, config.output)
-    listing = list_input(config.input)
+    stages = Stages()
+    with stages.stage("list") as listed:
+        listing = list_input(config.input)
+        listed["items"] = len(listing)
     if not len(listing.filter(pc.is_null(listing["reject"]))):
         raise UsageError(
             f"--input {config.input} holds no image files to prepare "
@@ -68,61 +91,73 @@ def run(config: PrepareConfig) -> dict:
     out = OutputDir(config.output)
     _begin(out, config)
     root = input_root(config.input)
-    scanned = _scan(listing, root, config)
-    accepted, assign_rejects, buckets = _assign(scanned, config)
-    previous = _finished_shards(out) if config.incremental else None
-    keys = _keys(accepted["key"])
-    shards = plan_shards(
-        keys,
-        accepted["bucket"].to_numpy(),
-        buckets,
-        config.samples_per_shard,
-        fingerprint(config.settings()),
-        previous,
-    )
-    _write(shards, accepted, root, out, config)
+    with stages.stage("scan") as scan:
+        scanned = _scan(listing, root, config)
+        scan["items"] = len(scanned)
+    del listing
+    with stages.stage("assign") as assign:
+        accepted, assign_rejects, buckets = _assign(scanned, config)
+        previous = _finished_shards(out) if config.incremental else None
+        shards = plan_shards(
+            _keys(accepted["key"]),
+            accepted["bucket"].to_numpy(),
+            buckets,
+            config.samples_per_shard,
+            fingerprint(config.settings()),
+            previous,
+        )
+        assign["items"] = len(accepted)
     scanned_keys = np.sort(_keys(scanned["key"]))
+    del scanned
+    with stages.stage("fit") as fitted:
+        fitted["items"] = _write(shards, accepted, root, out, config)
+    del accepted
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
-    manifest = _finish(out, config, shards, assign_rejects, buckets, input_fingerprint)
+    manifest = _finish(
+        out, config, shards, assign_rejects, buckets, input_fingerprint, stages.timings
+    )
     if config.vae:  # latents after the images: the dataset is complete, its latents added
         manifest = add_latents(out, config.vae, config.max_in_flight)
     return manifest
 
 
-def _write(
-    shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config
-) -> None:
-    """Fit the images of every shard not finished yet, in tasks of bounded estimated cost
-    (work_plan.py), and write each shard once all its pieces are fitted."""
+def _write(shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config) -> int:
+    """Fit the images of every shard not finished yet, in tasks sized by what the tasks before
+    them took (work_plan.py), and write each shard once all its pieces are fitted; returns the
+    images fitted."""
     finished = set(out.list_names("shards", ".tar"))
     todo = [shard for shard in shards if shard.name not in finished]
     if not todo:
-        return
+        return 0
     pixels = pc.multiply(accepted["width"].cast(pa.int64()), accepted["height"].cast(pa.int64()))
-    cost = estimate_cost(pixels.to_numpy(), accepted["format"].to_numpy(zero_copy_only=False))
-    todo = [todo[i] for i in heaviest_first([shard.rows for shard in todo], cost)]
+    formats = accepted["format"].to_numpy(zero_copy_only=False)
+    prior, kinds = estimate_cost(pixels.to_numpy(), formats)
+    todo = [todo[i] for i in heaviest_first([shard.rows for shard in todo], prior)]
     shard_rows = [shard.rows for shard in todo]
-    tasks = plan_tasks(shard_rows, cost, cluster_cpus())
-    pieces_of = np.bincount([piece.shard for task in tasks for piece in task.pieces])
-    fit_arguments = (
-        (
-            ([accepted.take(shard_rows[p.shard][p.start : p.stop]) for p in task.pieces],
-             root, config.write),
-            [piece.shard for piece in task.pieces],
-            sum(piece.stop - piece.start for piece in task.pieces),
-        )
-        for task in tasks
-    )  # fmt: skip
+    plan = WorkPlan(shard_rows, prior, kinds, cluster_cpus())
+
+    def fit_tasks():
+        while (task := plan.next_task()) is not None:
+            tables = [accepted.take(shard_rows[p.group][p.start : p.stop]) for p in task.pieces]
+            groups, last = [p.group for p in task.pieces], [p.last for p in task.pieces]
+            yield task, (tables, root, config.write), groups, last
+
+    def fitted(task, milliseconds: np.ndarray) -> int:
+        plan.observe(task, milliseconds)
+        return len(milliseconds)
+
+    images = sum(len(rows) for rows in shard_rows)
     results = fit_then_write(
         fit_samples,
-        fit_arguments,
+        fit_tasks(),
         write_shard,
         [(shard.name, out) for shard in todo],
-        pieces_of.tolist(),
-        total_items=sum(len(rows) for rows in shard_rows),
+        total_items=images,
+        on_fitted=fitted,
         max_in_flight=config.max_in_flight,
     )
     collections.deque(results, maxlen=0)  # run them all; results are in the shards' parts
+    return images
 
 
 def _keys(column: pa.ChunkedArray) -> np.ndarray:
@@ -192,20 +227,28 @@ def _clear(out: OutputDir) -> None:
 
 
 def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table:
-    # Tasks of files_per_scan_task files, smaller where that would leave CPUs idle.
-    step = max(1, min(config.files_per_scan_task, -(-len(listing) // default_in_flight())))
-    tables = map_unordered(
+    """Every listed file's header, in tasks sized by what the tasks before them took: the
+    first ones of files_per_scan_task files (a local header takes ~0.1 ms, one from an object
+    store a round trip), the rest of a few seconds each."""
+    count = len(listing)
+    prior = np.full(count, FIRST_TASK_MS / config.files_per_scan_task)
+    plan = WorkPlan([np.arange(count)], prior, np.zeros(count, np.int64), cluster_cpus())
+    tasks = (
+        (task, (listing.slice(task.start, task.stop - task.start), root, config.max_pixels))
+        for task in iter(plan.next_task, None)
+    )
+    tables = []
+    for task, table, milliseconds in map_unordered(
         scan_batch,
-        (
-            (listing.slice(start, step), root, config.max_pixels)
-            for start in range(0, len(listing), step)
-        ),
+        tasks,
         description="scan",
-        total_items=len(listing),
+        total_items=count,
         items_of=len,
         max_in_flight=config.max_in_flight,
-    )
-    return pa.concat_tables(list(tables)).sort_by("source")
+    ):
+        plan.observe(task, np.full(len(table), milliseconds / max(1, len(table))))
+        tables.append(table)
+    return pa.concat_tables(tables).sort_by("source")
 
 
 def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
@@ -272,6 +315,7 @@ def _finish(
     assign_rejects: pa.Table,
     buckets: np.ndarray,
     input_fingerprint: str,
+    timings: dict[str, dict],
 ) -> Manifest:
     """Index, rejects, pruning, report, and the manifest last: the dataset is complete."""
     names = sorted(shard.name for shard in shards)  # the manifest's order
@@ -282,6 +326,7 @@ def _finish(
     stats = dataset_stats(
         columns, buckets, rejects, config.batch_size, config.world_size, config.write.seed
     )
+    stats["stages"] = timings
     out.write_json(out.path("stats.json"), stats)
     out.write_bytes(out.path("buckets.png"), draw_buckets(stats))
     manifest = Manifest(

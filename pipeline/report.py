@@ -125,11 +125,26 @@ def summary(stats: dict, shards: int, output: str) -> str:
             f"latents of VAE {fingerprint}: {count} in {output}/latents/{fingerprint}"
             for fingerprint, count in stats.get("latents", {}).items()
         ),
+        *_timing_lines(stats.get("stages", {})),
         *(f"warning: {warning}" for warning in stats["warnings"]),
         f"files: {output}/index.parquet, shards/, rejects.parquet, stats.json, buckets.png; "
         "docs/format.md describes them",
     ]
     return "\n".join(lines)
+
+
+def _timing_lines(stages: dict[str, dict]) -> list[str]:
+    """How long each stage took, and its rate where it handled items."""
+    if not stages:
+        return []
+    parts = []
+    for name, stage in stages.items():
+        rate = ""
+        if stage["items"] and stage["seconds"] > 0:
+            unit = "files" if name in ("list", "scan") else "images"
+            rate = f" ({stage['items'] / stage['seconds']:,.0f} {unit}/s)"
+        parts.append(f"{name} {stage['seconds']:.1f} s{rate}")
+    return [f"stages: {', '.join(parts)}"]
 
 
 def _rejected_lines(stats: dict, output: str) -> list[str]:

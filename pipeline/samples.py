@@ -1,14 +1,15 @@
 """Turning listed images into shard samples: read, fit, encode; the fit stage's unit of work.
 
 `fit_samples` takes pieces of shards (rows in key order, see work_plan.py) and returns for each
-piece its records in the same order: a sample's tar members with its index fields, or a
-rejection with its reason. A bad image or caption is that file's rejection; only a failure of
-the infrastructure raises, so that the task is retried.
+piece its records in the same order, a sample's tar members with its index fields or a
+rejection with its reason, and what each image took. A bad image or caption is that file's
+rejection; only a failure of the infrastructure raises, so that the task is retried.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import numpy as np
@@ -21,12 +22,22 @@ from pipeline.rejects import Reason, Rejected
 from pipeline.sources import InputRoot
 
 
-def fit_samples(pieces: list[pa.Table], root: InputRoot, options: WriteOptions) -> list[list]:
+def fit_samples(
+    pieces: list[pa.Table], root: InputRoot, options: WriteOptions
+) -> tuple[list[list], np.ndarray]:
     """Each piece's records: its rows with the sample's `members` and index fields added, or
-    with `reject` and `message` set."""
+    with `reject` and `message` set; and the milliseconds each image took, in order (the work
+    plan sizes the next tasks from them)."""
+    records, milliseconds = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's and libvips' warnings on odd but usable files
-        return [[_record(row, root, options) for row in piece.to_pylist()] for piece in pieces]
+        for piece in pieces:
+            records.append([])
+            for row in piece.to_pylist():
+                start = time.perf_counter()
+                records[-1].append(_record(row, root, options))
+                milliseconds.append(1000 * (time.perf_counter() - start))
+    return records, np.array(milliseconds, np.float32)
 
 
 def _record(row: dict, root: InputRoot, options: WriteOptions) -> dict:

@@ -1,18 +1,25 @@
-"""Splitting the fit work into tasks of bounded estimated cost, decoupled from the shards.
+"""Cutting a stage's rows into tasks of bounded real duration, sized by what the run measures.
 
-Pure NumPy. A shard is written whole by one task, but its images are fitted by as many tasks as
-their cost needs, and one task may fit the end of one shard and the start of the next: so a
-shard of eleven 168-megapixel PNGs no longer holds a core for minutes while the others idle,
-and a thousand-image shard is not one long task at the tail of a big cluster's run.
+Pure NumPy. The rows come in groups that a later step needs whole (the fit stage's shards: a
+shard is written by one task once all its pieces are fitted), but a task is cut by cost, not by
+group: a group of eleven 168-megapixel PNGs is spread over many tasks, one task may fit the end
+of one shard and the start of the next, and a shard of a thousand small JPEGs is not one long
+task at the tail of the run.
 
-Cost is an estimate in milliseconds of one core: source pixels times a per-format rate (what
-decoding costs: JPEG's entropy decoding is paid on every source pixel even when the DCT scales
-down), plus a fixed part for resizing and encoding the fitted image. Rates are from
-bench/prepare_bench.py's corpus on this project's 2-core machine; only their ratios matter.
+Tasks are cut one at a time, as the driver submits them, in milliseconds of one core: a
+prior estimate per row (for images: source pixels times a per-format decoding rate, plus a
+fixed part) times a scale per kind of row (the format) that the run measures as its tasks come
+back. Before anything is measured the first tasks are short, because a prior can be several
+times off (the fixed rates once put a 512x384 JPEG at 3.6 ms where it cost 20 ms); after that
+each task holds a TASKS_PER_CPU-th of each CPU's share of the work left (guided
+self-scheduling: the last tasks are short, so no CPU idles long while another finishes), within
+MIN_TASK_MS and MAX_TASK_MS: the progress bars move every few seconds and a worker holds a few
+seconds of output, whatever the number of images.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -21,67 +28,126 @@ NS_PER_PIXEL = {"JPEG": 3.0, "MPO": 3.0, "WEBP": 9.0, "TIFF": 9.0, "PNG": 15.0, 
 DEFAULT_NS_PER_PIXEL = 15.0  # BMP and anything else: decoded whole
 MS_PER_IMAGE = 3.0  # resize, encode, read and write overheads of one image
 TASKS_PER_CPU = 4  # of the work left: no task is more than a small share of it
+FIRST_TASK_MS = 1_000.0  # by the prior, while nothing is measured
 MIN_TASK_MS = 250.0  # below this a task costs more to schedule than to run
-MAX_TASK_MS = 30_000.0  # a retried task loses little; its output waits in the object store
+MAX_TASK_MS = 5_000.0  # progress every few seconds; a task's output stays small
+WINDOW = 4096  # rows looked at for a task's end before looking further
 
 
 class Piece(NamedTuple):
-    shard: int  # position in the shard list given to plan_tasks
-    start: int  # the rows shard_rows[shard][start:stop]
+    group: int  # position in the group list given to WorkPlan
+    start: int  # the rows group_rows[group][start:stop]
     stop: int
+    last: bool  # the group's last piece: the group can be written once all its pieces are
 
 
 class Task(NamedTuple):
-    pieces: tuple[Piece, ...]  # in shard order; the last may continue in the next task
-    cost: float  # estimated milliseconds
+    pieces: tuple[Piece, ...]  # in group order; the last may continue in the next task
+    cost: float  # estimated milliseconds, as calibrated when the task was cut
+    start: int  # its rows' positions in the plan's order (all groups' rows, one after another)
+    stop: int
 
 
-def estimate_cost(pixels: np.ndarray, formats: np.ndarray) -> np.ndarray:
-    """Estimated milliseconds to fit each image: `pixels` (N,) source pixels, `formats` (N,)
-    Pillow format names."""
-    rates = np.array([NS_PER_PIXEL.get(f, DEFAULT_NS_PER_PIXEL) for f in formats], np.float64)
-    return np.asarray(pixels, np.float64) * rates * 1e-6 + MS_PER_IMAGE
+def estimate_cost(pixels: np.ndarray, formats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prior milliseconds to fit each image, and each image's kind for calibration (an index
+    into the sorted distinct formats): `pixels` (N,) source pixels, `formats` (N,) Pillow
+    format names."""
+    names, kinds = np.unique(np.asarray(formats, dtype=object).astype(str), return_inverse=True)
+    rates = np.array([NS_PER_PIXEL.get(name, DEFAULT_NS_PER_PIXEL) for name in names])
+    prior = np.asarray(pixels, np.float64) * rates[kinds].reshape(-1) * 1e-6 + MS_PER_IMAGE
+    return prior, kinds.reshape(-1)
 
 
-def task_budget(remaining_cost: float, cpus: int) -> float:
+def task_budget(remaining_ms: float, cpus: int) -> float:
     """Milliseconds the next task may hold: a TASKS_PER_CPU-th of each CPU's share of the work
-    left, within the limits. Tasks shrink as the work runs out (guided self-scheduling), so the
-    last ones are short and no CPU idles long while another finishes."""
-    share = remaining_cost / (TASKS_PER_CPU * max(1, cpus))
+    left, within the limits."""
+    share = remaining_ms / (TASKS_PER_CPU * max(1, cpus))
     return float(np.clip(share, MIN_TASK_MS, MAX_TASK_MS))
 
 
-def heaviest_first(shard_rows: list[np.ndarray], cost: np.ndarray) -> list[int]:
-    """Shard order for the write stage: shards holding the costliest single image first (an
-    image cannot be split, so it must not start last), then by total cost."""
-    keys = [(-float(cost[rows].max(initial=0)), -float(cost[rows].sum())) for rows in shard_rows]
-    return sorted(range(len(shard_rows)), key=lambda shard: keys[shard])
+def heaviest_first(group_rows: list[np.ndarray], cost: np.ndarray) -> list[int]:
+    """Group order for the fit stage: groups holding the costliest single row first (a row
+    cannot be split, so it must not start last), then by total cost."""
+    keys = [(-float(cost[rows].max(initial=0)), -float(cost[rows].sum())) for rows in group_rows]
+    return sorted(range(len(group_rows)), key=lambda group: keys[group])
 
 
-def plan_tasks(shard_rows: list[np.ndarray], cost: np.ndarray, cpus: int) -> list[Task]:
-    """Cut the shards' rows, in the order given, into tasks of at most `task_budget` estimated
-    cost each, for a cluster of `cpus`.
+class WorkPlan:
+    """The tasks of one stage, cut as they are asked for (`next_task`) and sized by the
+    measurements of the tasks done so far (`observe`).
 
-    `shard_rows[s]` holds indices into `cost` (N,). Every row is in exactly one piece, pieces
-    keep each shard's order, and a task exceeds its budget only when it is a single image.
+    `group_rows[g]` holds indices into `prior` and `kinds` (N,); tasks walk the groups in the
+    order given. Every row is in exactly one piece, pieces keep each group's order, and a task
+    exceeds its budget only when it is a single row.
     """
-    tasks: list[Task] = []
-    pieces: list[Piece] = []
-    remaining = float(sum(cost[rows].sum() for rows in shard_rows))
-    budget, spent = task_budget(remaining, cpus), 0.0
-    for shard, rows in enumerate(shard_rows):
-        start = 0
-        for position, row_cost in enumerate(cost[rows]):
-            if spent and spent + row_cost > budget:
-                if position > start:
-                    pieces.append(Piece(shard, start, position))
-                tasks.append(Task(tuple(pieces), spent))
-                remaining -= spent
-                pieces, spent, start = [], 0.0, position
-                budget = task_budget(remaining, cpus)
-            spent += float(row_cost)
-        if len(rows) > start:
-            pieces.append(Piece(shard, start, len(rows)))
-    if pieces:
-        tasks.append(Task(tuple(pieces), spent))
-    return tasks
+
+    def __init__(
+        self, group_rows: list[np.ndarray], prior: np.ndarray, kinds: np.ndarray, cpus: int
+    ) -> None:
+        lengths = np.array([len(rows) for rows in group_rows], np.int64)
+        order = np.concatenate([*group_rows, np.zeros(0, np.int64)]).astype(np.int64)
+        self._group = np.repeat(np.arange(len(group_rows)), lengths)  # per position
+        self._group_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self._lengths = lengths
+        self._prior = np.asarray(prior, np.float64)[order]
+        self._kind = np.asarray(kinds, np.int64)[order]
+        self._kinds = int(self._kind.max(initial=-1)) + 1
+        self._left = np.bincount(self._kind, self._prior, self._kinds)  # prior ms not yet cut
+        self._measured = np.zeros(self._kinds)  # ms measured, per kind
+        self._measured_prior = np.zeros(self._kinds)  # the prior of the rows measured
+        self._cpus = cpus
+        self._cursor = 0
+
+    def scale(self) -> np.ndarray:
+        """Measured over prior cost, per kind: each kind's own once a row of it is measured,
+        else all kinds' together, else 1."""
+        total = self._measured.sum() / self._measured_prior.sum() if self.measured() else 1.0
+        seen = self._measured_prior > 0
+        return np.where(seen, self._measured / np.where(seen, self._measured_prior, 1), total)
+
+    def measured(self) -> bool:
+        return bool(self._measured_prior.sum() > 0)
+
+    def remaining(self) -> float:
+        """Estimated milliseconds of the rows not yet in a task."""
+        return float(self._left @ self.scale())
+
+    def next_task(self) -> Task | None:
+        """The next task, or None when every row is in one."""
+        total = len(self._prior)
+        if self._cursor >= total:
+            return None
+        scale = self.scale()
+        budget = task_budget(self.remaining(), self._cpus) if self.measured() else FIRST_TASK_MS
+        start, window = self._cursor, WINDOW
+        while True:
+            stop = min(total, start + window)
+            spent = np.cumsum(self._prior[start:stop] * scale[self._kind[start:stop]])
+            taken = int(np.searchsorted(spent, budget, side="right"))
+            if taken < stop - start or stop == total:
+                break
+            window *= 4
+        taken = max(1, taken)
+        end = start + taken
+        self._cursor = end
+        self._left -= np.bincount(self._kind[start:end], self._prior[start:end], self._kinds)
+        return Task(self._pieces(start, end), float(spent[taken - 1]), start, end)
+
+    def _pieces(self, start: int, end: int) -> tuple[Piece, ...]:
+        groups = self._group[start:end]
+        bounds = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), end - start]
+        pieces = []
+        for first, after in itertools.pairwise(bounds):
+            group = int(groups[first])
+            offset = int(self._group_start[group])
+            piece_stop = start + after - offset
+            last = piece_stop == int(self._lengths[group])
+            pieces.append(Piece(group, start + first - offset, piece_stop, last))
+        return tuple(pieces)
+
+    def observe(self, task: Task, milliseconds: np.ndarray) -> None:
+        """What `task`'s rows took, in order (N,): the sizes of the tasks cut from now on."""
+        kinds = self._kind[task.start : task.stop]
+        self._measured += np.bincount(kinds, np.asarray(milliseconds, np.float64), self._kinds)
+        self._measured_prior += np.bincount(kinds, self._prior[task.start : task.stop],
+                                            self._kinds)  # fmt: skip
