@@ -107,7 +107,7 @@ def test_a_run_ends_with_a_summary_and_warns_when_an_epoch_drops_images(tmp_path
     assert "write.quality: 95 -> 80" in again.stderr, again.stderr
 
 
-HEAVY = ("ray", "torch", "pyvips", "webdataset", "diffusers")  # seconds to import, together
+HEAVY = ("ray", "torch", "pyvips", "cv2", "webdataset", "diffusers")  # seconds to import, together
 
 
 @pytest.mark.parametrize("script", ["jobs/prepare.py", "trainer/train.py", "trainer/sample.py"])
