@@ -69,7 +69,7 @@ def distinct_files(workdir: Path, tiny: bool) -> list[Path]:
 def corpus(workdir: Path, count: int, tiny: bool) -> Path:
     """count images (and their captions) as hard links to the distinct files."""
     folder = workdir / f"{'tiny' if tiny else 'jpeg'}-{count}"
-    marker = folder / ".complete"
+    marker = workdir / f"{folder.name}.complete"
     if marker.exists():
         return folder
     files = distinct_files(workdir, tiny)
@@ -241,8 +241,8 @@ def main() -> None:
               f"{per_core:7.2f}x {naive_ratio:6.2f}x {result['driver_rss'] / 2**20:6.0f} MiB "
               f"{result['worker_rss'] / 2**20:6.0f}/{result['worker_pss'] / 2**20:.0f} MiB",
               flush=True)  # fmt: skip
-        stages = ", ".join(f"{name} {stage['seconds']:.1f} s"
-                           for name, stage in result["stages"].items())  # fmt: skip
+        ordered = sorted(result["stages"].items(), key=lambda item: item[1]["started"])
+        stages = ", ".join(f"{name} {stage['seconds']:.1f} s" for name, stage in ordered)
         if stages:
             print(f"             stages: {stages}", flush=True)
     if len(results) > 1:

@@ -36,7 +36,7 @@ def map_unordered(
     tasks: Iterable[tuple[object, tuple]],
     *,
     description: str,
-    total_items: int,
+    total_items: int | None,
     items_of: Callable[[object], int],
     max_in_flight: int | None = None,
     max_retries: int = 3,
@@ -46,7 +46,8 @@ def map_unordered(
 
     `tasks` is read as slots free up, so it may size each task from the results yielded
     before (work_plan.py). At most `max_in_flight` tasks are submitted at once;
-    `items_of(result)` advances the progress bar, which counts images (`total_items`).
+    `items_of(result)` advances the progress bar, which counts files (of `total_items`, when
+    known).
     """
     remote = ray.remote(_timed).options(max_retries=max_retries, retry_exceptions=[OSError])
     limit = max_in_flight or default_in_flight()

@@ -47,7 +47,8 @@ from pipeline.sources import (
     check_input,
     check_separate,
     input_root,
-    list_input,
+    list_folders,
+    list_level,
 )
 from pipeline.work_plan import FIRST_TASK_MS, WorkPlan, estimate_cost, heaviest_first
 
@@ -81,7 +82,7 @@ def run(config: PrepareConfig) -> dict:
     check_separate(config.input, config.output)
     stages = Stages()
     with stages.stage("list") as listed:
-        listing = list_input(config.input)
+        listing = _list(config.input, config)
         listed["items"] = len(listing)
     if not len(listing.filter(pc.is_null(listing["reject"]))):
         raise UsageError(
@@ -224,6 +225,38 @@ def _clear(out: OutputDir) -> None:
     ):
         out.delete(out.path(name))
     out.delete_temporaries()
+
+
+LIST_DEPTH = 2  # levels the driver lists itself looking for folders to share out
+
+
+def _list(uri: str, config: PrepareConfig) -> pa.Table:
+    """The input's listing, sorted by source: the top levels listed here until there are
+    folders enough for every CPU (a tree under one images/ folder is looked into), the folders
+    below them listed by tasks, several per CPU."""
+    rows, folders = list_level(uri)
+    tables, cpus = [rows], cluster_cpus()
+    for _ in range(LIST_DEPTH):
+        if len(folders) >= 2 * cpus:
+            break
+        deeper = []
+        for folder in folders:
+            rows, below = list_level(uri, folder)
+            tables.append(rows)
+            deeper += below
+        folders = deeper
+    if folders:
+        chunks = np.array_split(np.array(folders, dtype=object), min(len(folders), 4 * cpus))
+        for _, table, _ in map_unordered(
+            list_folders,
+            ((None, (uri, chunk.tolist())) for chunk in chunks),
+            description="list",
+            total_items=None,
+            items_of=len,
+            max_in_flight=config.max_in_flight,
+        ):
+            tables.append(table)
+    return pa.concat_tables(tables).sort_by("source")
 
 
 def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table:

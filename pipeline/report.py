@@ -138,7 +138,7 @@ def _timing_lines(stages: dict[str, dict]) -> list[str]:
     if not stages:
         return []
     parts = []
-    for name, stage in stages.items():
+    for name, stage in sorted(stages.items(), key=lambda item: item[1]["started"]):
         rate = ""
         if stage["items"] and stage["seconds"] > 0:
             unit = "files" if name in ("list", "scan") else "images"

@@ -16,7 +16,6 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import PurePosixPath
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -121,7 +120,7 @@ def check_input(uri: str) -> None:
 
 def _has_image_file(root: str) -> bool:
     for _, _, files in os.walk(root):
-        if any(_extension(name) in IMAGE_EXTENSIONS for name in files):
+        if any(_split_extension(name)[1] in IMAGE_EXTENSIONS for name in files):
             return True
     return False
 
@@ -148,35 +147,59 @@ def check_separate(input_uri: str, output_uri: str) -> None:
 
 
 def list_input(uri: str) -> pa.Table:
-    """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source.
+    """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source, listed
+    in this process (the job shares the folders out: `list_level`, `list_folders`)."""
+    rows, folders = list_level(uri)
+    return pa.concat_tables([rows, list_folders(uri, folders)]).sort_by("source")
 
-    A tree is walked one directory at a time (sidecars sit beside their images) and rows go
-    to Arrow in chunks, so the Python objects alive at once stay few whatever the file count.
-    """
+
+def list_level(uri: str, folder: str = "") -> tuple[pa.Table, list[str]]:
+    """One level of the input tree: the files directly in `folder` (relative to the input, ''
+    for its top) as listing rows, and its subfolders, relative too, to list apart. A listing
+    file is all rows and no folders."""
     if _is_listing_file(uri):
-        return _read_listing_file(uri).sort_by("source")
+        return _read_listing_file(uri), []
     filesystem, path = split_uri(input_root(uri).uri)
     if isinstance(filesystem, pafs.LocalFileSystem):
-        directories = _walk_local(path)
+        entries, folders = _local_level(path, folder)
     else:
-        directories = _walk_remote(filesystem, path)
-    rows = (row for entries in directories for row in _pair_captions(entries))
+        entries, folders = _remote_level(filesystem, path, folder)
+    return _rows(_pair_captions(entries)), folders
+
+
+def list_folders(uri: str, folders: list[str]) -> pa.Table:
+    """Every file under each of `folders` (relative to the input tree), as listing rows; a
+    unit of work of the job's list stage."""
+    filesystem, path = split_uri(input_root(uri).uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        directories = (entries for folder in folders for entries in _walk_local(path, folder))
+    else:
+        directories = (entries for folder in folders
+                       for entries in _walk_remote(filesystem, path, folder))  # fmt: skip
+    return _rows(row for entries in directories for row in _pair_captions(entries))
+
+
+def _rows(rows: Iterator[dict]) -> pa.Table:
+    """Rows to Arrow in chunks: the Python objects alive at once stay few whatever the count."""
     batches = []
     while chunk := list(itertools.islice(rows, 8192)):
         batches.append(pa.RecordBatch.from_pylist(chunk, schema=LISTING_SCHEMA))
-    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA).sort_by("source")
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
 
 
-def _walk_local(root: str) -> Iterator[list[dict]]:
-    """Regular files under root, a directory at a time; directory links are not followed and
-    file links must stay inside the root."""
+def _local_level(root: str, folder: str) -> tuple[list[dict], list[str]]:
+    """The regular files directly in root/folder and its subfolders. Directory links are not
+    followed and file links must stay inside the root."""
     real_root = os.path.realpath(root)
-    for directory, subdirectories, files in os.walk(root, followlinks=False):
-        subdirectories.sort()
-        entries = []
-        for name in sorted(files):
-            full = os.path.join(directory, name)
-            source = PurePosixPath(os.path.relpath(full, root)).as_posix()
+    prefix = f"{folder}/" if folder else ""
+    entries, folders = [], []
+    with os.scandir(os.path.join(root, folder) if folder else root) as scanned:
+        for entry in scanned:
+            source = prefix + entry.name
+            if _is_folder(entry):  # a link to a folder too, which is not followed
+                if not entry.is_symlink():
+                    folders.append(source)
+                continue
             try:
                 source.encode()
             except UnicodeEncodeError:  # bytes Python could not decode: an old archive's name
@@ -185,19 +208,36 @@ def _walk_local(root: str) -> Iterator[list[dict]]:
                     {"source": shown} | reject(Reason.BAD_NAME, "the file name is not UTF-8")
                 )
                 continue
-            entries.append({"source": source} | _local_entry(full, real_root))
+            entries.append({"source": source} | _local_entry(entry, real_root))
+    return entries, sorted(folders)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: not a folder; the file's stat says what it is
+        return False
+
+
+def _walk_local(root: str, folder: str) -> Iterator[list[dict]]:
+    """The files of root/folder and of every folder under it, a folder at a time (sidecars sit
+    beside their images)."""
+    stack = [folder]
+    while stack:
+        entries, folders = _local_level(root, stack.pop())
         yield entries
+        stack += reversed(folders)
 
 
-def _local_entry(full: str, real_root: str) -> dict:
+def _local_entry(entry: os.DirEntry, real_root: str) -> dict:
     """A local file's size and mtime, or why it cannot be an input."""
     try:
-        info = os.stat(full)  # follows a link: a loop or dangling link raises here
+        info = entry.stat()  # follows a link: a loop or dangling link raises here
     except OSError as error:
         return reject(Reason.UNREADABLE, f"cannot stat: {error.strerror}")
     if (
-        os.path.islink(full)
-        and os.path.commonpath([real_root, os.path.realpath(full)]) != real_root
+        entry.is_symlink()
+        and os.path.commonpath([real_root, os.path.realpath(entry.path)]) != real_root
     ):
         return reject(Reason.OUTSIDE_ROOT, "symlink points outside the input root")
     if not stat.S_ISREG(info.st_mode):
@@ -205,9 +245,24 @@ def _local_entry(full: str, real_root: str) -> dict:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
-def _walk_remote(filesystem: pafs.FileSystem, root: str) -> Iterator[list[dict]]:
-    """An object store's files under root, grouped by their folder."""
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+def _remote_level(
+    filesystem: pafs.FileSystem, root: str, folder: str
+) -> tuple[list[dict], list[str]]:
+    """An object store's files directly under root/folder, and its folders (common prefixes)."""
+    base = f"{root.rstrip('/')}/{folder}" if folder else root.rstrip("/")
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    start = len(root.rstrip("/")) + 1
+    entries = [{"source": i.path[start:], "size": i.size, "mtime_ns": i.mtime_ns}
+               for i in infos if i.type == pafs.FileType.File]  # fmt: skip
+    folders = sorted(i.path[start:] for i in infos if i.type == pafs.FileType.Directory)
+    return entries, folders
+
+
+def _walk_remote(filesystem: pafs.FileSystem, root: str, folder: str) -> Iterator[list[dict]]:
+    """An object store's files under root/folder, grouped by their folder: one recursive
+    listing (a prefix of paged LIST requests), not a request per folder."""
+    base = f"{root.rstrip('/')}/{folder}"
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     files = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
     start = len(root.rstrip("/")) + 1
     for _, group in itertools.groupby(files, key=lambda file: file[0].rsplit("/", 1)[0]):
@@ -221,20 +276,21 @@ def _pair_captions(entries: list[dict]) -> Iterator[dict]:
 
     Sidecar extensions match in any case (`photo.TXT`), as image extensions do.
     """
-    by_source = {entry["source"]: entry for entry in entries}
+    split = {entry["source"]: _split_extension(entry["source"]) for entry in entries}
     sidecars = {
-        (_stem(source), _extension(source)): entry
-        for source, entry in by_source.items()
-        if _extension(source) in CAPTION_EXTENSIONS
+        (stem, extension): entry
+        for entry in entries
+        for stem, extension in [split[entry["source"]]]
+        if extension in CAPTION_EXTENSIONS
     }
-    image_stems = {_stem(source) for source in by_source if _extension(source) in IMAGE_EXTENSIONS}
-    for source, entry in by_source.items():
-        extension = _extension(source)
+    image_stems = {stem for stem, extension in split.values() if extension in IMAGE_EXTENSIONS}
+    for entry in entries:
+        stem, extension = split[entry["source"]]
         if entry.get("reject"):
             yield entry
         elif extension in IMAGE_EXTENSIONS:
             for caption_extension in CAPTION_EXTENSIONS:
-                sidecar = sidecars.get((_stem(source), caption_extension))
+                sidecar = sidecars.get((stem, caption_extension))
                 if sidecar and not sidecar.get("reject"):
                     entry |= {
                         "caption_source": sidecar["source"],
@@ -244,7 +300,7 @@ def _pair_captions(entries: list[dict]) -> Iterator[dict]:
                     break
             yield entry
         elif extension in CAPTION_EXTENSIONS:
-            if _stem(source) not in image_stems:
+            if stem not in image_stems:
                 yield entry | reject(
                     Reason.ORPHAN_CAPTION, "caption file without an image of the same name"
                 )
@@ -254,12 +310,14 @@ def _pair_captions(entries: list[dict]) -> Iterator[dict]:
             )
 
 
-def _extension(source: str) -> str:
-    return PurePosixPath(source).suffix.lower()
-
-
-def _stem(source: str) -> str:
-    return source[: len(source) - len(PurePosixPath(source).suffix)]
+def _split_extension(source: str) -> tuple[str, str]:
+    """(source without its extension, the extension in lower case), as pathlib's suffix has it
+    ('.hidden' and 'name.' have none), without a path object per file."""
+    name_start = source.rfind("/") + 1
+    dot = source.rfind(".")
+    if dot <= name_start or dot == len(source) - 1:
+        return source, ""
+    return source[:dot], source[dot:].lower()
 
 
 def _read_listing_file(uri: str) -> pa.Table:

@@ -14,14 +14,17 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from conftest import SMALL_BUCKETS
 from images import all_modes, rgb, save
 from PIL import Image
 
+import pipeline.prepare as prepare_module
 from pipeline.buckets import bucket_aspects
 from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.fit import fit
 from pipeline.plan import plan_epoch
 from pipeline.prepare import run
+from pipeline.sources import list_input
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -310,6 +313,26 @@ def test_file_urls_for_input_and_output(corpus, tmp_path):
     manifest = prepare(f"file://{corpus / 'many'}", f"file://{output}")
     assert manifest.counts["images"] == 12
     assert {row["source"] for row in index_of(output)} == {f"landscape {i}.jpg" for i in range(12)}
+
+
+def test_a_deep_tree_is_listed_by_tasks_as_one_process_lists_it(tmp_path):
+    """The job lists the top levels itself, two deep when there are few folders, and shares the
+    folders below out to tasks: the same rows as one process walking the tree, every folder's
+    captions paired, every image in the index."""
+    root = tmp_path / "tree"
+    folders = ["", "a", "a/b", "a/b/c", *[f"a/b/d{j}" for j in range(6)], "a/b/d0/e/f"]
+    for i, folder in enumerate(folders):
+        save(rgb(96 + i, 64, i), root / folder / f"img{i}.jpg")
+        (root / folder / f"img{i}.txt").write_text(f"caption {i}")
+    (root / "a" / "b" / "d3" / "orphan.txt").write_text("no image")
+    listed = prepare_module._list(str(root), PrepareConfig(input=str(root), output="unused"))
+    assert listed.equals(list_input(str(root)))
+    output = tmp_path / "out"
+    prepare(root, output, buckets=SMALL_BUCKETS)
+    captions = {row["source"]: row["caption"] for row in index_of(output)}
+    assert captions == {f"{folder}/img{i}.jpg".lstrip("/"): f"caption {i}"
+                        for i, folder in enumerate(folders)}  # fmt: skip
+    assert rejects_of(output) == {"a/b/d3/orphan.txt": "orphan_caption"}
 
 
 def test_index_lists_shards_in_the_manifests_order(prepared):

@@ -4,6 +4,7 @@ schedule they give a cluster whose real costs are far from the prior."""
 from __future__ import annotations
 
 import heapq
+import itertools
 
 import numpy as np
 from hypothesis import given, settings
@@ -59,7 +60,7 @@ def test_every_row_once_in_group_order_and_each_group_closed_once(layout):
     assert all(p.stop > p.start for task in tasks for p in task.pieces)
     positions = [(task.start, task.stop) for task in tasks]
     assert positions[0][0] == 0 and positions[-1][1] == len(prior)
-    assert all(a[1] == b[0] for a, b in zip(positions, positions[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(positions))
 
 
 @given(layouts())
