@@ -244,7 +244,13 @@ def main() -> None:
         ordered = sorted(result["stages"].items(), key=lambda item: item[1]["started"])
         stages = ", ".join(f"{name} {stage['seconds']:.1f} s" for name, stage in ordered)
         if stages:
-            print(f"             stages: {stages}", flush=True)
+            work = result["stages"]["fit"].get("image_seconds")
+            share = (
+                f"; the images themselves {work / (args.cpus * result['fit_seconds']):.0%} of the fit stage's CPUs"
+                if work
+                else ""
+            )
+            print(f"             stages: {stages}{share}", flush=True)
     if len(results) > 1:
         small, large = min(results), max(results)
         rates = {n: results[n]["images"] / results[n]["seconds"] for n in (small, large)}

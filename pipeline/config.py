@@ -99,7 +99,12 @@ class PrepareConfig:
         "image's latents too (pipeline/latents.py)",
         group=OUTPUT,
     )
-    files_per_scan_task: int = option(500, "files whose headers one scan task reads", group=RAY)
+    files_per_scan_task: int = option(
+        500,
+        "files whose headers each of the first scan tasks reads; later tasks are sized from the "
+        "time those took",
+        group=RAY,
+    )
     max_in_flight: int | None = option(
         None, "tasks submitted at once (none: two per cluster CPU)", group=RAY
     )

@@ -111,7 +111,7 @@ def run(config: PrepareConfig) -> dict:
     scanned_keys = np.sort(_keys(scanned["key"]))
     del scanned
     with stages.stage("fit") as fitted:
-        fitted["items"] = _write(shards, accepted, root, out, config)
+        fitted["items"], fitted["image_seconds"] = _write(shards, accepted, root, out, config)
     del accepted
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
     manifest = _finish(
@@ -129,7 +129,7 @@ def _write(shards: list[Shard], accepted: pa.Table, root: InputRoot, out: Output
     finished = set(out.list_names("shards", ".tar"))
     todo = [shard for shard in shards if shard.name not in finished]
     if not todo:
-        return 0
+        return 0, 0.0
     pixels = pc.multiply(accepted["width"].cast(pa.int64()), accepted["height"].cast(pa.int64()))
     formats = accepted["format"].to_numpy(zero_copy_only=False)
     prior, kinds = estimate_cost(pixels.to_numpy(), formats)
@@ -143,8 +143,12 @@ def _write(shards: list[Shard], accepted: pa.Table, root: InputRoot, out: Output
             groups, last = [p.group for p in task.pieces], [p.last for p in task.pieces]
             yield task, (tables, root, config.write), groups, last
 
+    image_seconds = 0.0
+
     def fitted(task, milliseconds: np.ndarray) -> int:
+        nonlocal image_seconds
         plan.observe(task, milliseconds)
+        image_seconds += float(milliseconds.sum()) / 1000
         return len(milliseconds)
 
     images = sum(len(rows) for rows in shard_rows)
@@ -158,7 +162,7 @@ def _write(shards: list[Shard], accepted: pa.Table, root: InputRoot, out: Output
         max_in_flight=config.max_in_flight,
     )
     collections.deque(results, maxlen=0)  # run them all; results are in the shards' parts
-    return images
+    return images, image_seconds
 
 
 def _keys(column: pa.ChunkedArray) -> np.ndarray:

@@ -60,7 +60,11 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
     """(tar members by extension, index fields); raises Rejected for an unusable image or
     caption. A local image is read only as far as its decoder needs."""
     bucket = (row["bucket_width"], row["bucket_height"])
-    rng = np.random.default_rng([options.seed, int(row["key"], 16)])
+    rng = (
+        np.random.default_rng([options.seed, int(row["key"], 16)])
+        if options.crop == "random"
+        else None
+    )
     try:
         caption = _read_caption(row, root)
         source = root.local_path(row["source"]) or root.read_bytes(row["source"])
@@ -72,7 +76,7 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         fitted = fitted_image(source, bucket, options.crop, rng, options.background)
     except Exception as error:  # any decoder failure on a corrupt file is that file's alone
         raise Rejected(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
-    header, image = fitted.header, fitted.image
+    header, pixels = fitted.header, fitted.pixels
     if (header.width, header.height, header.orientation) != (
         row["width"],
         row["height"],
@@ -85,8 +89,8 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         )
     fields = {
         "caption": caption,
-        "stored_width": image.width,
-        "stored_height": image.height,
+        "stored_width": pixels.shape[1],
+        "stored_height": pixels.shape[0],
         "crop_left": fitted.crop[0],
         "crop_top": fitted.crop[1],
         "note": fitted.note,
@@ -94,7 +98,7 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
     described = row | fields
     metadata = {name: described[name] for name in JSON_MEMBER_FIELDS}
     members = {
-        options.image_format: encode(image, options.image_format, options.quality),
+        options.image_format: encode(pixels, options.image_format, options.quality),
         "json": json.dumps(metadata, sort_keys=True).encode(),
         "txt": (caption or "").encode(),  # always there: plain webdataset tuples need it
     }
