@@ -245,11 +245,8 @@ def main() -> None:
         stages = ", ".join(f"{name} {stage['seconds']:.1f} s" for name, stage in ordered)
         if stages:
             work = result["stages"]["fit"].get("image_seconds")
-            share = (
-                f"; the images themselves {work / (args.cpus * result['fit_seconds']):.0%} of the fit stage's CPUs"
-                if work
-                else ""
-            )
+            cpu_seconds = args.cpus * result["fit_seconds"]
+            share = f"; images {work / cpu_seconds:.0%} of the fit stage's CPU" if work else ""
             print(f"             stages: {stages}{share}", flush=True)
     if len(results) > 1:
         small, large = min(results), max(results)
