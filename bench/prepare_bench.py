@@ -152,7 +152,7 @@ def job_once(input_folder: Path, cpus: int, tiny: bool = False) -> dict:
     """The whole job in a fresh process with a local Ray of `cpus` CPUs; peak memory of its tree."""
     output = input_folder.parent / f"out-{input_folder.name}-{cpus}"
     command = [sys.executable, __file__, "--job", str(input_folder), str(output), str(cpus)]
-    watched = watch([*command, *(["--tiny-buckets"] if tiny else [])], interval=0.2)
+    watched = watch([*command, *(["--tiny-buckets"] if tiny else [])], interval=0.5)
     if watched.returncode:
         raise RuntimeError(f"job failed with {watched.returncode}: {watched.stderr[-2000:]}")
     result = json.loads(watched.stdout.strip().splitlines()[-1])

@@ -4,13 +4,14 @@ the same run.
     python bench/scale_bench.py                                 # 10k and 100k small JPEGs, ~25 min
     python bench/scale_bench.py --sizes 10000 1000000 --tiny    # 1M thumbnails, ~30 min
     python bench/scale_bench.py --sizes 10000 --ray-data        # and a plain Ray Data pipeline
+                                                  # (pip install -e '.[bench]': Ray Data's needs)
 
 The corpus costs no disk: 24 distinct photo-like JPEGs (512x384 to 800x600, each with a .txt
 caption) hard-linked under N names in folders of 1,000, made once into --workdir. `--tiny` makes
 them 128x96-class thumbnails with buckets to match, so that a million fit in half an hour here.
 
 For each N, the job as users run it (jobs/prepare.py, an embedded local Ray of --cpus CPUs,
-default settings, --batch-size 32 --world-size 8), watched from /proc every half second:
+default settings, --batch-size 32 --world-size 8), watched from /proc every second:
 - images/s over the whole job, and over its fit stage (stats.json's stage timings);
 - utilisation during fit: CPU seconds of all the job's processes / (CPUs x the stage's wall);
 - peak RSS of the driver and of the largest worker (and its PSS: the object store's shared
@@ -19,8 +20,9 @@ default settings, --batch-size 32 --world-size 8), watched from /proc every half
   (libvips thumbnail to the bucket + JPEG q95, nothing else), and the whole job against the naive
   one-process Pillow loop (open, RGB, Lanczos, centre crop, q95), both timed here on a sample of
   the same files.
-Then the ratios the issue asks for: throughput at the largest N against the smallest, and the
-driver's bytes per image between them.
+Then the largest corpus's listing by the job against one process walking it alone, the scan's
+files/s per CPU, throughput at the largest N against the smallest, and the driver's bytes per
+image between them.
 """
 
 from __future__ import annotations
@@ -203,6 +205,26 @@ def run_ray_data(folder: Path, cpus: int, tiny: bool) -> dict:
                      "worker_rss": watched.worker_rss}  # fmt: skip
 
 
+def listing_and_scan(args: argparse.Namespace, results: dict) -> None:
+    """The largest corpus's listing by the job (its folders shared out to tasks) against one
+    process walking it alone, and the scan's files/s per CPU."""
+    from pipeline.sources import list_input
+
+    count = max(results)
+    stages = results[count]["stages"]
+    if "list" not in stages:
+        return
+    folder = corpus(args.workdir, count, args.tiny)
+    start = time.perf_counter()
+    entries = len(list_input(str(folder)))
+    alone = time.perf_counter() - start
+    job = stages["list"]["seconds"]
+    scan_rate = stages["scan"]["items"] / stages["scan"]["seconds"] / args.cpus
+    print(f"listing {count:,} images ({2 * count:,} files with their captions): the job "
+          f"{job:.1f} s ({entries / job:,.0f} images/s), one process alone {alone:.1f} s: "
+          f"{alone / job:.2f}x; scan {scan_rate:,.0f} files/s per CPU")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -248,6 +270,7 @@ def main() -> None:
             cpu_seconds = args.cpus * result["fit_seconds"]
             share = f"; images {work / cpu_seconds:.0%} of the fit stage's CPU" if work else ""
             print(f"             stages: {stages}{share}", flush=True)
+    listing_and_scan(args, results)
     if len(results) > 1:
         small, large = min(results), max(results)
         rates = {n: results[n]["images"] / results[n]["seconds"] for n in (small, large)}

@@ -5,7 +5,7 @@ Core modules (NumPy only, no Ray, no torch, no I/O):
     fit         the resize size and crop box that fit an image to its bucket
     plan        the per-epoch sharding plan: each rank's single-resolution batches
     shard_plan  which images go into which bucket-homogeneous shard
-    work_plan   fit tasks of bounded cost, decoupled from shards
+    work_plan   tasks of bounded real duration, sized by what the run measures
 
 The job around them (README's Layout table has one line a module): sources and scan read the
 inputs, imaging decodes and fits, shard_writer writes, distributor is the Ray layer, prepare

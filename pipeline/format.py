@@ -131,9 +131,14 @@ def is_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8"
 
 
-def write_tar(stream: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
+def write_tar(
+    stream: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]
+) -> dict[str, tuple[int, int]]:
     """(key, {extension: bytes}) samples as members KEY.EXTENSION, samples in the order given,
-    extensions sorted (WebDataset's TarWriter's layout), with TAR_MTIME, TAR_OWNER, TAR_MODE."""
+    extensions sorted (WebDataset's TarWriter's layout), with TAR_MTIME, TAR_OWNER, TAR_MODE.
+    Returns each member's (data offset, size), known as it is written: the tar is never read
+    back (on an object store that was a ranged read per member)."""
+    offsets = {}
     with tarfile.open(fileobj=stream, mode="w|") as tar:
         for key, members in samples:
             for extension in sorted(members):
@@ -142,6 +147,9 @@ def write_tar(stream: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]])
                 info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
                 info.uname = info.gname = TAR_OWNER
                 tar.addfile(info, io.BytesIO(data))
+                padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                offsets[info.name] = (tar.offset - padded, len(data))  # after its header(s)
+    return offsets
 
 
 @dataclass(frozen=True)
@@ -225,17 +233,9 @@ class OutputDir:
         is finished once its tar has its final name."""
         temporary = self.temporary(tar_path)
         with self.filesystem.open_output_stream(temporary) as stream:
-            write_tar(stream, samples)
-        self.write_table(part_path, part_of(self._member_offsets(temporary)))
+            offsets = write_tar(stream, samples)
+        self.write_table(part_path, part_of(offsets))
         self.commit(temporary, tar_path)
-
-    def _member_offsets(self, path: str) -> dict[str, tuple[int, int]]:
-        """Member name -> (data offset, size), from the tar's headers only."""
-        with (
-            self.filesystem.open_input_file(path) as stream,
-            tarfile.open(fileobj=stream, mode="r:") as tar,
-        ):
-            return {member.name: (member.offset_data, member.size) for member in tar}
 
     def list_names(self, folder: str, suffix: str) -> list[str]:
         """Stems of the finished files in `folder` ending in `suffix`, temporaries excluded."""

@@ -3,7 +3,9 @@ list -> scan -> assign -> plan shards -> write -> index -> report -> manifest.
 
 `run(config)` expects Ray to be started (jobs/prepare.py starts or joins a cluster). The
 driver holds the listing and compact per-image columns (sizes, bucket ids, keys), never pixels
-or captions' files; images are read, fitted and written by Ray tasks, one task per shard.
+or captions' files. Folders are listed, headers scanned and images fitted by Ray tasks sized by
+what the run measures (work_plan.py: a few seconds each, whatever the number of images); each
+shard is written by one task once the fit tasks holding its pieces are done.
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
         (task, (listing.slice(task.start, task.stop - task.start), root, config.max_pixels))
         for task in iter(plan.next_task, None)
     )
-    tables = []
+    tables = {}
     for task, table, milliseconds in map_unordered(
         scan_batch,
         tasks,
@@ -284,14 +286,14 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
         max_in_flight=config.max_in_flight,
     ):
         plan.observe(task, np.full(len(table), milliseconds / max(1, len(table))))
-        tables.append(table)
-    return pa.concat_tables(tables).sort_by("source")
+        tables[task.start] = table
+    # the listing's order (by source) without a sorted copy: tasks are slices of it
+    return pa.concat_tables([tables[start] for start in sorted(tables)])
 
 
 def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """(accepted images with their bucket columns, rejections so far, the bucket list)."""
-    failed = scanned.filter(pc.is_valid(scanned["reject"]))
-    candidates = scanned.filter(pc.is_null(scanned["reject"]))
+    failed, candidates = _split(scanned, pc.is_null(scanned["reject"]).combine_chunks())
     width = candidates["width"].to_numpy(zero_copy_only=False).astype(np.int64)
     height = candidates["height"].to_numpy(zero_copy_only=False).astype(np.int64)
     buckets, index, aspect_error = bucketize(width, height, config.buckets)
@@ -318,18 +320,25 @@ def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Tabl
         for i in np.flatnonzero(failed_check):
             reasons[i], messages[i] = reason.value, message(i)
     ok = reasons == None  # noqa: E711 (element-wise comparison)
-    accepted = candidates.filter(pa.array(ok))
+    rejected, accepted = _split(candidates, pa.array(ok.astype(bool)))
     for name, values in zip(BUCKET_COLUMNS, (index, bucket_w, bucket_h, aspect_error), strict=True):
         column_type = pa.float64() if name == "aspect_error" else pa.int32()
         accepted = accepted.append_column(name, pa.array(values[ok], column_type))
-    rejected = candidates.filter(pa.array(~ok))
     rejects = pa.concat_tables(
         [
             rejects_table(failed, failed["reject"], failed["message"]),
             rejects_table(rejected, reasons[~ok], messages[~ok]),
         ]
     )
-    return accepted.sort_by("key"), rejects, buckets
+    return accepted, rejects, buckets
+
+
+def _split(table: pa.Table, kept: pa.BooleanArray) -> tuple[pa.Table, pa.Table]:
+    """(rows not kept, rows kept): without a copy of the table when every row is kept, as
+    nearly every row is (at a million images a copy is a hundred megabytes)."""
+    if pc.all(kept).as_py() is not False:
+        return table.schema.empty_table(), table
+    return table.filter(pc.invert(kept)), table.filter(kept)
 
 
 def _finished_shards(out: OutputDir) -> dict[str, np.ndarray]:

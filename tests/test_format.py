@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,6 +132,15 @@ def test_tars_are_laid_out_as_webdatasets_writer_lays_them_out():
         writer.write({"__key__": key, **members})
     writer.close()
     assert ours.getvalue() == theirs.getvalue()
+
+
+def test_member_offsets_are_those_a_tar_reader_finds_even_after_extended_headers():
+    samples = [*SAMPLES, ("k" * 150, {"txt": b"a long name needs an extended header"})]
+    stream = io.BytesIO()
+    offsets = write_tar(stream, samples)
+    stream.seek(0)
+    with tarfile.open(fileobj=stream) as tar:
+        assert offsets == {member.name: (member.offset_data, member.size) for member in tar}
 
 
 def test_a_shards_part_points_at_its_members_and_is_committed_first(tmp_path):

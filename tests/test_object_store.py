@@ -1,0 +1,82 @@
+"""The prepare job reading its input from an object store: a real S3-protocol server (moto's,
+on 127.0.0.1), the input tree's folders listed by tasks, headers read by ranged reads."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from conftest import SMALL_BUCKETS, ray_started
+from images import rgb
+
+import pipeline.prepare as prepare_module
+from pipeline.config import PrepareConfig
+from pipeline.prepare import run
+from pipeline.sources import list_input
+
+FOLDERS = ["", "a", *[f"a/{name}" for name in "bcdef"], "a/b/deeper"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bucket_uri():
+    """s3://inputs/tree on a moto server (the endpoint in the URI, the credentials in the
+    environment, as users give them), and a local Ray started after them."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    client.create_bucket(Bucket="inputs")
+    for i, folder in enumerate(FOLDERS):
+        prefix = f"tree/{folder}/".replace("//", "/")
+        data = io.BytesIO()
+        rgb(96 + i, 64, i).save(data, "JPEG", quality=90)
+        client.put_object(Bucket="inputs", Key=f"{prefix}img{i}.jpg", Body=data.getvalue())
+        client.put_object(Bucket="inputs", Key=f"{prefix}img{i}.txt", Body=f"caption {i}".encode())
+    client.put_object(Bucket="inputs", Key="tree/a/c/notes.md", Body=b"not an image")
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    saved = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)  # as users give them; Ray's workers inherit them
+    try:
+        with ray_started():
+            yield f"s3://inputs/tree?{options}"
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def test_the_folders_of_a_prefix_are_listed_by_tasks_as_one_process_lists_them(bucket_uri):
+    listed = prepare_module._list(bucket_uri, PrepareConfig(input=bucket_uri, output="unused"))
+    assert listed.equals(list_input(bucket_uri))
+    sources = listed["source"].to_pylist()
+    assert sorted(sources) == sources
+    assert len(sources) == len(FOLDERS) + 1  # the images (sidecars join their rows), the stray
+    assert "a/b/deeper/img7.jpg" in sources
+
+
+def test_the_job_prepares_an_input_on_an_object_store(bucket_uri, tmp_path):
+    output = tmp_path / "out"
+    run(PrepareConfig(input=bucket_uri, output=str(output), buckets=SMALL_BUCKETS))
+    index = pq.read_table(output / "index.parquet").to_pylist()
+    captions = {row["source"]: row["caption"] for row in index}
+    assert captions == {f"{folder}/img{i}.jpg".lstrip("/"): f"caption {i}"
+                        for i, folder in enumerate(FOLDERS)}  # fmt: skip
+    rejects = pq.read_table(output / "rejects.parquet").to_pylist()
+    assert [(r["source"], r["reason"]) for r in rejects] == [("a/c/notes.md", "unsupported_format")]
