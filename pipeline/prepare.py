@@ -124,10 +124,12 @@ def run(config: PrepareConfig) -> dict:
     return manifest
 
 
-def _write(shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config) -> int:
+def _write(
+    shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config
+) -> tuple[int, float]:
     """Fit the images of every shard not finished yet, in tasks sized by what the tasks before
     them took (work_plan.py), and write each shard once all its pieces are fitted; returns the
-    images fitted."""
+    images fitted and the seconds the workers spent on them."""
     finished = set(out.list_names("shards", ".tar"))
     todo = [shard for shard in shards if shard.name not in finished]
     if not todo:
