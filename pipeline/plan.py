@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-_GLOBAL_SHUFFLE, _BATCH_ORDER = 1, 2  # tags that keep the two random streams independent
+_GLOBAL_SHUFFLE, _BATCH_ORDER, _SHARD_ORDER, _WINDOW_SEED = 1, 2, 3, 4  # independent streams
 
 
 class PlannedBatch(NamedTuple):
@@ -58,6 +58,8 @@ class RankPlan:
     dropped: int  # items left out of this epoch by truncation, the same on every rank
     catch_all_items: int  # this rank's items in catch-all batches
     catch_all_aspect_error: float  # their mean |bucket aspect - item aspect|; NaN if unknown
+    # The shard-aware shuffle's: the first step of each window of shards; None: one global plan
+    window_starts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -230,4 +232,61 @@ def epoch_use_warning(images: int, used: int, batch_size: int, world_size: int) 
     return (
         f"an epoch at batch size {batch_size} x world size {world_size} uses {used} of "
         f"{images} images: every rank needs whole batches"
+    )
+
+
+def plan_epoch_by_shards(
+    bucket_index: np.ndarray,
+    shard_index: np.ndarray,
+    window: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+) -> RankPlan:
+    """This rank's batches for `epoch`, drawn shard window by shard window: a shuffle a bounded
+    cache of remote shards can serve.
+
+    The shards (`shard_index` (N,) gives each item's) are shuffled from (seed, epoch) and cut
+    into windows of `window` shards; each window's items are planned with the source's seven
+    steps (`plan_epoch`, its own seed), and the windows' batches follow one another. So every
+    batch holds one bucket, every rank runs the same steps (each window gives every rank the
+    same count), and the steps of a window read at most `window` shards. The cost: each window
+    truncates to whole batches on every rank (at most world_size * batch_size - 1 items a
+    window, against that many an epoch), and its leftovers fill catch-all batches of their own.
+    With one window holding every shard this is `plan_epoch` itself.
+    """
+    bucket_index = _check_bucket_index(bucket_index)
+    window = _check_int("window", window, 1)
+    shard_index = np.asarray(shard_index)
+    if shard_index.shape != bucket_index.shape:
+        raise ValueError(f"shard_index must be ({len(bucket_index)},), got {shard_index.shape}")
+    shards = np.unique(shard_index)
+    if len(shards) <= window:
+        return plan_epoch(bucket_index, batch_size, world_size, rank, seed, epoch)
+    order = np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(len(shards))
+    place = np.empty(int(shards.max()) + 1, dtype=np.int64)
+    place[shards[order]] = np.arange(len(shards))  # each shard's position in the epoch
+    windows = (place[shard_index] // window).astype(np.min_scalar_type(len(shards) // window))
+    n_windows = int(windows.max()) + 1
+    ids = np.arange(len(bucket_index), dtype=_id_type(len(bucket_index)))
+    grouped, counts = _group_by_bucket(ids, windows, n_windows)  # each window's items, in order
+    plans, first = [], 0
+    for number, count in enumerate(counts):
+        members = grouped[first : first + count]
+        first += count
+        window_seed = int(np.random.SeedSequence([seed, epoch, _WINDOW_SEED, number])
+                          .generate_state(1, np.uint32)[0])  # fmt: skip
+        part = plan_epoch(bucket_index[members], batch_size, world_size, rank, window_seed, epoch)
+        plans.append((members[part.items], part))
+    steps = [len(part) for _, part in plans]
+    return RankPlan(
+        items=np.concatenate([items for items, _ in plans]).astype(ids.dtype, copy=False),
+        bucket=np.concatenate([part.bucket for _, part in plans]),
+        catch_all=np.concatenate([part.catch_all for _, part in plans]),
+        dropped=sum(part.dropped for _, part in plans),
+        catch_all_items=sum(part.catch_all_items for _, part in plans),
+        catch_all_aspect_error=float("nan"),
+        window_starts=np.concatenate(([0], np.cumsum(steps)[:-1])).astype(np.int64),
     )

@@ -1,11 +1,19 @@
-"""Shared test settings: hypothesis examples sized for a 2-core CI machine.
+"""Shared test settings: hypothesis examples sized for a 2-core CI machine, and the trainer's
+default cache (its index maps) in a temporary folder, for this process and what it starts.
 
 HYPOTHESIS_PROFILE=thorough runs twenty times as many examples.
 """
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+_CACHE = tempfile.mkdtemp(prefix="arb-tests-cache-")  # never $HOME/.cache
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 from hypothesis import settings
 

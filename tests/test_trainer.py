@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SMALL_BUCKETS, prepare_small, ray_started
@@ -173,7 +174,7 @@ def test_each_sample_is_a_bucket_sized_window_of_its_stored_image(dataset, reque
     data = PreparedData(prepared)
     batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=3)
     loader = make_loader(data, batches, num_workers=1)
-    rows = {row["key"]: row for row in data.index.to_pylist()}
+    rows = {row["key"]: row for row in pq.read_table(prepared / "index.parquet").to_pylist()}
     windows, resampled = defaultdict(set), 0
     for epoch in range(4):
         batches.set_epoch(epoch)
@@ -383,7 +384,7 @@ def test_two_ranks_train_sdxl_with_each_batchs_conditioning(prepared, tmp_path):
     )  # fmt: skip
     first, second = runs[0], runs[1]
     assert len(first) == len(second) > 4
-    rows = {row["key"]: row for row in PreparedData(prepared).index.to_pylist()}
+    rows = {row["key"]: row for row in pq.read_table(prepared / "index.parquet").to_pylist()}
     for a, b in zip(first, second, strict=True):
         assert a["weights"] == b["weights"], "the ranks' hypernetworks agree after every step"
         for entry in (a, b):

@@ -150,6 +150,22 @@ class Config(PromptOptions, CaptionOptions):
     ema_decay: float = option(0.9999, "the average's decay per optimizer step")
     seed: int = option(0, "data order, crops and the model's initialisation")
     num_workers: int = option(2, "DataLoader workers per rank (at most its cores minus one)")
+    shuffle: str = option(
+        "auto",
+        "global: the source's shuffle over the whole epoch; shards: windows of "
+        "--shuffle-window shards, which a bounded cache serves; auto: shards for remote "
+        "--data, else global",
+        ("auto", "global", "shards"),
+    )
+    shuffle_window: int = option(32, "shards a window of --shuffle shards draws its batches from")
+    cache_dir: str = option(
+        "",
+        "node-local folder for remote shards and the index maps (empty: "
+        "$XDG_CACHE_HOME/arb-train, else ~/.cache/arb-train)",
+    )
+    cache_limit: int = option(
+        20 * 10**9, "bytes of remote shards the cache keeps (least recently used go first)"
+    )
     checkpoint_every: int = option(100, "optimizer steps between checkpoints (and one at the end)")
     resume: bool = option(False, "continue from OUT_DIR/checkpoint.pt exactly where it stopped")
     log_every: int = option(10, "optimizer steps between log lines")
@@ -222,6 +238,8 @@ class Config(PromptOptions, CaptionOptions):
             "max_steps": (self.max_steps >= 0, "must be >= 0"),
             "lr": (self.lr > 0, "must be > 0"),
             "num_workers": (self.num_workers >= 0, "must be >= 0"),
+            "shuffle_window": (self.shuffle_window >= 1, "must be >= 1"),
+            "cache_limit": (self.cache_limit >= 1, "must be >= 1 (bytes)"),
             "checkpoint_every": (self.checkpoint_every >= 1, "must be >= 1"),
             "log_every": (self.log_every >= 1, "must be >= 1"),
             "lr_warmup_steps": (self.lr_warmup_steps >= 0, "must be >= 0"),

@@ -2,6 +2,11 @@
 
     data = PreparedData("OUT")                         # batches of pixels
     data = PreparedData("OUT", latents=fingerprint)    # the cached latents of that VAE
+    data = PreparedData("s3://bucket/OUT", cache=NodeCache("/local/cache", 50 * 2**30))
+
+The index is mapped from the node's cache (trainer/index_map.py): the processes of a node share
+one copy. Shards of a local OUT are read in place, a remote one's through the cache
+(trainer/storage.py).
 
 `Dataset` is what the sampler and the workers rely on; `PreparedData` is one prepared dataset,
 `trainer.mixture.Mixture` several with weights. Which latents a dataset serves is chosen when
@@ -10,17 +15,20 @@ it is opened (`latents_to_use` says which), never switched on later.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.errors import UsageError
-from pipeline.format import CROP_COLUMNS, INDEX_COLUMNS, Manifest, OutputDir
+from pipeline.format import Manifest, OutputDir
+from trainer.index_map import MappedIndex, column, shard_names
+from trainer.storage import DatasetFiles, FileRef, NodeCache, is_remote
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class Latents:
     a byte offset and a size."""
 
     info: dict
-    paths: list[Path]
+    paths: list[FileRef]
     shard: np.ndarray  # (N,) int
     offset: np.ndarray  # (N,) int64
     size: np.ndarray  # (N,) int64
@@ -42,7 +50,7 @@ class Columns:
     Pairs are (width, height)."""
 
     bucket: np.ndarray  # (N,) bucket id, into the dataset's `buckets`
-    shard_paths: list[Path]
+    shard_paths: list[FileRef]
     shard: np.ndarray  # (N,) file code into shard_paths
     image_offset: np.ndarray  # (N,) int64: where the image's bytes start in its tar
     image_size: np.ndarray  # (N,) int64
@@ -55,7 +63,7 @@ class Columns:
 class Dataset(Protocol):
     """What the loader reads: one prepared dataset or a mixture of several."""
 
-    root: Path
+    root: str
     buckets: np.ndarray  # (B, 2) int64: (width, height) of each bucket id, in aspect order
     columns: Columns
 
@@ -72,18 +80,33 @@ class Dataset(Protocol):
         ...
 
 
+def dataset_uri(root: str | Path) -> str:
+    """A --data as the cache names it: a URI as given, a local path made absolute."""
+    return str(root) if is_remote(str(root)) else str(Path(root).resolve())
+
+
 def read_manifest(root: str | Path) -> Manifest:
     """OUT's manifest; a UsageError saying what to do where there is none."""
-    manifest = Manifest.read(OutputDir(str(Path(root).resolve())))
+    uri = dataset_uri(root)
+    try:
+        manifest = Manifest.read(OutputDir(uri))
+    except OSError as error:  # a store that cannot be reached, a bucket that does not exist
+        raise UsageError(f"--data {root}: cannot be read: {error}") from error
     if manifest is None:
-        raise not_prepared(Path(root))
+        raise not_prepared(root)
     return manifest
 
 
-def not_prepared(root: Path) -> UsageError:
+def not_prepared(given: str | Path) -> UsageError:
     """What to do about a --data that holds no manifest.json: nothing there, a preparation that
     did not finish, or images that were never prepared."""
     run = "python jobs/prepare.py --input IMAGES --output OUT"
+    if is_remote(str(given)):
+        return UsageError(
+            f"--data {given}: no manifest.json there (it is written last): give the --output "
+            f"of `{run}`; if that run did not finish, rerun it: it keeps the finished shards"
+        )
+    root = Path(given)
     if not root.exists():
         return UsageError(f"--data {root}: no such folder: give the OUT of `{run}`")
     names = {path.name for path in root.iterdir()} if root.is_dir() else set()
@@ -113,33 +136,30 @@ def latents_to_use(choice: str, fingerprint: str | None, manifests: list[Manifes
     return fingerprint if choice == "on" or held else None
 
 
-def _dictionary(column: pa.ChunkedArray, root: Path) -> tuple[np.ndarray, list[Path]]:
-    """A column of relative file names as (codes, paths under `root`)."""
-    encoded = column.combine_chunks().dictionary_encode()
-    return encoded.indices.to_numpy(), [root / name for name in encoded.dictionary.to_pylist()]
-
-
 class PreparedData:
-    """One prepared dataset: its manifest, buckets and index columns."""
+    """One prepared dataset: its manifest, buckets and index columns (views of the node's map
+    of its index). `cache`: where remote shards and the index maps go (None: the default
+    folder, `storage.default_cache_dir`)."""
 
-    def __init__(self, root: str | Path, latents: str | None = None):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+    def __init__(self, root: str | Path, latents: str | None = None,
+                 cache: NodeCache | None = None):  # fmt: skip
+        self.root = str(root)
+        self.manifest = read_manifest(root)
+        settled = json.dumps(dataclasses.asdict(self.manifest), sort_keys=True).encode()
+        version = hashlib.sha256(settled).hexdigest()[:12]
+        self.files = DatasetFiles(dataset_uri(root), cache, version)
         self.buckets = np.array(self.manifest.buckets, dtype=np.int64)
-        path = self.root / "index.parquet"
-        cropped = set(CROP_COLUMNS) <= set(pq.read_schema(path).names)
-        self.index = pq.read_table(path, columns=INDEX_COLUMNS + (CROP_COLUMNS * cropped))
-        shard, shard_paths = _dictionary(self.index["shard"], self.root)
-        stored = self._pairs("stored_width", "stored_height")
+        self.index = MappedIndex(self.files)
+        index = self.index
         self.columns = Columns(
-            bucket=self.index["bucket"].to_numpy(),
-            shard_paths=shard_paths,
-            shard=shard,
-            image_offset=self.index["image_offset"].to_numpy(),
-            image_size=self.index["image_size"].to_numpy(),
-            original=self._pairs("width", "height"),
-            stored=stored,
-            prepare_crop=self._pairs(*CROP_COLUMNS) if cropped else np.zeros_like(stored),
+            bucket=index.column("bucket"),
+            shard_paths=[FileRef(self.files, name) for name in index.shards],
+            shard=index.column("shard"),
+            image_offset=index.column("image_offset"),
+            image_size=index.column("image_size"),
+            original=index.pairs("original"),
+            stored=index.pairs("stored"),
+            prepare_crop=index.pairs("prepare_crop"),
             latents=None if latents is None else self._latents(latents),
         )
 
@@ -154,24 +174,19 @@ class PreparedData:
                 f"prepare them with jobs/prepare.py --output {self.root} --vae YOUR_VAE, or "
                 "train from pixels with --latents off"
             )
-        table = pq.read_table(self.root / entry["path"] / "index.parquet")
-        if table["key"] != self.index["key"]:
-            raise ValueError(f"{self.root}: latents of {fingerprint} do not match the index")
-        shard, paths = _dictionary(table["latent_shard"], self.root)
-        offset, size = table["latent_offset"].to_numpy(), table["latent_size"].to_numpy()
-        return Latents(entry | {"fingerprint": fingerprint}, paths, shard, offset, size)
-
-    def _pairs(self, first: str, second: str) -> np.ndarray:
-        return np.stack([self.index[first].to_numpy(), self.index[second].to_numpy()], axis=1)
+        table = self.index.latents(self.files, entry["path"], fingerprint)
+        paths = [FileRef(self.files, name) for name in shard_names(table)]
+        return Latents(entry | {"fingerprint": fingerprint}, paths, column(table, "latent_shard"),
+                       column(table, "latent_offset"), column(table, "latent_size"))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.index)
 
     def keys(self, items: np.ndarray) -> list[str]:
-        return self.index["key"].take(items).to_pylist()
+        return self.index.strings("key", items)
 
     def captions(self, items: np.ndarray) -> list[str]:
-        return [c or "" for c in self.index["caption"].take(items).to_pylist()]
+        return [c or "" for c in self.index.strings("caption", items)]
 
     def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Every image once."""

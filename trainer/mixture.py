@@ -16,22 +16,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline.errors import UsageError
 from trainer.dataset import Columns, Dataset, Latents, PreparedData
+from trainer.storage import NodeCache
 
 MAX_AREA_RATIO = 1.25  # between the largest buckets of datasets trained together
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
-    """ "path" -> (path, 1.0); "path:3" or "path:0.5" -> (path, weight)."""
+    """ "path" -> (path, 1.0); "path:3" or "path:0.5" -> (path, weight). A URI's port
+    (`s3://b/p?endpoint_override=HOST:9000`) is not a weight: give one after it (`...:9000:3`)."""
     path, _, weight = spec.rpartition(":")
     try:
         value = float(weight)
     except ValueError:
         return spec, 1.0
-    if not path:
+    last_option = path.rpartition("?")[2].rpartition("&")[2] if "?" in path else ""
+    if not path or (last_option.startswith("endpoint_override=") and ":" not in last_option):
         return spec, 1.0
     if not value > 0:
         raise UsageError(f"--data {spec}: the weight must be > 0")
@@ -74,17 +76,27 @@ class Mixture:
                for name in ("image_offset", "image_size", "original", "stored", "prepare_crop")},
             latents=_joined_latents([c.latents for c in columns]),
         )  # fmt: skip
-        self._keys = pa.chunked_array([c for d, _ in parts for c in d.index["key"].chunks])
-        self._captions = pa.chunked_array([c for d, _ in parts for c in d.index["caption"].chunks])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def _each_part(self, items: np.ndarray, read) -> list[str]:
+        """`read(dataset, local items)` of each item's dataset, in the items' order."""
+        items = np.asarray(items)
+        part = np.searchsorted(self.offsets, items, side="right") - 1
+        out: list[str] = [""] * len(items)
+        for number in np.unique(part):
+            where = np.flatnonzero(part == number)
+            values = read(self.parts[number][0], items[where] - self.offsets[number])
+            for position, value in zip(where, values, strict=True):
+                out[position] = value
+        return out
+
     def keys(self, items: np.ndarray) -> list[str]:
-        return self._keys.take(items).to_pylist()
+        return self._each_part(items, PreparedData.keys)
 
     def captions(self, items: np.ndarray) -> list[str]:
-        return [c or "" for c in self._captions.take(items).to_pylist()]
+        return self._each_part(items, PreparedData.captions)
 
     def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(items, copy numbers): this epoch's list, each dataset as often as its weight says."""
@@ -119,10 +131,13 @@ def _joined(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
     return np.concatenate(shifted), [path for _, paths in parts for path in paths]
 
 
-def open_datasets(specs: tuple[str, ...] | list[str], latents: str | None = None) -> Dataset:
+def open_datasets(
+    specs: tuple[str, ...] | list[str], latents: str | None = None, cache: NodeCache | None = None
+) -> Dataset:
     """The datasets `--data` names (PATH or PATH:WEIGHT): one as it is, several as a Mixture;
-    with the cached latents of the VAE `latents` (a fingerprint), else pixels."""
+    with the cached latents of the VAE `latents` (a fingerprint), else pixels; remote files and
+    index maps in `cache`."""
     parsed = [parse_weighted(spec) for spec in specs]
     if len(parsed) == 1 and parsed[0][1] == 1.0:
-        return PreparedData(parsed[0][0], latents)
-    return Mixture([(PreparedData(path, latents), weight) for path, weight in parsed])
+        return PreparedData(parsed[0][0], latents, cache)
+    return Mixture([(PreparedData(path, latents, cache), weight) for path, weight in parsed])

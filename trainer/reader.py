@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import io
 import itertools
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +23,7 @@ from pipeline.format import is_jpeg
 from trainer.batch_pool import Lease, WorkerPool
 from trainer.dataset import Dataset
 from trainer.sampler import BatchPlan
+from trainer.storage import FileRef
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
 OPEN_SHARDS = 16  # shard files a worker keeps open: 10M images are 10,000 shards, over ulimit -n
@@ -97,16 +97,17 @@ class BatchReader(torch.utils.data.Dataset):
             path, int(columns.image_offset[item]), int(columns.image_size[item])
         )
 
-    def _read_range(self, path: Path, offset: int, size: int) -> bytes:
+    def _read_range(self, file: FileRef, offset: int, size: int) -> bytes:
         """Bytes of a shard; the OPEN_SHARDS shards used last stay open (an open and close
-        costs ~3 us, measured; a decode ~2 ms: a miss costs nothing that shows)."""
-        if path in self._files:
-            self._files.move_to_end(path)
+        costs ~3 us, measured; a decode ~2 ms: a miss costs nothing that shows). A remote
+        dataset's shard is fetched into the node's cache when opened (trainer/storage.py)."""
+        if file in self._files:
+            self._files.move_to_end(file)
         else:
             if len(self._files) >= OPEN_SHARDS:
                 self._files.popitem(last=False)[1].close()
-            self._files[path] = open(path, "rb")  # noqa: SIM115 (kept open)
-        stream = self._files[path]
+            self._files[file] = file.open()
+        stream = self._files[file]
         stream.seek(offset)
         return stream.read(size)
 
@@ -177,6 +178,8 @@ class BatchReader(torch.utils.data.Dataset):
         and all, and its window is described; anything else is decoded and re-fitted into a
         bucket-sized place. Windows are the sampler's (`BatchPlan.crops`).
         """
+        for file in batch.prefetch:  # a later batch's remote shards, downloaded meanwhile
+            file.prefetch()
         described = LoadedBatch(batch.captions, batch.keys, batch.epoch, batch.step,
                                 batch.conditioning, np.array(batch.flips, dtype=bool))  # fmt: skip
         if batch.latent:

@@ -8,6 +8,11 @@
 
 Every rank plans the epoch itself (no communication), so every rank gets the same number of
 batches, for any world size on the same prepared data.
+
+`shuffle="global"` is the source's plan over the whole epoch; `shuffle="shards"` the shard-aware
+one (`pipeline.plan.plan_epoch_by_shards`): windows of `window` shards, which a node's cache of
+remote shards can hold. Each batch names the remote shards of the batch PREFETCH_STEPS later
+(and, at a window's first step, of the next window) for the loader workers to download meanwhile.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.plan import RankPlan, plan_epoch
+from pipeline.plan import RankPlan, plan_epoch, plan_epoch_by_shards
 from trainer.augment import CaptionOptions, caption, view
 from trainer.dataset import Dataset
+from trainer.storage import FileRef
+
+SHUFFLES = ("global", "shards")
+PREFETCH_STEPS = 8  # how far ahead of a batch its remote shards are asked for
 
 
 class BatchPlan(NamedTuple):
@@ -41,6 +50,7 @@ class BatchPlan(NamedTuple):
     flips: list[bool]
     conditioning: np.ndarray  # [B, 3, 2]: original_size, crop_top_left, target_size
     latent: bool  # cached latents instead of pixels
+    prefetch: tuple[FileRef, ...] = ()  # remote files later batches read: download them now
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -58,6 +68,8 @@ class EpochBatches(torch.utils.data.Sampler):
         seed: int = 0,
         flip: float = 0.0,
         captions: CaptionOptions | None = None,
+        shuffle: str = "global",
+        window: int = 32,
     ):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if world_size is None:
@@ -67,7 +79,10 @@ class EpochBatches(torch.utils.data.Sampler):
         self.data, self.batch_size, self.world_size, self.rank, self.seed = (
             data, batch_size, world_size, rank, seed
         )  # fmt: skip
+        if shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
         self.flip, self.caption_options = flip, captions or CaptionOptions()
+        self.shuffle, self.window = shuffle, window
         self.epoch, self.start_step, self.iterations = 0, 0, 0
         self._planned: tuple | None = None  # (epoch, plan, items, copies) of the last planned
 
@@ -80,8 +95,13 @@ class EpochBatches(torch.utils.data.Sampler):
         once an epoch (a plan of 10M items takes seconds)."""
         if self._planned is None or self._planned[0] != self.epoch:
             items, copies = self.data.epoch_items(self.seed, self.epoch)
-            plan = plan_epoch(self.data.columns.bucket[items], self.batch_size, self.world_size,
-                              self.rank, self.seed, self.epoch)  # fmt: skip
+            columns, shape = self.data.columns, (self.batch_size, self.world_size, self.rank,
+                                                 self.seed, self.epoch)  # fmt: skip
+            if self.shuffle == "shards":
+                plan = plan_epoch_by_shards(columns.bucket[items], columns.shard[items],
+                                            self.window, *shape)  # fmt: skip
+            else:
+                plan = plan_epoch(columns.bucket[items], *shape)
             self._planned = self.epoch, plan, items, copies
         return self._planned[1:]
 
@@ -91,10 +111,36 @@ class EpochBatches(torch.utils.data.Sampler):
     def __iter__(self):
         self.iterations += 1
         iteration, (plan, epoch_items, epoch_copies) = self.iterations, self.plan()
+        starts = [] if plan.window_starts is None else [*plan.window_starts.tolist(), len(plan)]
+        next_window = {start: range(a, b)
+                       for start, a, b in zip(starts, starts[1:], starts[2:], strict=False)}  # fmt: skip
+        remote = any(file.files.remote for file in self.data.columns.shard_paths)
         for step in range(self.start_step, len(plan)):
             items, copies = epoch_items[plan.items[step]], epoch_copies[plan.items[step]]
-            bucket = int(plan.bucket[step])
-            yield self._batch(step, items, copies, bucket, iteration)
+            batch = self._batch(step, items, copies, int(plan.bucket[step]), iteration)
+            if remote:
+                ahead = [*next_window.get(step, ()), step + PREFETCH_STEPS]
+                if step == self.start_step:  # the first batches, before any is read
+                    ahead += range(step + 1, step + PREFETCH_STEPS)
+                files = {file for later in ahead if later < len(plan)
+                         for file in self._files(plan, epoch_items, later)}  # fmt: skip
+                batch = batch._replace(prefetch=tuple(sorted(files, key=lambda f: f.name)))
+            yield batch
+
+    def _latent(self, items: np.ndarray, bucket: int) -> bool:
+        """Whether a batch reads cached latents: where there are some and every image is in its
+        own bucket (a catch-all re-fit reads pixels)."""
+        latents = self.data.columns.latents
+        return latents is not None and bool(np.all(self.data.columns.bucket[items] == bucket))
+
+    def _files(self, plan: RankPlan, epoch_items: np.ndarray, step: int) -> set[FileRef]:
+        """The remote files the batch at `step` reads."""
+        items, columns = epoch_items[plan.items[step]], self.data.columns
+        if self._latent(items, int(plan.bucket[step])):
+            codes, files = columns.latents.shard[items], columns.latents.paths
+        else:
+            codes, files = columns.shard[items], columns.shard_paths
+        return {files[code] for code in np.unique(codes) if files[code].files.remote}
 
     def _batch(self, step: int, items, copies, bucket: int, iteration: int) -> BatchPlan:
         data, seed, epoch = self.data, self.seed, self.epoch
@@ -105,9 +151,7 @@ class EpochBatches(torch.utils.data.Sampler):
             for text, key, copy in zip(data.captions(items), keys, copies, strict=True)
         ]
         size = tuple(int(v) for v in data.buckets[bucket])
-        # Cached latents where every image is in its own bucket (a catch-all re-fit: pixels)
-        latents = columns.latents
-        latent = latents is not None and bool(np.all(columns.bucket[items] == bucket))
+        latents, latent = columns.latents, self._latent(items, bucket)
         views = [
             view(tuple(columns.stored[item]), tuple(data.buckets[columns.bucket[item]]), size,
                  tuple(columns.original[item]), tuple(columns.prepare_crop[item]), seed, epoch,

@@ -63,6 +63,7 @@ from trainer.mixture import open_datasets, parse_weighted
 from trainer.models import MODELS, save_result
 from trainer.optimization import PRECISIONS, Optimization, store_frozen_parts
 from trainer.sampler import EpochBatches
+from trainer.storage import NodeCache, default_cache_dir, is_remote
 from trainer.tracking import Tracker
 from trainer.validation import render_validation
 
@@ -121,15 +122,20 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
     fingerprint = None if vae is None else vae_fingerprint(vae)
     latents = latents_to_use(config.latents, fingerprint, manifests)
-    data = open_datasets(config.data, latents)
+    cache = NodeCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(),
+                      config.cache_limit)  # fmt: skip
+    data = open_datasets(config.data, latents, cache)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    remote = any(is_remote(parse_weighted(spec)[0]) for spec in config.data)
+    shuffle = {"auto": "shards" if remote else "global"}.get(config.shuffle, config.shuffle)
     batches = EpochBatches(  # rank and world size: torch.distributed's; a Config is CaptionOptions
-        data, config.batch_size, seed=config.seed, flip=config.flip, captions=config
-    )
+        data, config.batch_size, seed=config.seed, flip=config.flip, captions=config,
+        shuffle=shuffle, window=config.shuffle_window,
+    )  # fmt: skip
     plan, epoch_items, _ = batches.plan()
     warning = _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size)
     if master and warning:
