@@ -8,14 +8,16 @@ import atexit
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 _CACHE = tempfile.mkdtemp(prefix="arb-tests-cache-")  # never $HOME/.cache
 os.environ["XDG_CACHE_HOME"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
-from hypothesis import settings
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None)
@@ -83,3 +85,54 @@ def prepare_small(folder: Path, image_format: str = "jpg") -> Path:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     return prepare_small(tmp_path_factory.mktemp("trainer"))
+
+
+class S3Server(NamedTuple):
+    """A moto S3 server on loopback: its boto3 client, and the URI options that reach it."""
+
+    client: object
+    # endpoint_override=127.0.0.1:PORT&scheme=http&region=us-east-1&allow_delayed_open=true:
+    # the last makes pyarrow write small files with one PutObject; its multipart uploads' last
+    # call fails against moto 5.2 (pyarrow 26 finds an error in moto's 200 answer)
+    options: str
+
+    def uri(self, bucket: str, prefix: str) -> str:
+        return f"s3://{bucket}/{prefix}?{self.options}"
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Every file under `folder` to s3://bucket/prefix/...; the prefix's URI."""
+        self.client.create_bucket(Bucket=bucket)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+                self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return self.uri(bucket, prefix)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 for the session, with test credentials in the
+    environment as users give them (Ray workers and torchrun ranks started later inherit them)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    saved = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    try:
+        yield S3Server(client, f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+                               "&allow_delayed_open=true")  # fmt: skip
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value

@@ -22,6 +22,7 @@ from pipeline.format import OutputDir, vae_fingerprint
 from pipeline.latents import LatentEncoder, add_latents
 from pipeline.prepare import run
 from trainer.dataset import PreparedData
+from trainer.storage import NodeCache
 from trainer.diffusion import save_parts, tiny_parts
 from trainer.loader import make_loader
 from trainer.sampler import EpochBatches
@@ -125,6 +126,28 @@ def test_cached_latents_equal_encoding_the_same_window(with_latents, checkpoint)
                     assert np.abs(cached - expected).max() < 2e-2 * np.abs(expected).max()
                     checked["overflow"] += 1
     assert min(checked.values()) > 2, checked
+
+
+def test_latents_of_a_remote_dataset_come_through_the_cache(with_latents, checkpoint, s3_server,
+                                                            tmp_path):  # fmt: skip
+    """The latents' companion shards download through the node cache like the image shards:
+    the same batches as the local copy, and only latents tars read for latent batches."""
+    fingerprint = LatentEncoder(str(checkpoint / "vae")).fingerprint
+    uri = s3_server.upload(with_latents, "latents", "out")
+    cache = NodeCache(tmp_path / "cache")
+    batches_of = {}
+    for name, root in (("local", str(with_latents)), ("remote", uri)):
+        data = PreparedData(root, latents=fingerprint, cache=cache)
+        batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=3,
+                               shuffle="shards", window=2)  # fmt: skip
+        batches_of[name] = [
+            (b.keys, None if b.latent_mean is None else b.latent_mean.float().sum().item(),
+             None if b.pixels is None else b.pixels.sum().item())
+            for b in make_loader(data, batches, num_workers=0)
+        ]  # fmt: skip
+    assert batches_of["remote"] == batches_of["local"]
+    assert any(latent is not None for _, latent, _ in batches_of["remote"])
+    assert list((data.files.cache_folder / "latents").rglob("*.tar")), "latents tars cached"
 
 
 def _stored_image(data: PreparedData, item: int) -> Image.Image:

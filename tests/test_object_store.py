@@ -4,10 +4,7 @@ on 127.0.0.1), the input tree's folders listed by tasks, headers read by ranged 
 from __future__ import annotations
 
 import io
-import os
-import socket
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS, ray_started
@@ -21,24 +18,11 @@ from pipeline.sources import list_input
 FOLDERS = ["", "a", *[f"a/{name}" for name in "bcdef"], "a/b/deeper"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def bucket_uri():
-    """s3://inputs/tree on a moto server (the endpoint in the URI, the credentials in the
+def bucket_uri(s3_server):
+    """s3://inputs/tree on the moto server (the endpoint in the URI, the credentials in the
     environment, as users give them), and a local Ray started after them."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    client = s3_server.client
     client.create_bucket(Bucket="inputs")
     for i, folder in enumerate(FOLDERS):
         prefix = f"tree/{folder}/".replace("//", "/")
@@ -47,19 +31,8 @@ def bucket_uri():
         client.put_object(Bucket="inputs", Key=f"{prefix}img{i}.jpg", Body=data.getvalue())
         client.put_object(Bucket="inputs", Key=f"{prefix}img{i}.txt", Body=f"caption {i}".encode())
     client.put_object(Bucket="inputs", Key="tree/a/c/notes.md", Body=b"not an image")
-    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-    saved = {name: os.environ.get(name) for name in credentials}
-    os.environ.update(credentials)  # as users give them; Ray's workers inherit them
-    try:
-        with ray_started():
-            yield f"s3://inputs/tree?{options}"
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
+    with ray_started():
+        yield s3_server.uri("inputs", "tree")
 
 
 def test_the_folders_of_a_prefix_are_listed_by_tasks_as_one_process_lists_them(bucket_uri):

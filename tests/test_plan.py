@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.buckets import bucket_aspects, bucketize, generate_buckets
-from pipeline.plan import _group_by_bucket, plan_epoch, shuffled_ids
+from pipeline.plan import _group_by_bucket, plan_epoch, plan_epoch_by_shards, shuffled_ids
 
 
 @st.composite
@@ -207,3 +207,108 @@ def test_bad_arguments_name_the_argument(kwargs, name):
                  "rank": 0, "seed": 0, "epoch": 0} | kwargs  # fmt: skip
     with pytest.raises(ValueError, match=name):
         plan_epoch(**arguments)
+
+
+@st.composite
+def sharded(draw):
+    """Bucket ids and shard ids as the job writes them: each shard one bucket, up to `size`
+    items, shards numbered bucket by bucket."""
+    bucket_index = draw(datasets())
+    size = draw(st.integers(1, 40))
+    order = np.argsort(bucket_index, kind="stable")
+    shard_index = np.empty(len(bucket_index), dtype=np.int64)
+    next_shard = 0
+    for bucket in np.unique(bucket_index):
+        members = order[bucket_index[order] == bucket]
+        shard_index[members] = next_shard + np.arange(len(members)) // size
+        next_shard += -(-len(members) // size)
+    return bucket_index, shard_index
+
+
+def window_plans(bucket_index, shard_index, window, batch_size, world_size, seed=0, epoch=0):
+    return [plan_epoch_by_shards(bucket_index, shard_index, window, batch_size, world_size, rank,
+                                 seed, epoch) for rank in range(world_size)]  # fmt: skip
+
+
+@given(sharded(), st.integers(1, 6), st.integers(1, 8), st.integers(1, 4), st.integers(0, 2**16),
+       st.integers(0, 20))  # fmt: skip
+def test_the_shard_aware_plan_keeps_the_sources_invariants(data, window, batch_size, world_size,
+                                                           seed, epoch):  # fmt: skip
+    bucket_index, shard_index = data
+    plans = window_plans(bucket_index, shard_index, window, batch_size, world_size, seed, epoch)
+    assert len({len(plan) for plan in plans}) == 1, "every rank runs the same number of steps"
+    seen = np.concatenate([plan.items.ravel() for plan in plans])
+    assert len(np.unique(seen)) == len(seen), "a permutation of the kept items"
+    assert len(seen) + plans[0].dropped == len(bucket_index)
+    n_windows = -(-len(np.unique(shard_index)) // window)
+    assert plans[0].dropped <= n_windows * (world_size * batch_size - 1)
+    for plan in plans:
+        assert plan.items.shape == (len(plan), batch_size)
+        regular = ~plan.catch_all
+        assert np.all(bucket_index[plan.items[regular]] == plan.bucket[regular][:, None])
+    # The window bound: the steps of a window, on all ranks together, read <= `window` shards
+    for plan in plans[1:]:
+        assert plan.window_starts is None or np.array_equal(plan.window_starts,
+                                                            plans[0].window_starts)  # fmt: skip
+    starts = plans[0].window_starts
+    bounds = [0, len(plans[0])] if starts is None else [*starts, len(plans[0])]
+    for begin, end in itertools.pairwise(bounds):
+        touched = np.unique(
+            np.concatenate([shard_index[p.items[begin:end]].ravel() for p in plans])
+        )
+        assert len(touched) <= window
+
+
+@given(sharded(), st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**16))
+def test_the_shard_aware_plan_is_deterministic_and_its_windows_do_not_depend_on_world_size(
+    data, window, batch_size, seed
+):
+    bucket_index, shard_index = data
+    first = window_plans(bucket_index, shard_index, window, batch_size, 2, seed, 3)
+    again = window_plans(bucket_index, shard_index, window, batch_size, 2, seed, 3)
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(a.items, b.items) and np.array_equal(a.bucket, b.bucket)
+
+    def window_shards(plans):
+        starts = plans[0].window_starts
+        bounds = [0, len(plans[0])] if starts is None else [*starts, len(plans[0])]
+        return [set(shard_index[np.concatenate([p.items[a:b].ravel() for p in plans])].tolist())
+                for a, b in itertools.pairwise(bounds)]  # fmt: skip
+
+    # Elastic: under any world size, the k-th window draws from the same shards
+    by_world = [window_shards(window_plans(bucket_index, shard_index, window, 1, world, seed, 3))
+                for world in (1, 3)]  # fmt: skip
+    for one, three in zip(*by_world, strict=True):
+        assert three <= one
+
+
+def test_one_window_of_every_shard_is_the_global_plan():
+    rng = np.random.default_rng(0)
+    bucket_index = rng.integers(0, 6, 2000)
+    shard_index = np.argsort(np.argsort(bucket_index, kind="stable")) // 50
+    for rank in range(3):
+        windowed = plan_epoch_by_shards(bucket_index, shard_index, 10**6, 4, 3, rank, 7, 2)
+        assert np.array_equal(windowed.items, plan_epoch(bucket_index, 4, 3, rank, 7, 2).items)
+
+
+def test_shard_windows_change_every_epoch_and_spread_a_shard_less_than_the_global_shuffle():
+    """What the shard-aware shuffle costs in randomness: how far apart in the epoch two images
+    of one shard land (as a share of the epoch; ~1/3 for a uniform shuffle)."""
+    rng = np.random.default_rng(1)
+    bucket_index = rng.integers(0, 8, 40_000)
+    shard_index = np.argsort(np.argsort(bucket_index, kind="stable")) // 500  # 80 shards
+
+    def spread(plan) -> float:
+        position = np.empty(len(bucket_index))
+        position[plan.items.ravel()] = np.repeat(np.arange(len(plan)), plan.items.shape[1])
+        kept = np.random.default_rng(2).permutation(plan.items.ravel())  # random partners
+        pairs = kept[np.argsort(shard_index[kept], kind="stable")].reshape(-1, 2)
+        same = shard_index[pairs[:, 0]] == shard_index[pairs[:, 1]]
+        return float(np.mean(np.abs(position[pairs[same, 0]] - position[pairs[same, 1]]))
+                     / len(plan))  # fmt: skip
+
+    global_plan = plan_epoch(bucket_index, 8, 1, 0, 0, 0)
+    windowed = [plan_epoch_by_shards(bucket_index, shard_index, 8, 8, 1, 0, 0, e) for e in (0, 1)]
+    assert not np.array_equal(windowed[0].items, windowed[1].items)
+    assert 0.25 < spread(global_plan) < 0.4
+    assert spread(windowed[0]) < 0.1 < spread(global_plan)

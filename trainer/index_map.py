@@ -108,7 +108,8 @@ class MappedIndex:
         """Column `name` of text.arrow at `items`: a few rows read from the map."""
         chunks = self.text[name].chunks
         which = np.searchsorted(self._starts, items, side="right") - 1
-        return [chunks[c][int(i - self._starts[c])].as_py() for c, i in zip(which, items, strict=True)]
+        starts = self._starts
+        return [chunks[c][int(i - starts[c])].as_py() for c, i in zip(which, items, strict=True)]
 
     def latents(self, files: DatasetFiles, folder: str, fingerprint: str) -> pa.Table:
         """The latents' columns of the VAE `fingerprint` (their index in `folder`), mapped;

@@ -112,8 +112,8 @@ class EpochBatches(torch.utils.data.Sampler):
         self.iterations += 1
         iteration, (plan, epoch_items, epoch_copies) = self.iterations, self.plan()
         starts = [] if plan.window_starts is None else [*plan.window_starts.tolist(), len(plan)]
-        next_window = {start: range(a, b)
-                       for start, a, b in zip(starts, starts[1:], starts[2:], strict=False)}  # fmt: skip
+        following = zip(starts, starts[1:], starts[2:], strict=False)
+        next_window = {start: range(a, b) for start, a, b in following}
         remote = any(file.files.remote for file in self.data.columns.shard_paths)
         for step in range(self.start_step, len(plan)):
             items, copies = epoch_items[plan.items[step]], epoch_copies[plan.items[step]]

@@ -26,6 +26,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from urllib.parse import urlsplit
@@ -84,6 +85,9 @@ class NodeCache:
     limit: int = DEFAULT_LIMIT
     # Per process, not pickled with the cache into loader workers
     _state: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
 
     def __getstate__(self) -> dict:
         return {"folder": self.folder, "limit": self.limit}
@@ -169,7 +173,7 @@ class NodeCache:
         def run() -> None:
             try:
                 job()
-            except Exception:  # noqa: BLE001 (the read that needs it raises it again)
+            except Exception:  # the read that needs the file raises it again
                 pass
             finally:
                 with state["mutex"]:
@@ -226,14 +230,14 @@ class DatasetFiles:
             return Path(self.uri) / relative
         if self.cache is None:
             raise ValueError(f"{self.uri} is remote: it needs a NodeCache")
-        return self.cache.fetch(self.cache_folder / relative, lambda to: self._download(relative, to))
+        return self.cache.fetch(self.cache_folder / relative, partial(self._download, relative))
 
     def open(self, relative: str) -> BinaryIO:
         """The file, opened for reading (fetched first when remote)."""
         for _ in range(3):  # evicted by another process between its fetch and this open
             with contextlib.suppress(FileNotFoundError):
-                return open(self.local(relative), "rb")  # noqa: SIM115 (the caller closes it)
-        return open(self.local(relative), "rb")  # noqa: SIM115
+                return open(self.local(relative), "rb")
+        return open(self.local(relative), "rb")
 
     def prefetch(self, relative: str) -> None:
         """Start fetching a remote file on a background thread (nothing for a local one)."""

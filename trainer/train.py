@@ -137,8 +137,11 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         shuffle=shuffle, window=config.shuffle_window,
     )  # fmt: skip
     plan, epoch_items, _ = batches.plan()
-    warning = _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size)
-    if master and warning:
+    warnings = (
+        _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size),
+        _cache_warning(data, shuffle, config.shuffle_window, config.cache_limit),
+    )
+    for warning in filter(None, warnings if master else ()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     per_epoch, group = len(plan), config.gradient_accumulation_steps
     total = config.epochs * -(-per_epoch // group)  # the schedule spans --epochs, whatever
@@ -223,6 +226,25 @@ def _close_distributed(world_size: int) -> None:
     while a gloo thread waits for the GIL (a deadlock seen on exit with torch 2.13)."""
     if world_size > 1:
         dist.destroy_process_group()
+
+
+def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
+    """Where the node cache is too small for the shuffle: shards would be downloaded several
+    times an epoch (remote data only). Shard sizes are their images' bytes, from the index."""
+    columns = data.columns
+    if not any(file.files.remote for file in columns.shard_paths):
+        return None
+    sizes = np.bincount(columns.shard, weights=columns.image_size,
+                        minlength=len(columns.shard_paths))  # fmt: skip
+    if shuffle == "global":
+        needed, what = sizes.sum(), "the dataset's shards (--shuffle global reads them all along)"
+    else:
+        needed = 2 * np.sort(sizes)[::-1][:window].sum()
+        what = f"two windows of --shuffle-window {window} shards"
+    if limit >= needed:
+        return None
+    return (f"--cache-limit {limit:,} bytes holds less than {what}, ~{needed:,.0f} bytes: shards "
+            "will be downloaded more than once an epoch")  # fmt: skip
 
 
 def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> str | None:

@@ -1,0 +1,256 @@
+"""Training from an object store against local files, and the index's memory per node.
+
+    python bench/remote_bench.py                      # both sections
+    python bench/remote_bench.py --sections 2 --rows 1000000,10000000
+
+1. Throughput from a loopback S3 server (moto's, in a process of its own) against the same
+   shards on local disk, one run: samples/s of an epoch through `make_loader` with a cold cache
+   and a warm one, for the global and the shard-aware shuffle, the cache's hits and downloads
+   (the loader reads in the main process here, `--workers 0`, so that the cache's counts are
+   this process's), and the time to the first batch. The cache holds a third of the dataset.
+   Beside it, reading each image by a ranged GET instead of whole shards.
+2. The index: a synthetic index.parquet of R rows with Danbooru-like tag captions (~390
+   characters), opened by 8 processes at once: each process's memory over its baseline (PSS,
+   which divides shared pages among their users) and the sum, mapped from the node's Arrow IPC
+   files (trainer/index_map.py) against each reading index.parquet into its own memory (as the
+   trainer did before); and the time to open it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from loader_bench import prepared_dataset
+
+from trainer.dataset import PreparedData
+from trainer.loader import make_loader
+from trainer.sampler import EpochBatches
+from trainer.storage import NodeCache
+
+REPO = Path(__file__).resolve().parent.parent
+PROCESSES = 8
+
+
+def moto_server(port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        time.sleep(0.1)
+    raise RuntimeError("moto's server did not start")
+
+
+def upload(folder: Path, port: int) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="bench", aws_secret_access_key="bench")  # fmt: skip
+    client.create_bucket(Bucket="bench")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), "bench", f"out/{path.relative_to(folder).as_posix()}")
+    return f"s3://bench/out?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+
+
+def epoch(data, shuffle: str, window: int, workers: int, batch_size: int) -> tuple[float, float]:
+    """(samples/s of one epoch, seconds to its first batch)."""
+    batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0, shuffle=shuffle,
+                           window=window)  # fmt: skip
+    start = time.perf_counter()
+    loader, first, samples = make_loader(data, batches, num_workers=workers), None, 0
+    for batch in loader:
+        first = first or time.perf_counter() - start
+        samples += len(batch.keys)
+    return samples / (time.perf_counter() - start), first
+
+
+def throughput(workdir: Path, images: int, workers: int, batch_size: int, window: int) -> None:
+    import os
+
+    local = prepared_dataset(workdir, images)
+    tars = sorted((local / "shards").glob("*.tar"))
+    total = sum(p.stat().st_size for p in tars)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server(port)
+    try:
+        uri = upload(local, port)
+        limit = total // 3
+        print(f"\n1. {images} images in {len(tars)} shards ({total / 2**20:.0f} MiB), cache limit "
+              f"{limit / 2**20:.0f} MiB, batch {batch_size}, --shuffle-window {window}, "
+              f"{workers} workers")  # fmt: skip
+        print(f"{'source':<26}{'shuffle':<9}{'samples/s':>10}{'x local':>9}{'first batch':>13}"
+              f"{'hits':>7}{'downloads':>11}")  # fmt: skip
+        for shuffle in ("global", "shards"):
+            rate, first = epoch(PreparedData(local), shuffle, window, workers, batch_size)
+            print(f"{'local disk':<26}{shuffle:<9}{rate:>10.0f}{1:>9.2f}{first:>12.2f}s")
+            cache_dir = workdir / f"remote-cache-{shuffle}"
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            cache = NodeCache(cache_dir, limit)
+            data = PreparedData(uri, cache=cache)
+            for state in ("cold cache", "warm cache"):
+                before = cache.counts()
+                remote_rate, first = epoch(data, shuffle, window, workers, batch_size)
+                hits, downloads = (a - b for a, b in zip(cache.counts(), before, strict=True))
+                ratio = remote_rate / rate
+                print(f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
+                      f"{first:>12.2f}s{hits:>7}{downloads:>11}")  # fmt: skip
+        ranged_reads(local, uri)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def ranged_reads(local: Path, uri: str, samples: int = 300) -> None:
+    """An image a GET by byte range (no cache), against whole shards."""
+    from pipeline.format import split_uri
+
+    index = pq.read_table(local / "index.parquet", columns=["shard", "image_offset", "image_size"])
+    rows = np.random.default_rng(0).choice(len(index), min(samples, len(index)), replace=False)
+    filesystem, root = split_uri(uri)
+    start = time.perf_counter()
+    for row in index.take(rows).to_pylist():
+        with filesystem.open_input_file(f"{root}/{row['shard']}") as file:
+            file.read_at(row["image_size"], row["image_offset"])
+    rate = len(rows) / (time.perf_counter() - start)
+    print(
+        f"ranged GETs, one an image, no decode: {rate:.0f} images/s "
+        f"({1000 / rate:.1f} ms each on loopback; an S3 GET's first byte is 10-50 ms)"
+    )
+
+
+def synthetic_index(path: Path, rows: int) -> None:
+    """index.parquet of `rows` rows, 1,000 a shard, each caption 30 tags of a 5,000-tag vocabulary
+    (390 characters), written in row groups of 1M rows."""
+    rng = np.random.default_rng(0)
+    vocabulary = np.array([f"tag_{i:07d}, ".encode() for i in range(5000)])  # 13 bytes
+    writer = None
+    for begin in range(0, rows, 1_000_000):
+        count = min(1_000_000, rows - begin)
+        text = vocabulary[rng.integers(0, 5000, (count, 30))].tobytes()
+        offsets = np.arange(count + 1, dtype=np.int64) * 390
+        buffers = pa.py_buffer(offsets), pa.py_buffer(text)
+        captions = pa.LargeStringArray.from_buffers(count, *buffers).cast(pa.string())
+        ids = np.arange(begin, begin + count)
+        zeros = np.zeros(count, np.int32)
+        table = pa.table({
+            "key": pa.array(np.char.mod("%09d", ids)), "caption": captions,
+            "shard": pa.array(np.char.mod("shards/%06d.tar", ids // 1000)),
+            "image_offset": ids * 100_000, "image_size": np.full(count, 90_000),
+            "bucket": zeros, "width": zeros + 768, "height": zeros + 512,
+            "stored_width": zeros + 768, "stored_height": zeros + 512,
+        })  # fmt: skip
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+OPEN = {
+    "mapped": (
+        "from trainer.index_map import MappedIndex\nfrom trainer.storage import DatasetFiles, "
+        "NodeCache\nindex = MappedIndex(DatasetFiles(FOLDER, NodeCache(FOLDER + '/cache')))\n"
+        "keys = index.strings('key', np.arange(0, len(index), 9973))\n"
+        "captions = index.strings('caption', np.arange(0, len(index), 9973))\n"
+        "touched = sum(int(np.frombuffer(b, np.uint8)[::4096].sum()) for t in (index.numbers, "
+        "index.text) for c in t.columns for k in c.chunks for b in k.buffers() if b is not None)\n"
+    ),
+    "index.parquet per process": (
+        "import pyarrow.parquet as pq\nfrom pipeline.format import INDEX_COLUMNS\n"
+        "index = pq.read_table(FOLDER + '/index.parquet', columns=INDEX_COLUMNS)\n"
+    ),
+}
+CHILD = (
+    "import sys, time, numpy as np\nFOLDER = sys.argv[1]\n"
+    "from trainer.index_map import MappedIndex\nimport pyarrow.parquet\n"
+    "start = time.perf_counter()\n{open}print(time.perf_counter() - start, flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as file:
+        return next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable"))
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("Pss:"))
+
+
+def index_memory(workdir: Path, rows: int) -> None:
+    folder = workdir / f"index-{rows}"
+    if not (folder / "index.parquet").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        synthetic_index(folder / "index.parquet", rows)
+        print(f"(built {rows:,} rows in {time.perf_counter() - started:.0f} s)")
+    shutil.rmtree(folder / "cache", ignore_errors=True)
+    parquet_mib = (folder / "index.parquet").stat().st_size / 2**20
+    print(f"\n2. index of {rows:,} rows (index.parquet {parquet_mib:.0f} MiB), "
+          f"{PROCESSES} processes")  # fmt: skip
+    baseline = subprocess.Popen([sys.executable, "-c", CHILD.format(open=""), str(folder)],
+                                cwd=REPO, text=True, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)  # fmt: skip
+    baseline.stdout.readline()
+    for name, code in OPEN.items():
+        if name == "mapped":  # the first process of the node converts; time it alone
+            first = subprocess.run([sys.executable, "-c", CHILD.format(open=code), str(folder)],
+                                   cwd=REPO, input="", text=True, capture_output=True)  # fmt: skip
+            print(f"  first open of the node (converts to Arrow IPC): {float(first.stdout):.1f} s")
+        command = [sys.executable, "-c", CHILD.format(open=code), str(folder)]
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        # Parquet readers that would not fit in this machine's memory together: one, times 8
+        fits = name == "mapped" or rows * 900 * PROCESSES < 0.6 * available_bytes()
+        processes = PROCESSES if fits else 1
+        children = [subprocess.Popen(command, cwd=REPO, text=True, **pipes)
+                    for _ in range(processes)]  # fmt: skip
+        try:
+            seconds = [float(child.stdout.readline()) for child in children]
+            empty = pss_kib(baseline.pid)  # now: the libraries' pages shared as the children's
+            grown = [(pss_kib(child.pid) - empty) / 1024 for child in children]
+        finally:
+            for child in children:
+                child.communicate("")
+        summed = sum(grown) * PROCESSES / processes
+        alone = "" if fits else f" (1 process run: {PROCESSES} would not fit here)"
+        print(
+            f"  {name:<27} open {statistics.median(seconds):5.2f} s; per process "
+            f"{statistics.median(grown):7.0f} MiB; over {PROCESSES}: {summed:7.0f} MiB{alone}"
+        )
+    baseline.communicate("")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/arb-bench"))
+    parser.add_argument("--sections", default="1,2")
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=4, help="--shuffle-window, in shards")
+    parser.add_argument("--rows", default="1000000", help="index sizes, comma-separated")
+    args = parser.parse_args()
+    sections = {int(s) for s in args.sections.split(",")}
+    if 1 in sections:
+        throughput(args.workdir, args.images, args.workers, args.batch_size, args.window)
+    if 2 in sections:
+        for rows in (int(r) for r in args.rows.split(",")):
+            index_memory(args.workdir, rows)
+
+
+if __name__ == "__main__":
+    main()
