@@ -98,21 +98,48 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
         for shuffle in ("global", "shards"):
             rate, first = epoch(PreparedData(local), shuffle, window, workers, batch_size)
             print(f"{'local disk':<26}{shuffle:<9}{rate:>10.0f}{1:>9.2f}{first:>12.2f}s")
-            cache_dir = workdir / f"remote-cache-{shuffle}"
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            cache = NodeCache(cache_dir, limit)
-            data = PreparedData(uri, cache=cache)
-            for state in ("cold cache", "warm cache"):
-                before = cache.counts()
-                remote_rate, first = epoch(data, shuffle, window, workers, batch_size)
-                hits, downloads = (a - b for a, b in zip(cache.counts(), before, strict=True))
-                ratio = remote_rate / rate
-                print(f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
-                      f"{first:>12.2f}s{hits:>7}{downloads:>11}")  # fmt: skip
+            for size, states in (
+                (limit, ("cold cache", "warm cache")),
+                (2 * total, ("cache > data, cold", "cache > data, warm")),
+            ):
+                cache_dir = workdir / f"remote-cache-{shuffle}"
+                shutil.rmtree(cache_dir, ignore_errors=True)
+                cache = NodeCache(cache_dir, size)
+                data = PreparedData(uri, cache=cache)
+                remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate)
+        print(f"randomness: two images of one shard lie {spread(local, 'global', window):.3f} "
+              f"of an epoch apart under the global shuffle, {spread(local, 'shards', window):.3f} "
+              "under the shard-aware one")  # fmt: skip
         ranged_reads(local, uri)
     finally:
         server.terminate()
         server.wait()
+
+
+def remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate) -> None:
+    """A row per epoch of `data` through `cache`: samples/s against `rate`, hits, downloads."""
+    for state in states:
+        before = cache.counts()
+        remote_rate, first = epoch(data, shuffle, window, workers, batch_size)
+        hits, downloads = (a - b for a, b in zip(cache.counts(), before, strict=True))
+        ratio = remote_rate / rate
+        print(f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
+                      f"{first:>12.2f}s{hits:>7}{downloads:>11}")  # fmt: skip
+
+
+def spread(local: Path, shuffle: str, window: int) -> float:
+    """Mean distance in the epoch, as a share of it, between two images of one shard paired at
+    random (a uniform shuffle: 1/3)."""
+    data = PreparedData(local)
+    batches = EpochBatches(data, 8, world_size=1, rank=0, seed=0, shuffle=shuffle, window=window)
+    plan = batches.plan()[0]
+    position = np.empty(len(data))
+    position[plan.items.ravel()] = np.repeat(np.arange(len(plan)), plan.items.shape[1])
+    kept = np.random.default_rng(0).permutation(plan.items.ravel())
+    shard = data.columns.shard
+    kept = kept[np.argsort(shard[kept], kind="stable")][: len(kept) // 2 * 2].reshape(-1, 2)
+    same = shard[kept[:, 0]] == shard[kept[:, 1]]
+    return float(np.mean(np.abs(position[kept[same, 0]] - position[kept[same, 1]])) / len(plan))
 
 
 def ranged_reads(local: Path, uri: str, samples: int = 300) -> None:

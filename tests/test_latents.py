@@ -22,10 +22,10 @@ from pipeline.format import OutputDir, vae_fingerprint
 from pipeline.latents import LatentEncoder, add_latents
 from pipeline.prepare import run
 from trainer.dataset import PreparedData
-from trainer.storage import NodeCache
 from trainer.diffusion import save_parts, tiny_parts
 from trainer.loader import make_loader
 from trainer.sampler import EpochBatches
+from trainer.storage import NodeCache
 
 REPO = Path(__file__).resolve().parent.parent
 # Overflowing both ways (wide, tall), exact, and sizes that fill no batch: catch-all re-fits.
@@ -154,7 +154,7 @@ def _stored_image(data: PreparedData, item: int) -> Image.Image:
     import io
 
     columns = data.columns
-    with open(columns.shard_paths[columns.shard[item]], "rb") as shard:
+    with columns.shard_paths[columns.shard[item]].open() as shard:
         shard.seek(int(columns.image_offset[item]))
         return Image.open(io.BytesIO(shard.read(int(columns.image_size[item])))).convert("RGB")
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS, prepare_small, ray_started
+from images import rgb, save
 from torchrun import REPO
 from torchrun import torchrun as run_torchrun
 
@@ -86,17 +87,29 @@ def test_a_remote_dataset_loads_the_batches_of_its_local_copy(datasets, tmp_path
     assert loaded(cold, "shards", workers=1) == loaded(here, "shards", workers=0)
 
 
-def test_the_shard_aware_shuffle_reads_fewer_shards_a_window(datasets, tmp_path):
-    """Each batch of 2 under the global shuffle reads from anywhere; under windows of 2 shards a
-    cache of 3 shards downloads far less than a shard a batch."""
-    local, uri = datasets
-    limit = sum(shard_bytes(local)[-3:])
-    counts = {}
+def test_the_shard_aware_shuffle_downloads_each_shard_once_an_epoch(s3_server, tmp_path):
+    """200 images in 10 shards, a cache of 4: the global shuffle's batches read from anywhere
+    (most reads of a shard a download), windows of 2 shards download each shard about once."""
+    for i in range(200):
+        save(rgb(64, 64, i), tmp_path / "images" / f"{i:03d}.jpg", quality=90)
+    s3_server.client.create_bucket(Bucket="windows")
+    uri = s3_server.uri("windows", "out")
+    with ray_started():
+        run(PrepareConfig(input=str(tmp_path / "images"), output=uri, buckets=SMALL_BUCKETS,
+                          samples_per_shard=20))  # fmt: skip
+    listed = s3_server.client.list_objects_v2(Bucket="windows", Prefix="out/shards/")
+    sizes = [entry["Size"] for entry in listed["Contents"] if entry["Key"].endswith(".tar")]
+    assert len(sizes) == 10
+    downloads = {}
     for shuffle in ("global", "shards"):
-        cache = NodeCache(tmp_path / shuffle, limit)
-        loaded(PreparedData(uri, cache=cache), shuffle, workers=0, epochs=3)
-        counts[shuffle] = cache.counts()[1]
-    assert counts["shards"] < counts["global"], counts
+        cache = NodeCache(tmp_path / shuffle, limit=4 * max(sizes))  # room for two windows
+        data = PreparedData(uri, cache=cache)
+        batches = EpochBatches(data, batch_size=4, world_size=1, rank=0, shuffle=shuffle,
+                               window=2)  # fmt: skip
+        for batch in make_loader(data, batches, num_workers=0):
+            assert len(batch.keys) == 4
+        downloads[shuffle] = cache.counts()[1]
+    assert downloads["shards"] <= 12 and downloads["global"] > 5 * 10, downloads
 
 
 def test_several_datasets_remote_and_local_with_weights(datasets, tmp_path):

@@ -280,6 +280,10 @@ def test_spawned_workers_deliver_the_same_batches(prepared):
             batches.set_epoch(epoch)
             delivered[workers] += [(b.keys, b.pixels) for b in loader]
     assert_same_batches(*delivered.values())
+    # what a spawned worker is sent: how to open the dataset, not a copy of its index
+    assert len(pickle.dumps(data)) < 2000
+    assert np.array_equal(pickle.loads(pickle.dumps(data)).columns.image_offset,
+                          data.columns.image_offset)  # fmt: skip
 
 
 def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):

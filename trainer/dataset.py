@@ -143,7 +143,7 @@ class PreparedData:
 
     def __init__(self, root: str | Path, latents: str | None = None,
                  cache: NodeCache | None = None):  # fmt: skip
-        self.root = str(root)
+        self.root, self._arguments = str(root), (root, latents, cache)
         self.manifest = read_manifest(root)
         settled = json.dumps(dataclasses.asdict(self.manifest), sort_keys=True).encode()
         version = hashlib.sha256(settled).hexdigest()[:12]
@@ -178,6 +178,11 @@ class PreparedData:
         paths = [FileRef(self.files, name) for name in shard_names(table)]
         return Latents(entry | {"fingerprint": fingerprint}, paths, column(table, "latent_shard"),
                        column(table, "latent_offset"), column(table, "latent_size"))  # fmt: skip
+
+    def __reduce__(self):
+        """Opened anew where it is unpickled (a spawned loader worker): the maps are mapped
+        again, not copied through the pickle."""
+        return PreparedData, self._arguments
 
     def __len__(self) -> int:
         return len(self.index)

@@ -173,6 +173,19 @@ class BatchReader(torch.utils.data.Dataset):
     def __getitem__(self, batch: BatchPlan) -> tuple[LoadedBatch, PixelLayout | None]:
         """The batch without its pixels, and where they lie (see `PixelLayout`, `Loader`).
 
+        Remote shards are closed after each batch: an open file outlives its eviction from the
+        node cache, so held open they would keep the disk past --cache-limit (and each batch's
+        fetch marks its shards used, which is what the cache's LRU order needs).
+        """
+        try:
+            return self._load(batch)
+        finally:
+            for file in [file for file in self._files if file.files.remote]:
+                self._files.pop(file).close()
+
+    def _load(self, batch: BatchPlan) -> tuple[LoadedBatch, PixelLayout | None]:
+        """`__getitem__`'s batch.
+
         A JPEG stored at a size that covers the bucket (the prepare job's fitted size, or a
         catch-all batch asking for its own bucket) is decoded straight into the buffer, overflow
         and all, and its window is described; anything else is decoded and re-fitted into a
