@@ -84,6 +84,18 @@ class PrepareConfig:
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS, "reject images with more pixels, before decoding them", group=IMAGES
     )
+    dedup: bool = option(
+        True,
+        "reject exact duplicates (the same bytes, hashed in the scan): the first by path is "
+        "kept, or the copy OUT holds",
+        group=IMAGES,
+    )
+    caption_field: str = option(
+        "",
+        "the field JSON captions are read from (.json sidecars, metadata.jsonl); empty: the "
+        "first of text, caption, tags",
+        group=IMAGES,
+    )
     samples_per_shard: int = option(1000, "images per tar (one bucket per tar)", group=OUTPUT)
     batch_size: int = option(  # for the trainer and the epoch report; not part of the output
         32, "per-rank batch size you will train with: shapes the epoch report", group=OUTPUT
@@ -128,15 +140,20 @@ class PrepareConfig:
 
     def settings(self) -> dict:
         """The settings that shape the output: OUT is rebuilt when one of them changes."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "buckets": dataclasses.asdict(self.buckets),
-            "write": dataclasses.asdict(self.write) | {"background": list(self.write.background)},
-            "max_upscale": self.max_upscale,
-            "max_crop": self.max_crop,
-            "max_pixels": self.max_pixels,
-            "samples_per_shard": self.samples_per_shard,
-        }
+        return (
+            {
+                "format_version": FORMAT_VERSION,
+                "buckets": dataclasses.asdict(self.buckets),
+                "write": dataclasses.asdict(self.write)
+                | {"background": list(self.write.background)},
+                "max_upscale": self.max_upscale,
+                "max_crop": self.max_crop,
+                "max_pixels": self.max_pixels,
+                "samples_per_shard": self.samples_per_shard,
+            }
+            | ({} if self.dedup else {"dedup": False})
+            | ({"caption_field": self.caption_field} if self.caption_field else {})
+        )  # left out at their defaults: the settings of an OUT prepared before them stay its own
 
 
 def fingerprint(value: object) -> str:

@@ -93,13 +93,14 @@ def run(config: PrepareConfig) -> dict:
         )
     out = OutputDir(config.output)
     _begin(out, config)
-    root = input_root(config.input)
+    root = input_root(config.input, config.caption_field)
     with stages.stage("scan") as scan:
         scanned = _scan(listing, root, config)
         scan["items"] = len(scanned)
     del listing
     with stages.stage("assign") as assign:
-        accepted, assign_rejects, buckets = _assign(scanned, config)
+        held = _held_contents(out) if config.incremental else {}
+        accepted, assign_rejects, buckets = _assign(scanned, config, held)
         previous = _finished_shards(out) if config.incremental else None
         shards = plan_shards(
             _keys(accepted["key"]),
@@ -242,14 +243,15 @@ def _list(uri: str, config: PrepareConfig) -> pa.Table:
     """The input's listing, sorted by source: the top levels listed here until there are
     folders enough for every CPU (a tree under one images/ folder is looked into), the folders
     below them listed by tasks, several per CPU."""
-    rows, folders = list_level(uri)
+    field = config.caption_field
+    rows, folders = list_level(uri, "", field)
     tables, cpus = [rows], cluster_cpus()
     for _ in range(LIST_DEPTH):
         if len(folders) >= 2 * cpus:
             break
         deeper = []
         for folder in folders:
-            rows, below = list_level(uri, folder)
+            rows, below = list_level(uri, folder, field)
             tables.append(rows)
             deeper += below
         folders = deeper
@@ -257,7 +259,7 @@ def _list(uri: str, config: PrepareConfig) -> pa.Table:
         chunks = np.array_split(np.array(folders, dtype=object), min(len(folders), 4 * cpus))
         for _, table, _ in map_unordered(
             list_folders,
-            ((None, (uri, chunk.tolist())) for chunk in chunks),
+            ((None, (uri, chunk.tolist(), field)) for chunk in chunks),
             description="list",
             total_items=None,
             items_of=len,
@@ -275,7 +277,15 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     prior = np.full(count, FIRST_TASK_MS / config.files_per_scan_task)
     plan = WorkPlan([np.arange(count)], prior, np.zeros(count, np.int64), cluster_cpus())
     tasks = (
-        (task, (listing.slice(task.start, task.stop - task.start), root, config.max_pixels))
+        (
+            task,
+            (
+                listing.slice(task.start, task.stop - task.start),
+                root,
+                config.max_pixels,
+                config.dedup,
+            ),
+        )
         for task in iter(plan.next_task, None)
     )
     tables = {}
@@ -293,7 +303,42 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     return pa.concat_tables([tables[start] for start in sorted(tables)])
 
 
-def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
+def _held_contents(out: OutputDir) -> dict[str, str]:
+    """Content hash -> source of the images a complete OUT holds (none before content hashes
+    were indexed): an incremental run keeps those copies of a duplicate."""
+    path = out.path("index.parquet")
+    if not out.exists(path):
+        return {}
+    index = pq.read_table(path, filesystem=out.filesystem)
+    if "content_hash" not in index.column_names:
+        return {}
+    return dict(zip(index["content_hash"].to_pylist(), index["source"].to_pylist(), strict=True))
+
+
+def _content_duplicates(candidates: pa.Table, held: dict[str, str]) -> np.ndarray:
+    """For each candidate, the source of the copy of its bytes that is kept, or None for the
+    kept ones: the copy OUT holds (`held`) if it is still a candidate, else the first by
+    source (the listing's order), so reruns keep the same copy. A file a listing names twice
+    (with two captions) is two samples, no copy of itself."""
+    kept_by = np.full(len(candidates), None, dtype=object)
+    hashes = candidates["content_hash"].to_numpy(zero_copy_only=False)
+    hashed = np.flatnonzero(hashes != None)  # noqa: E711 (element-wise; None: --no-dedup)
+    if not len(hashed):
+        return kept_by
+    sources = candidates["source"].to_numpy(zero_copy_only=False)
+    is_held = np.array([held.get(hashes[i]) == sources[i] for i in hashed], dtype=bool)
+    order = hashed[np.lexsort((hashed, ~is_held))]  # held copies first, then listing order
+    _, first, group = np.unique(hashes[order].astype("S16"), return_index=True,
+                                return_inverse=True)  # fmt: skip
+    keeper = order[first][group]  # the kept copy of each row in `order`
+    repeat = sources[keeper] != sources[order]  # one file listed twice is no copy of itself
+    kept_by[order[repeat]] = sources[keeper[repeat]]
+    return kept_by
+
+
+def _assign(
+    scanned: pa.Table, config: PrepareConfig, held: dict[str, str] | None = None
+) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """(accepted images with their bucket columns, rejections so far, the bucket list)."""
     failed, candidates = _split(scanned, pc.is_null(scanned["reject"]).combine_chunks())
     width = candidates["width"].to_numpy(zero_copy_only=False).astype(np.int64)
@@ -304,11 +349,14 @@ def _assign(scanned: pa.Table, config: PrepareConfig) -> tuple[pa.Table, pa.Tabl
 
     duplicate = np.ones(len(width), dtype=bool)  # a listing may name a file twice: keep one
     duplicate[np.unique(_keys(candidates["key"]), return_index=True)[1]] = False
+    copy_of = _content_duplicates(candidates, held or {})
 
     reasons = np.full(len(width), None, dtype=object)
     messages = np.full(len(width), None, dtype=object)
     checks = [  # the first failed check names the reason; a bucket must exist to fit to it
         (Reason.DUPLICATE, duplicate, lambda i: "the same file is listed more than once"),
+        (Reason.DUPLICATE_CONTENT, copy_of != None,  # noqa: E711 (element-wise)
+         lambda i: f"the same bytes as {copy_of[i]}, which is kept"),
         (Reason.ASPECT, index == REJECT_ASPECT,
          lambda i: f"aspect {width[i] / height[i]:.3f} is too far from every bucket"),
         (Reason.TOO_SMALL, index < 0,

@@ -32,11 +32,13 @@ class Reason(str, Enum):
     TOO_MANY_PIXELS = "too_many_pixels"
     FILE_TOO_LARGE = "file_too_large"
     DUPLICATE = "duplicate"
+    DUPLICATE_CONTENT = "duplicate_content"
     ASPECT = "aspect"
     TOO_SMALL = "too_small"
     UPSCALE = "upscale"
     CROP = "crop"
     CAPTION_ENCODING = "caption_encoding"
+    BAD_CAPTION = "bad_caption"
     CHANGED = "changed"
 
 
@@ -53,18 +55,22 @@ DESCRIPTIONS = {
     Reason.NOT_AN_IMAGE: "is empty or not an image, whatever its name says",
     Reason.UNSUPPORTED_FORMAT: "has an extension or a format (PSD, ICO, PPM...) outside jpg, "
     "png, webp, bmp, gif, tiff",
-    Reason.ORPHAN_CAPTION: "is a `.txt`/`.caption` file with no image of the same name",
+    Reason.ORPHAN_CAPTION: "is a `.txt`/`.caption`/`.json` file with no image of the same name",
     Reason.CORRUPT: "is an image whose header or pixels cannot be decoded (truncated, damaged)",
     Reason.TOO_MANY_PIXELS: "has more pixels than `--max-pixels` (a decompression-bomb guard), "
     "refused before decoding",
     Reason.FILE_TOO_LARGE: "is far larger than its pixels can need (16 bytes a pixel plus "
     "64 MiB): junk after the image, or a sparse file; never read",
     Reason.DUPLICATE: "is listed again (a listing file naming one path twice): the first is kept",
+    Reason.DUPLICATE_CONTENT: "has the same bytes as another file (a hash of each file, taken "
+    "in the scan): the first by path is kept, or the one OUT holds; `--no-dedup` keeps all",
     Reason.ASPECT: "has an aspect ratio beyond `--max-log-aspect-error` of every bucket",
     Reason.TOO_SMALL: "(`--no-upscale`) has a side under `--min-side`",
     Reason.UPSCALE: "would have to be enlarged more than `--max-upscale` (default 2x)",
     Reason.CROP: "would lose more than `--max-crop` of its area to the fit's crop (default 0.5)",
     Reason.CAPTION_ENCODING: "has a caption file that is not UTF-8",
+    Reason.BAD_CAPTION: "has a JSON caption that cannot be read: a `.json` sidecar that is not "
+    "a JSON object, or a `metadata.jsonl` with lines that are not",
     Reason.CHANGED: "changed between the scan and the write (another size or orientation): "
     "rerun to take the new file",
 }

@@ -19,7 +19,7 @@ from pipeline.config import WriteOptions
 from pipeline.format import JSON_MEMBER_FIELDS
 from pipeline.imaging import encode, fitted_image
 from pipeline.rejects import Reason, Rejected
-from pipeline.sources import InputRoot
+from pipeline.sources import InputRoot, json_caption
 
 
 def fit_samples(
@@ -49,11 +49,18 @@ def _record(row: dict, root: InputRoot, options: WriteOptions) -> dict:
 
 
 def _read_caption(row: dict, root: InputRoot) -> str | None:
+    """The listing's caption, else the sidecar's (a .json one's `json_caption`)."""
     if row["caption"] is not None:
         return row["caption"]
     if row["caption_source"] is None:
         return None
-    return root.read_bytes(row["caption_source"]).decode("utf-8").strip()
+    text = root.read_bytes(row["caption_source"]).decode("utf-8")
+    if not row["caption_source"].lower().endswith(".json"):
+        return text.strip()
+    try:
+        return json_caption(json.loads(text), root.caption_field)
+    except ValueError as error:
+        raise Rejected(Reason.BAD_CAPTION, f"{row['caption_source']}: {error}") from None
 
 
 def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, dict]:

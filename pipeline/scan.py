@@ -37,8 +37,10 @@ SCAN_SCHEMA = pa.schema(
         ("mode", pa.string()),
         ("orientation", pa.int8()),  # what the decoded pixels still need (imaging.Header)
         ("note", pa.string()),  # metadata ignored, and why
+        ("content_hash", pa.string()),  # of the file's bytes, for exact duplicates; None: off
     ]
 )
+HASH_CHUNK = 1 << 20
 
 
 def sample_key(row: dict) -> str:
@@ -52,12 +54,40 @@ def sample_key(row: dict) -> str:
     return hashlib.blake2b(identity.encode(), digest_size=10).hexdigest()
 
 
-def scan_batch(rows: pa.Table, root: InputRoot, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
-    """Header of every listed file: a table of SCAN_SCHEMA, one row per input row."""
+def scan_batch(
+    rows: pa.Table, root: InputRoot, max_pixels: int = DEFAULT_MAX_PIXELS, dedup: bool = True
+) -> pa.Table:
+    """Header of every listed file: a table of SCAN_SCHEMA, one row per input row; with
+    `dedup`, each usable file's `content_hash` too (the whole file read, streamed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
-        scanned = [_scan_one(row, root, max_pixels) for row in rows.to_pylist()]
+        scanned = []
+        for row in rows.to_pylist():
+            row = _scan_one(row, root, max_pixels)
+            if dedup and not row.get("reject"):
+                row |= _content_hash(root, row["source"])
+            scanned.append(row)
     return pa.Table.from_pylist(scanned, schema=SCAN_SCHEMA)
+
+
+def content_hash(stream: BinaryIO) -> str:
+    """16 hex digits of blake2b over a stream's bytes, read a MiB at a time."""
+    digest = hashlib.blake2b(digest_size=8)
+    while chunk := stream.read(HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_hash(root: InputRoot, source: str) -> dict:
+    filesystem, path = root.resolve(source)
+    try:
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            with open(path, "rb") as stream:
+                return {"content_hash": content_hash(stream)}
+        with filesystem.open_input_stream(path) as stream:
+            return {"content_hash": content_hash(stream)}
+    except OSError as error:
+        return reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
 
 
 def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:

@@ -1,15 +1,21 @@
 """Listing the input: which image files there are, their caption sidecars, and what is unusable.
 
 Input is a directory tree (a local path or any URL pyarrow opens: file://, s3://, gs://) or a
-Parquet/CSV listing with a `path` column and an optional `caption` column. Captions in a tree
-come from a sidecar with the image's stem and `.txt` or `.caption` (kohya-ss's convention).
-Listing reads directory entries only, never file contents.
+Parquet/CSV listing with a `path` column and an optional `caption` column. Captions in a tree,
+first found wins:
+1. a sidecar with the image's stem: `.txt`, `.caption` (kohya-ss's convention), or `.json`
+   (its `caption_field`, read when the image is fitted);
+2. a `metadata.jsonl` in the image's folder (diffusers' imagefolder layout): a JSON object a
+   line, `file_name` (relative to that folder) and the `caption_field`.
+The caption field, when not given, is the first of DEFAULT_CAPTION_FIELDS a JSON object has; a
+list (booru tags) is joined with ", ". Listing reads directory entries only, and metadata.jsonl.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import posixpath
 import stat
@@ -29,7 +35,23 @@ from pipeline.errors import UsageError
 from pipeline.format import split_uri
 from pipeline.rejects import Reason, reject
 
-CAPTION_EXTENSIONS = (".txt", ".caption")  # a .txt sidecar wins over a .caption one
+CAPTION_EXTENSIONS = (".txt", ".caption", ".json")  # the first an image has is its caption
+METADATA_NAME = "metadata.jsonl"
+DEFAULT_CAPTION_FIELDS = ("text", "caption", "tags")
+
+
+def json_caption(value: object, field: str = "") -> str | None:
+    """The caption in a JSON object (a sidecar, a metadata.jsonl line): `field`, or the first
+    of DEFAULT_CAPTION_FIELDS it has; a list joined with ", "; None when it has none. A
+    ValueError when `value` is not an object."""
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    names = (field,) if field else DEFAULT_CAPTION_FIELDS
+    found = next((value[name] for name in names if value.get(name) is not None), None)
+    if isinstance(found, list):
+        return ", ".join(str(tag) for tag in found)
+    return None if found is None else str(found).strip()
+
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -48,9 +70,11 @@ LISTING_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class InputRoot:
-    """Where sources are read from: a directory, or the folder of a listing file."""
+    """Where sources are read from (a directory, or the folder of a listing file), and the
+    field JSON captions are read from (`json_caption`)."""
 
     uri: str
+    caption_field: str = ""
 
     @cached_property
     def _root(self) -> tuple[pafs.FileSystem, str]:
@@ -90,11 +114,11 @@ def _is_listing_file(uri: str) -> bool:
     return uri.endswith((".parquet", ".csv"))
 
 
-def input_root(uri: str) -> InputRoot:
+def input_root(uri: str, caption_field: str = "") -> InputRoot:
     """The root sources are resolved against: the tree itself, or a listing's folder."""
     if _is_listing_file(uri):
-        return InputRoot(uri.rsplit("/", 1)[0] if "/" in uri else ".")
-    return InputRoot(uri.rstrip("/") or "/")
+        return InputRoot(uri.rsplit("/", 1)[0] if "/" in uri else ".", caption_field)
+    return InputRoot(uri.rstrip("/") or "/", caption_field)
 
 
 def check_input(uri: str) -> None:
@@ -146,37 +170,39 @@ def check_separate(input_uri: str, output_uri: str) -> None:
         raise UsageError(f"--input {input_uri} is inside --output {output_uri}: keep them apart")
 
 
-def list_input(uri: str) -> pa.Table:
+def list_input(uri: str, caption_field: str = "") -> pa.Table:
     """All candidate images of the input as a table of LISTING_SCHEMA, sorted by source, listed
     in this process (the job shares the folders out: `list_level`, `list_folders`)."""
-    rows, folders = list_level(uri)
-    return pa.concat_tables([rows, list_folders(uri, folders)]).sort_by("source")
+    rows, folders = list_level(uri, "", caption_field)
+    return pa.concat_tables([rows, list_folders(uri, folders, caption_field)]).sort_by("source")
 
 
-def list_level(uri: str, folder: str = "") -> tuple[pa.Table, list[str]]:
+def list_level(uri: str, folder: str = "", caption_field: str = "") -> tuple[pa.Table, list[str]]:
     """One level of the input tree: the files directly in `folder` (relative to the input, ''
     for its top) as listing rows, and its subfolders, relative too, to list apart. A listing
     file is all rows and no folders."""
     if _is_listing_file(uri):
         return _read_listing_file(uri), []
-    filesystem, path = split_uri(input_root(uri).uri)
+    root = input_root(uri, caption_field)
+    filesystem, path = split_uri(root.uri)
     if isinstance(filesystem, pafs.LocalFileSystem):
         entries, folders = _local_level(path, folder)
     else:
         entries, folders = _remote_level(filesystem, path, folder)
-    return _rows(_pair_captions(entries)), folders
+    return _rows(_pair_captions(entries, root)), folders
 
 
-def list_folders(uri: str, folders: list[str]) -> pa.Table:
+def list_folders(uri: str, folders: list[str], caption_field: str = "") -> pa.Table:
     """Every file under each of `folders` (relative to the input tree), as listing rows; a
     unit of work of the job's list stage."""
-    filesystem, path = split_uri(input_root(uri).uri)
+    root = input_root(uri, caption_field)
+    filesystem, path = split_uri(root.uri)
     if isinstance(filesystem, pafs.LocalFileSystem):
         directories = (entries for folder in folders for entries in _walk_local(path, folder))
     else:
         directories = (entries for folder in folders
                        for entries in _walk_remote(filesystem, path, folder))  # fmt: skip
-    return _rows(row for entries in directories for row in _pair_captions(entries))
+    return _rows(row for entries in directories for row in _pair_captions(entries, root))
 
 
 def _rows(rows: Iterator[dict]) -> pa.Table:
@@ -271,11 +297,48 @@ def _walk_remote(filesystem: pafs.FileSystem, root: str, folder: str) -> Iterato
         ]
 
 
-def _pair_captions(entries: list[dict]) -> Iterator[dict]:
-    """One directory's images with their sidecars; unknown and orphan files become rejections.
+def _metadata_captions(entry: dict, root: InputRoot) -> tuple[dict[str, str], dict | None]:
+    """A metadata.jsonl's captions by image source, and a rejection row for it naming its bad
+    lines (None when every line is good); the good lines count either way."""
+    folder = entry["source"][: -len(METADATA_NAME)]
+    captions, bad = {}, []
+    try:
+        lines = root.read_bytes(entry["source"]).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        return {}, entry | reject(Reason.BAD_CAPTION, f"cannot be read: {error}")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+            caption = json_caption(value, root.caption_field)
+            name = value["file_name"]
+        except (ValueError, KeyError, TypeError) as error:
+            bad.append(f"line {number}: {type(error).__name__}: {error}")
+            continue
+        if caption is not None:
+            captions[folder + str(name)] = caption
+    if not bad:
+        return captions, None
+    shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return captions, entry | reject(Reason.BAD_CAPTION, f"{len(bad)} bad lines: {shown}")
+
+
+def _pair_captions(entries: list[dict], root: InputRoot) -> Iterator[dict]:
+    """One directory's images with their sidecars or metadata.jsonl captions; unknown and
+    orphan files become rejections.
 
     Sidecar extensions match in any case (`photo.TXT`), as image extensions do.
     """
+    described: dict[str, str] = {}
+    for entry in entries:
+        if entry["source"].rpartition("/")[2] == METADATA_NAME and not entry.get("reject"):
+            captions, rejected = _metadata_captions(entry, root)
+            described |= captions
+            if rejected:
+                yield rejected
+    entries = [e for e in entries  # a metadata.jsonl is no image: not listed, unless unreadable
+               if e["source"].rpartition("/")[2] != METADATA_NAME or e.get("reject")]  # fmt: skip
     split = {entry["source"]: _split_extension(entry["source"]) for entry in entries}
     sidecars = {
         (stem, extension): entry
@@ -298,6 +361,9 @@ def _pair_captions(entries: list[dict]) -> Iterator[dict]:
                         "caption_mtime_ns": sidecar["mtime_ns"],
                     }
                     break
+            else:
+                if entry["source"] in described:
+                    entry |= {"caption": described[entry["source"]]}
             yield entry
         elif extension in CAPTION_EXTENSIONS:
             if stem not in image_stems:

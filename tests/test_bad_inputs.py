@@ -95,7 +95,7 @@ def build_corpus(root, outside):
         else:
             write(name, data)
     os.symlink(root / "UPPER.JPG", root / "nested" / "link inside root.jpg")
-    good["nested/link inside root.jpg"] = None
+    bad["nested/link inside root.jpg"] = "duplicate_content"  # UPPER.JPG's bytes: it is kept
     write("Shouting.JPG", jpeg_bytes(768, 1024, 8))  # upper-case sidecars are sidecars too
     (root / "Shouting.TXT").write_text("an upper-case caption sidecar")
     write("Mixed.png", png_bytes(600, 600))
