@@ -51,7 +51,7 @@ INDEX_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
-        ("content_hash", pa.string()),  # 16 hex digits of the file's bytes; null: --no-dedup
+        ("content_hash", pa.string()),  # xxh3-128 of the file's bytes; null: --no-dedup
         ("width", pa.int32()),  # source size after EXIF orientation
         ("height", pa.int32()),
         ("bucket", pa.int32()),

@@ -328,7 +328,7 @@ def _content_duplicates(candidates: pa.Table, held: dict[str, str]) -> np.ndarra
     sources = candidates["source"].to_numpy(zero_copy_only=False)
     is_held = np.array([held.get(hashes[i]) == sources[i] for i in hashed], dtype=bool)
     order = hashed[np.lexsort((hashed, ~is_held))]  # held copies first, then listing order
-    _, first, group = np.unique(hashes[order].astype("S16"), return_index=True,
+    _, first, group = np.unique(hashes[order].astype("S32"), return_index=True,
                                 return_inverse=True)  # fmt: skip
     keeper = order[first][group]  # the kept copy of each row in `order`
     repeat = sources[keeper] != sources[order]  # one file listed twice is no copy of itself

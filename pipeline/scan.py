@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import xxhash
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import DEFAULT_MAX_PIXELS
@@ -71,8 +72,9 @@ def scan_batch(
 
 
 def content_hash(stream: BinaryIO) -> str:
-    """16 hex digits of blake2b over a stream's bytes, read a MiB at a time."""
-    digest = hashlib.blake2b(digest_size=8)
+    """32 hex digits of xxh3-128 over a stream's bytes, read a MiB at a time (~9 GB/s: ten
+    times blake2b or md5 here, bench/dedup_bench.py; 128 bits: no collision in 10M files)."""
+    digest = xxhash.xxh3_128()
     while chunk := stream.read(HASH_CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
