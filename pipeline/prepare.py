@@ -297,7 +297,8 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
         items_of=len,
         max_in_flight=config.max_in_flight,
     ):
-        plan.observe(task, np.full(len(table), milliseconds / max(1, len(table))))
+        listed = task.stop - task.start  # a tar is one listed file, and a row per sample
+        plan.observe(task, np.full(listed, milliseconds / max(1, listed)))
         tables[task.start] = table
     # the listing's order (by source) without a sorted copy: tasks are slices of it
     return pa.concat_tables([tables[start] for start in sorted(tables)])

@@ -74,7 +74,7 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
     )
     try:
         caption = _read_caption(row, root)
-        source = root.local_path(row["source"]) or root.read_bytes(row["source"])
+        source = root.read_row(row)
     except UnicodeDecodeError as error:
         raise Rejected(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}") from None
     except OSError as error:

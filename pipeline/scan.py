@@ -1,15 +1,18 @@
 """Reading image headers: size after EXIF orientation, mode and format, never the pixels.
 
 `scan_batch` is the unit of work of the scan stage: it takes listing rows and returns one
-compact row per file. Every failure becomes a rejection row; it never raises for a bad file.
+compact row per file, and per sample of a WebDataset tar (`_scan_archive`). Every failure
+becomes a rejection row; it never raises for a bad file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
+import tarfile
 import warnings
 from typing import BinaryIO
 
@@ -18,10 +21,10 @@ import pyarrow.fs as pafs
 import xxhash
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from pipeline.imaging import Header, max_file_bytes, read_header
 from pipeline.rejects import Reason, reject
-from pipeline.sources import LISTING_SCHEMA, InputRoot
+from pipeline.sources import ARCHIVE_EXTENSION, LISTING_SCHEMA, InputRoot, json_caption
 
 # Formats we decode; Pillow identifies more (PSD, ICO, PPM...), which are rejected by name.
 # MPO is what Pillow calls the JPEGs many phones write (a JPEG with extra frames).
@@ -64,11 +67,101 @@ def scan_batch(
         warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
         scanned = []
         for row in rows.to_pylist():
+            if row["source"].lower().endswith(ARCHIVE_EXTENSION) and not row["reject"]:
+                scanned += _scan_archive(row, root, max_pixels, dedup)
+                continue
             row = _scan_one(row, root, max_pixels)
             if dedup and not row.get("reject"):
                 row |= _content_hash(root, row["source"])
             scanned.append(row)
     return pa.Table.from_pylist(scanned, schema=SCAN_SCHEMA)
+
+
+def _sample_name(member: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: (sample, extension), the extension from the first
+    dot of the base name (`dir/0001.seg.png` -> `dir/0001`, `seg.png`)."""
+    folder, _, name = member.rpartition("/")
+    stem, _, extension = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _open_archive(root: InputRoot, source: str) -> BinaryIO:
+    filesystem, path = root.resolve(source)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return open(path, "rb")
+    return filesystem.open_input_stream(path)
+
+
+def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> list[dict]:
+    """A row per sample of the tar `row` lists, read as a stream once (never extracted, a
+    member in memory at a time): its image member's header, offset and hash, its caption from
+    its `txt` member or its `json` member's field. A sample without an image, a member that is
+    not one, and a tar that ends early are rejections naming the tar and the member; the
+    samples before stay."""
+    archive = row["source"]
+    base = {name: None for name in SCAN_SCHEMA.names} | {
+        "archive": archive, "mtime_ns": row["mtime_ns"]
+    }  # fmt: skip
+    samples: dict[str, dict] = {}  # sample -> its row, in the tar's order
+    entry: dict = {}
+    try:
+        with _open_archive(root, archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                sample, extension = _sample_name(member.name)
+                entry = samples.setdefault(sample, dict(base, source=f"{archive}/{sample}"))
+                is_image = f".{extension}" in IMAGE_EXTENSIONS and entry["size"] is None
+                if not (is_image or extension in ("txt", "json")) or entry["reject"]:
+                    continue
+                entry["reading"] = True
+                data = tar.extractfile(member).read()
+                del entry["reading"]
+                if is_image:
+                    entry |= {"source": f"{archive}/{member.name}", "size": member.size,
+                              "member_offset": member.offset_data}  # fmt: skip
+                    _image_member(entry, data, max_pixels, dedup)
+                else:  # a txt member wins over a json one, whichever comes first
+                    entry.setdefault("captions", {})[extension] = _member_caption(
+                        data, extension, root.caption_field, entry
+                    )
+    except (tarfile.TarError, OSError, EOFError) as error:
+        cause = f"{type(error).__name__}: {error}"
+        if entry.pop("reading", False):
+            entry |= reject(Reason.CORRUPT, f"the tar ends inside this sample: {cause}")
+        ended = reject(Reason.CORRUPT, f"the tar ends early, after {len(samples)} samples: {cause}")
+        samples[""] = dict(base, source=archive, size=row["size"]) | ended
+    for entry in samples.values():
+        captions = entry.pop("captions", {})
+        entry["caption"] = (
+            captions["txt"] if captions.get("txt") is not None else captions.get("json")
+        )
+        if entry["size"] is None and not entry["reject"]:
+            entry |= reject(Reason.NOT_AN_IMAGE, "a tar sample without an image member")
+        entry["key"] = sample_key(entry)
+    return list(samples.values())
+
+
+def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool) -> None:
+    """A tar sample's image member's header and hash into its row, or its rejection."""
+    if not data:
+        entry |= reject(Reason.NOT_AN_IMAGE, "empty file")
+        return
+    entry |= _checked(dict(entry), io.BytesIO(data), None, max_pixels)
+    if dedup and not entry["reject"]:
+        entry["content_hash"] = xxhash.xxh3_128_hexdigest(data)
+
+
+def _member_caption(data: bytes, extension: str, field: str, entry: dict) -> str | None:
+    """A sample's caption member's text; a bad one marks the sample rejected."""
+    try:
+        text = data.decode("utf-8")
+        return text.strip() if extension == "txt" else json_caption(json.loads(text), field)
+    except UnicodeDecodeError as error:
+        entry |= reject(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}")
+    except ValueError as error:
+        entry |= reject(Reason.BAD_CAPTION, f"{entry['source']}.{extension}: {error}")
+    return None
 
 
 def content_hash(stream: BinaryIO) -> str:
@@ -113,6 +206,11 @@ def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
         stream = root.open(row["source"], HEADER_BYTES)
     except OSError as error:
         return row | reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
+    return _checked(row, stream, root, max_pixels)
+
+
+def _checked(row: dict, stream: BinaryIO, root: InputRoot | None, max_pixels: int) -> dict:
+    """`row` with its image's header from `stream`, or the rejection the header calls for."""
     try:
         header = _read_header(stream, root, row["source"])
     except UnidentifiedImageError:
@@ -164,13 +262,16 @@ def _listed_file(filesystem: pafs.FileSystem, path: str) -> dict:
     return {"size": info.size, "mtime_ns": info.mtime_ns}
 
 
-def _read_header(stream: BinaryIO, root: InputRoot, source: str) -> Header:
-    """The header from `stream`; from the whole file when a remote file's first bytes fall short."""
+def _read_header(stream: BinaryIO, root: InputRoot | None, source: str) -> Header:
+    """The header from `stream`; from the whole file when a remote file's first bytes fall
+    short (`root` None: `stream` is the whole file already)."""
     with stream:
         try:
             return read_header(Image.open(stream))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            if not (isinstance(stream, io.BytesIO) and len(stream.getbuffer()) == HEADER_BYTES):
+            if root is None or not (
+                isinstance(stream, io.BytesIO) and len(stream.getbuffer()) == HEADER_BYTES
+            ):
                 raise
     with root.open(source) as whole:
         return read_header(Image.open(whole))

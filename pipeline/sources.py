@@ -9,6 +9,10 @@ first found wins:
    line, `file_name` (relative to that folder) and the `caption_field`.
 The caption field, when not given, is the first of DEFAULT_CAPTION_FIELDS a JSON object has; a
 list (booru tags) is joined with ", ". Listing reads directory entries only, and metadata.jsonl.
+
+WebDataset tars (img2dataset's output among them) are listed as files and opened by the scan,
+which makes a row of each sample's image member (scan.py); an img2dataset shard's `NAME.parquet`
+and `NAME_stats.json` beside `NAME.tar` are its metadata, not inputs.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pipeline.rejects import Reason, reject
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".json")  # the first an image has is its caption
 METADATA_NAME = "metadata.jsonl"
+ARCHIVE_EXTENSION = ".tar"  # WebDataset shards
 DEFAULT_CAPTION_FIELDS = ("text", "caption", "tags")
 
 
@@ -64,6 +69,8 @@ LISTING_SCHEMA = pa.schema(
         ("caption", pa.string()),  # a listing file's caption column; null otherwise
         ("reject", pa.string()),  # a rejection code when the entry is unusable as listed
         ("message", pa.string()),
+        ("archive", pa.string()),  # a tar member's: the tar's source (`source` is TAR/MEMBER)
+        ("member_offset", pa.int64()),  # where the member's bytes start in it (`size` long)
     ]
 )
 
@@ -98,6 +105,22 @@ class InputRoot:
     def read_bytes(self, source: str) -> bytes:
         with self.open(source) as stream:
             return stream.read()
+
+    def read_member(self, archive: str, offset: int, size: int) -> bytes:
+        """A tar member's bytes, by range (one ranged GET on an object store)."""
+        filesystem, path = self.resolve(archive)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            with open(path, "rb") as stream:
+                stream.seek(offset)
+                return stream.read(size)
+        with filesystem.open_input_file(path) as stream:
+            return stream.read_at(size, offset)
+
+    def read_row(self, row: dict) -> bytes | str:
+        """A listed image: its local path (read lazily by the decoder), else its bytes."""
+        if row.get("archive"):
+            return self.read_member(row["archive"], row["member_offset"], row["size"])
+        return self.local_path(row["source"]) or self.read_bytes(row["source"])
 
     def local_path(self, source: str) -> str | None:
         """The file's path when it is on this machine's filesystem, else None."""
@@ -143,8 +166,10 @@ def check_input(uri: str) -> None:
 
 
 def _has_image_file(root: str) -> bool:
+    """Whether the tree holds an image file or a tar of them."""
     for _, _, files in os.walk(root):
-        if any(_split_extension(name)[1] in IMAGE_EXTENSIONS for name in files):
+        if any(_split_extension(name)[1] in IMAGE_EXTENSIONS | {ARCHIVE_EXTENSION}
+               for name in files):  # fmt: skip
             return True
     return False
 
@@ -337,9 +362,9 @@ def _pair_captions(entries: list[dict], root: InputRoot) -> Iterator[dict]:
             described |= captions
             if rejected:
                 yield rejected
-    entries = [e for e in entries  # a metadata.jsonl is no image: not listed, unless unreadable
-               if e["source"].rpartition("/")[2] != METADATA_NAME or e.get("reject")]  # fmt: skip
     split = {entry["source"]: _split_extension(entry["source"]) for entry in entries}
+    archives = {stem for stem, extension in split.values() if extension == ARCHIVE_EXTENSION}
+    entries = [e for e in entries if e.get("reject") or not _is_metadata(e["source"], archives)]
     sidecars = {
         (stem, extension): entry
         for entry in entries
@@ -349,7 +374,7 @@ def _pair_captions(entries: list[dict], root: InputRoot) -> Iterator[dict]:
     image_stems = {stem for stem, extension in split.values() if extension in IMAGE_EXTENSIONS}
     for entry in entries:
         stem, extension = split[entry["source"]]
-        if entry.get("reject"):
+        if entry.get("reject") or extension == ARCHIVE_EXTENSION:
             yield entry
         elif extension in IMAGE_EXTENSIONS:
             for caption_extension in CAPTION_EXTENSIONS:
@@ -374,6 +399,17 @@ def _pair_captions(entries: list[dict], root: InputRoot) -> Iterator[dict]:
             yield entry | reject(
                 Reason.UNSUPPORTED_FORMAT, f"not an image extension: {extension or 'none'}"
             )
+
+
+def _is_metadata(source: str, archives: set[str]) -> bool:
+    """A folder's metadata.jsonl, or an img2dataset shard's NAME.parquet or NAME_stats.json
+    beside its NAME.tar (`archives`: the stems of the folder's tars)."""
+    if source.rpartition("/")[2] == METADATA_NAME:
+        return True
+    stem, extension = _split_extension(source)
+    return (extension == ".parquet" and stem in archives) or (
+        source.endswith("_stats.json") and source[: -len("_stats.json")] in archives
+    )
 
 
 def _split_extension(source: str) -> tuple[str, str]:

@@ -3,14 +3,17 @@ and exact duplicates found by content, kept stably across reruns and incremental
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS
 from images import rgb, save
+from PIL import Image
 
 from pipeline.config import PrepareConfig
 from pipeline.prepare import run
@@ -119,3 +122,78 @@ def test_content_hashes_are_in_the_index(local_ray, tmp_path, dedup):
         assert hashes == [expected]
     else:
         assert hashes == [None]
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    data = io.BytesIO()
+    rgb(width, height, seed).save(data, "JPEG", quality=90)
+    return data.getvalue()
+
+
+def test_webdataset_tars_are_read_by_member_with_their_captions(local_ray, tmp_path):
+    """An img2dataset-shaped folder: tars written by webdataset's TarWriter with jpg, txt and
+    json members, beside each its parquet and stats file; a truncated tar, a member that is not
+    an image, a sample without one; the same image as a loose file: a duplicate across shapes."""
+    import webdataset
+
+    images = tmp_path / "images"
+    images.mkdir()
+    with webdataset.TarWriter(str(images / "00000.tar")) as sink:
+        sink.write(
+            {
+                "__key__": "000000000",
+                "jpg": jpeg(96, 64, 0),
+                "txt": "a red square",
+                "json": json.dumps({"caption": "ignored: txt wins", "url": "http://x"}),
+            }
+        )
+        sink.write(
+            {
+                "__key__": "000000001",
+                "jpg": jpeg(64, 96, 1),
+                "json": json.dumps({"caption": "from the json", "width": 64}),
+            }
+        )
+        sink.write({"__key__": "000000002", "jpg": b"not a jpeg at all", "txt": "broken"})
+        sink.write({"__key__": "000000003", "txt": "no image in this sample"})
+        sink.write({"__key__": "000000004", "png": png(64, 64)})
+    pq.write_table(pa.table({"key": ["000000000"], "caption": ["x"]}), images / "00000.parquet")
+    (images / "00000_stats.json").write_text(json.dumps({"count": 5}))
+    with webdataset.TarWriter(str(images / "00001.tar")) as sink:
+        for i in range(5, 9):
+            sink.write({"__key__": f"{i:09d}", "jpg": jpeg(96, 64, i), "txt": f"caption {i}"})
+    whole = (images / "00001.tar").read_bytes()
+    (images / "00001.tar").write_bytes(whole[: len(whole) * 2 // 3])  # cut inside a member
+    (images / "loose.jpg").write_bytes(jpeg(96, 64, 0))  # member 000000000's bytes
+    kept, rejected = prepare(images, tmp_path / "out")
+    assert kept["00000.tar/000000000.jpg"] == "a red square"
+    assert kept["00000.tar/000000001.jpg"] == "from the json"
+    assert kept["00000.tar/000000004.png"] is None
+    assert {"00001.tar/000000005.jpg", "00001.tar/000000006.jpg"} <= set(kept)
+    assert rejected["loose.jpg"] == (
+        "duplicate_content",
+        "the same bytes as 00000.tar/000000000.jpg, which is kept",
+    )
+    assert rejected["00000.tar/000000002.jpg"][0] == "not_an_image"
+    assert rejected["00000.tar/000000003"][0] == "not_an_image"
+    assert rejected["00001.tar"][0] == "corrupt" and "ends early" in rejected["00001.tar"][1]
+    assert not any("parquet" in source or "stats" in source for source in rejected)
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    # the stored samples are the members' images, fitted: read one back from its shard
+    row = next(r for r in index if r["source"] == "00000.tar/000000001.jpg")
+    with open(tmp_path / "out" / row["shard"], "rb") as shard:
+        shard.seek(row["image_offset"])
+        stored = Image.open(io.BytesIO(shard.read(row["image_size"])))
+        assert stored.size == (row["stored_width"], row["stored_height"])
+    # keys are stable: a rerun (incremental, nothing new) keeps every shard and key
+    again = prepare(images, tmp_path / "out", incremental=True)
+    assert again == (kept, rejected)
+    assert {r["key"] for r in pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()} == {
+        r["key"] for r in index
+    }
+
+
+def png(width: int, height: int) -> bytes:
+    data = io.BytesIO()
+    rgb(width, height, 3).save(data, "PNG")
+    return data.getvalue()
