@@ -166,7 +166,7 @@ def _member_caption(data: bytes, extension: str, field: str, entry: dict) -> str
 
 def content_hash(stream: BinaryIO) -> str:
     """32 hex digits of xxh3-128 over a stream's bytes, read a MiB at a time (~9 GB/s: ten
-    times blake2b or md5 here, bench/dedup_bench.py; 128 bits: no collision in 10M files)."""
+    times blake2b or md5 here, bench/inputs_bench.py; 128 bits: no collision in 10M files)."""
     digest = xxhash.xxh3_128()
     while chunk := stream.read(HASH_CHUNK):
         digest.update(chunk)
