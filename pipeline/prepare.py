@@ -44,6 +44,7 @@ from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, is_shard_name, plan_shards
 from pipeline.shard_writer import write_shard
 from pipeline.sources import (
+    ARCHIVE_EXTENSION,
     InputRoot,
     absolute,
     check_input,
@@ -275,7 +276,13 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     store a round trip), the rest of a few seconds each."""
     count = len(listing)
     prior = np.full(count, FIRST_TASK_MS / config.files_per_scan_task)
-    plan = WorkPlan([np.arange(count)], prior, np.zeros(count, np.int64), cluster_cpus())
+    # A tar is read whole, a row per sample: its own kind, priced by its bytes (50 MB/s)
+    tars = pc.ends_with(pc.utf8_lower(listing["source"]), ARCHIVE_EXTENSION).to_numpy(
+        zero_copy_only=False
+    )
+    sizes = listing["size"].fill_null(0).to_numpy(zero_copy_only=False)
+    prior[tars] = np.maximum(prior[tars], sizes[tars] / 50_000)
+    plan = WorkPlan([np.arange(count)], prior, tars.astype(np.int64), cluster_cpus())
     tasks = (
         (
             task,
