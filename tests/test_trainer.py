@@ -357,6 +357,7 @@ def test_more_shards_than_open_files_allowed(tmp_path):
     (tmp_path / "images").mkdir()
     for i in range(400):
         pixels = np.full((64, 64, 3), i % 256, np.uint8)
+        pixels[..., 1] = i // 256  # 400 distinct images: no two the same bytes (duplicates)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i:03d}.png")
     with ray_started():
         run(PrepareConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
