@@ -288,3 +288,23 @@ def test_a_cache_too_small_for_the_shuffle_is_warned_of(datasets, tmp_path):
     assert _cache_warning(remote, "shards", 2, 10**9) is None
     assert "two windows of --shuffle-window 2 shards" in _cache_warning(remote, "shards", 2, 1000)
     assert "--shuffle global reads them all" in _cache_warning(remote, "global", 2, 1000)
+
+
+def test_a_run_from_s3_resumes_where_it_stopped(datasets, tmp_path):
+    """Stopped after 3 steps and resumed: the steps after are the uninterrupted run's."""
+    from trainer.train import Config, train
+
+    _, uri = datasets
+    seen = {}
+
+    def run_training(name: str, **options) -> None:
+        base = {"data": (uri,), "out_dir": str(tmp_path / name), "num_workers": 0,
+                "batch_size": 2, "channels": 8, "log_every": 1000, "epochs": 1,
+                "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+        train(Config(**(base | options)),
+              on_step=lambda step: seen.setdefault(name, []).append(step.batch.keys))  # fmt: skip
+
+    run_training("whole")
+    run_training("parts", max_steps=3)
+    run_training("parts", resume=True)
+    assert seen["parts"] == seen["whole"] and len(seen["whole"]) > 4
