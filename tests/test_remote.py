@@ -308,3 +308,10 @@ def test_a_run_from_s3_resumes_where_it_stopped(datasets, tmp_path):
     run_training("parts", max_steps=3)
     run_training("parts", resume=True)
     assert seen["parts"] == seen["whole"] and len(seen["whole"]) > 4
+
+
+def test_a_cache_dir_that_cannot_be_made_is_a_usage_error(datasets, tmp_path):
+    local, _ = datasets
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"cannot be made .*give --cache-dir"):
+        PreparedData(local, cache=NodeCache(tmp_path / "a-file" / "cache"))

@@ -149,6 +149,12 @@ class PreparedData:
         version = hashlib.sha256(settled).hexdigest()[:12]
         self.files = DatasetFiles(dataset_uri(root), cache, version)
         self.buckets = np.array(self.manifest.buckets, dtype=np.int64)
+        try:
+            self.files.cache_folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"the index maps go to {self.files.cache_folder}, which cannot be "
+                             f"made ({error.strerror}): give --cache-dir a folder of this "
+                             "node's disk") from error  # fmt: skip
         self.index = MappedIndex(self.files)
         index = self.index
         self.columns = Columns(
