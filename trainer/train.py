@@ -24,7 +24,9 @@ checkpoints and resume: trainer/checkpoint.py.
 Data: `--data A --data B:3` trains on several prepared datasets at once, B's images three times
 an epoch (a fractional weight takes that share of an epoch); `--flip`, `--shuffle-tags`,
 `--keep-tokens`, `--tag-dropout` are kohya-ss's augmentations, deterministic in (seed, epoch,
-image).
+image). `--data s3://bucket/OUT` (any URI pyarrow opens) reads its shards through a node-local
+cache (`--cache-dir`, `--cache-limit`: trainer/storage.py) under the shard-aware shuffle
+(`--shuffle`, `--shuffle-window`: pipeline/plan.py's `plan_epoch_by_shards`).
 
 Optimization under diffusers' names (`--mixed-precision`, `--gradient-checkpointing`,
 `--gradient-accumulation-steps`, `--lr-scheduler`, `--use-ema`, ...): trainer/optimization.py;
