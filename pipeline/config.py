@@ -96,6 +96,14 @@ class PrepareConfig:
         "first of text, caption, tags",
         group=IMAGES,
     )
+    image_column: str = option(
+        "image", "the image column of Parquet inputs (a datasets.Image struct or binary)",
+        group=IMAGES,
+    )  # fmt: skip
+    caption_column: str = option(
+        "", "the caption column of Parquet inputs; empty: the first of text, caption",
+        group=IMAGES,
+    )  # fmt: skip
     samples_per_shard: int = option(1000, "images per tar (one bucket per tar)", group=OUTPUT)
     batch_size: int = option(  # for the trainer and the epoch report; not part of the output
         32, "per-rank batch size you will train with: shapes the epoch report", group=OUTPUT
@@ -140,20 +148,24 @@ class PrepareConfig:
 
     def settings(self) -> dict:
         """The settings that shape the output: OUT is rebuilt when one of them changes."""
-        return (
-            {
-                "format_version": FORMAT_VERSION,
-                "buckets": dataclasses.asdict(self.buckets),
-                "write": dataclasses.asdict(self.write)
-                | {"background": list(self.write.background)},
-                "max_upscale": self.max_upscale,
-                "max_crop": self.max_crop,
-                "max_pixels": self.max_pixels,
-                "samples_per_shard": self.samples_per_shard,
-            }
-            | ({} if self.dedup else {"dedup": False})
-            | ({"caption_field": self.caption_field} if self.caption_field else {})
-        )  # left out at their defaults: the settings of an OUT prepared before them stay its own
+        return {
+            "format_version": FORMAT_VERSION,
+            "buckets": dataclasses.asdict(self.buckets),
+            "write": dataclasses.asdict(self.write) | {"background": list(self.write.background)},
+            "max_upscale": self.max_upscale,
+            "max_crop": self.max_crop,
+            "max_pixels": self.max_pixels,
+            "samples_per_shard": self.samples_per_shard,
+        } | {  # left out at their defaults: an OUT prepared before them keeps its settings
+            name: value
+            for name, value, default in (
+                ("dedup", self.dedup, True),
+                ("caption_field", self.caption_field, ""),
+                ("image_column", self.image_column, "image"),
+                ("caption_column", self.caption_column, ""),
+            )
+            if value != default
+        }
 
 
 def fingerprint(value: object) -> str:

@@ -45,6 +45,7 @@ from pipeline.shard_plan import Shard, is_shard_name, plan_shards
 from pipeline.shard_writer import write_shard
 from pipeline.sources import (
     ARCHIVE_EXTENSION,
+    PARQUET_EXTENSION,
     InputRoot,
     absolute,
     check_input,
@@ -94,7 +95,8 @@ def run(config: PrepareConfig) -> dict:
         )
     out = OutputDir(config.output)
     _begin(out, config)
-    root = input_root(config.input, config.caption_field)
+    root = input_root(config.input, config.caption_field, config.image_column,
+                      config.caption_column)  # fmt: skip
     with stages.stage("scan") as scan:
         scanned = _scan(listing, root, config)
         scan["items"] = len(scanned)
@@ -276,10 +278,11 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     store a round trip), the rest of a few seconds each."""
     count = len(listing)
     prior = np.full(count, FIRST_TASK_MS / config.files_per_scan_task)
-    # A tar is read whole, a row per sample: its own kind, priced by its bytes (50 MB/s)
-    tars = pc.ends_with(pc.utf8_lower(listing["source"]), ARCHIVE_EXTENSION).to_numpy(
-        zero_copy_only=False
-    )
+    # A tar or a Parquet file of images is read whole, a row per sample: its own kind,
+    # priced by its bytes (50 MB/s)
+    names = pc.utf8_lower(listing["source"])
+    tars = pc.or_(pc.ends_with(names, ARCHIVE_EXTENSION), pc.ends_with(names, PARQUET_EXTENSION))
+    tars = tars.to_numpy(zero_copy_only=False)
     sizes = listing["size"].fill_null(0).to_numpy(zero_copy_only=False)
     prior[tars] = np.maximum(prior[tars], sizes[tars] / 50_000)
     plan = WorkPlan([np.arange(count)], prior, tars.astype(np.int64), cluster_cpus())

@@ -24,7 +24,15 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from pipeline.imaging import Header, max_file_bytes, read_header
 from pipeline.rejects import Reason, reject
-from pipeline.sources import ARCHIVE_EXTENSION, LISTING_SCHEMA, InputRoot, json_caption
+from pipeline.sources import (
+    ARCHIVE_EXTENSION,
+    DEFAULT_CAPTION_COLUMNS,
+    LISTING_SCHEMA,
+    PARQUET_EXTENSION,
+    InputRoot,
+    image_bytes,
+    json_caption,
+)
 
 # Formats we decode; Pillow identifies more (PSD, ICO, PPM...), which are rejected by name.
 # MPO is what Pillow calls the JPEGs many phones write (a JPEG with extra frames).
@@ -69,6 +77,9 @@ def scan_batch(
         for row in rows.to_pylist():
             if row["source"].lower().endswith(ARCHIVE_EXTENSION) and not row["reject"]:
                 scanned += _scan_archive(row, root, max_pixels, dedup)
+                continue
+            if row["source"].lower().endswith(PARQUET_EXTENSION) and not row["reject"]:
+                scanned += _scan_parquet(row, root, max_pixels, dedup)
                 continue
             row = _scan_one(row, root, max_pixels)
             if dedup and not row.get("reject"):
@@ -140,6 +151,46 @@ def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
             entry |= reject(Reason.NOT_AN_IMAGE, "a tar sample without an image member")
         entry["key"] = sample_key(entry)
     return list(samples.values())
+
+
+def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> list[dict]:
+    """A row per row of a Parquet file with an image column (`root.image_column`: a
+    `datasets.Image` struct or binary) and an optional caption column, read row group by row
+    group: the image's header and hash, its row number as `member_offset`. A row without image
+    bytes is a rejection; a file without the column is one."""
+    archive = row["source"]
+    base = {name: None for name in SCAN_SCHEMA.names} | {
+        "archive": archive, "mtime_ns": row["mtime_ns"]
+    }  # fmt: skip
+    try:
+        parquet = root.parquet(archive)
+        names = parquet.schema_arrow.names
+    except (OSError, pa.ArrowException) as error:
+        return [row | reject(Reason.CORRUPT, f"not a readable Parquet file: {error}")]
+    if root.image_column not in names:
+        return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a Parquet file without an image "
+                             f"column {root.image_column!r} (--image-column; it has: "
+                             f"{', '.join(names)})")]  # fmt: skip
+    captions = [root.caption_column] if root.caption_column else DEFAULT_CAPTION_COLUMNS
+    caption_column = next((name for name in captions if name in names), None)
+    columns = [root.image_column] + ([caption_column] if caption_column else [])
+    rows, number = [], 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group, columns=columns)
+        texts = table[caption_column].to_pylist() if caption_column else [None] * len(table)
+        for value, text in zip(table[root.image_column].to_pylist(), texts, strict=True):
+            data = image_bytes(value)
+            entry = dict(base, source=f"{archive}/{number:09d}", member_offset=number,
+                         size=None if data is None else len(data),
+                         caption=None if text is None else str(text).strip())  # fmt: skip
+            number += 1
+            if data is None:
+                entry |= reject(Reason.NOT_AN_IMAGE, "a Parquet row without image bytes")
+            else:
+                _image_member(entry, data, max_pixels, dedup)
+            entry["key"] = sample_key(entry)
+            rows.append(entry)
+    return rows
 
 
 def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool) -> None:

@@ -10,13 +10,16 @@ first found wins:
 The caption field, when not given, is the first of DEFAULT_CAPTION_FIELDS a JSON object has; a
 list (booru tags) is joined with ", ". Listing reads directory entries only, and metadata.jsonl.
 
-WebDataset tars (img2dataset's output among them) are listed as files and opened by the scan,
-which makes a row of each sample's image member (scan.py); an img2dataset shard's `NAME.parquet`
-and `NAME_stats.json` beside `NAME.tar` are its metadata, not inputs.
+WebDataset tars (img2dataset's output among them) and Parquet files with an image column
+(Hugging Face `datasets`' layout: `{bytes, path}` structs, or plain binary) are listed as files
+and opened by the scan, which makes a row of each sample (scan.py); an img2dataset shard's
+`NAME.parquet` and `NAME_stats.json` beside `NAME.tar` are its metadata, not inputs.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import io
 import itertools
 import json
@@ -42,6 +45,8 @@ from pipeline.rejects import Reason, reject
 CAPTION_EXTENSIONS = (".txt", ".caption", ".json")  # the first an image has is its caption
 METADATA_NAME = "metadata.jsonl"
 ARCHIVE_EXTENSION = ".tar"  # WebDataset shards
+PARQUET_EXTENSION = ".parquet"  # with an image column: a row per image
+DEFAULT_CAPTION_COLUMNS = ("text", "caption")
 DEFAULT_CAPTION_FIELDS = ("text", "caption", "tags")
 
 
@@ -82,6 +87,8 @@ class InputRoot:
 
     uri: str
     caption_field: str = ""
+    image_column: str = "image"  # of Parquet inputs with image bytes
+    caption_column: str = ""  # of those; empty: the first of DEFAULT_CAPTION_COLUMNS
 
     @cached_property
     def _root(self) -> tuple[pafs.FileSystem, str]:
@@ -116,9 +123,16 @@ class InputRoot:
         with filesystem.open_input_file(path) as stream:
             return stream.read_at(size, offset)
 
+    def parquet(self, source: str) -> pq.ParquetFile:
+        filesystem, path = self.resolve(source)
+        return pq.ParquetFile(filesystem.open_input_file(path))
+
     def read_row(self, row: dict) -> bytes | str:
         """A listed image: its local path (read lazily by the decoder), else its bytes."""
-        if row.get("archive"):
+        archive = row.get("archive")
+        if archive and archive.lower().endswith(PARQUET_EXTENSION):
+            return _parquet_image(self, archive, row["member_offset"])
+        if archive:
             return self.read_member(row["archive"], row["member_offset"], row["size"])
         return self.local_path(row["source"]) or self.read_bytes(row["source"])
 
@@ -126,6 +140,30 @@ class InputRoot:
         """The file's path when it is on this machine's filesystem, else None."""
         filesystem, path = self.resolve(source)
         return path if isinstance(filesystem, pafs.LocalFileSystem) else None
+
+
+def image_bytes(value: object) -> bytes | None:
+    """An image column's value: a `datasets.Image` struct's bytes, or plain binary."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
+@functools.lru_cache(maxsize=2)  # a fit task's rows come from few row groups, in file order
+def _row_group_images(root: InputRoot, archive: str, group: int) -> pa.Array:
+    return root.parquet(archive).read_row_group(group, columns=[root.image_column])[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group_starts(root: InputRoot, archive: str) -> list[int]:
+    metadata = root.parquet(archive).metadata
+    rows = (metadata.row_group(group).num_rows for group in range(metadata.num_row_groups))
+    return list(itertools.accumulate(rows, initial=0))
+
+
+def _parquet_image(root: InputRoot, archive: str, row: int) -> bytes:
+    """Row `row`'s image bytes of a Parquet input: its row group read (image column only)."""
+    starts = _row_group_starts(root, archive)
+    group = bisect.bisect_right(starts, row) - 1
+    return image_bytes(_row_group_images(root, archive, group)[row - starts[group]].as_py())
 
 
 def absolute(uri: str) -> str:
@@ -137,11 +175,11 @@ def _is_listing_file(uri: str) -> bool:
     return uri.endswith((".parquet", ".csv"))
 
 
-def input_root(uri: str, caption_field: str = "") -> InputRoot:
+def input_root(uri: str, caption_field: str = "", image_column: str = "image",
+               caption_column: str = "") -> InputRoot:  # fmt: skip
     """The root sources are resolved against: the tree itself, or a listing's folder."""
-    if _is_listing_file(uri):
-        return InputRoot(uri.rsplit("/", 1)[0] if "/" in uri else ".", caption_field)
-    return InputRoot(uri.rstrip("/") or "/", caption_field)
+    folder = (uri.rsplit("/", 1)[0] if "/" in uri else ".") if _is_listing_file(uri) else uri
+    return InputRoot(folder.rstrip("/") or "/", caption_field, image_column, caption_column)
 
 
 def check_input(uri: str) -> None:
@@ -168,7 +206,8 @@ def check_input(uri: str) -> None:
 def _has_image_file(root: str) -> bool:
     """Whether the tree holds an image file or a tar of them."""
     for _, _, files in os.walk(root):
-        if any(_split_extension(name)[1] in IMAGE_EXTENSIONS | {ARCHIVE_EXTENSION}
+        if any(_split_extension(name)[1] in IMAGE_EXTENSIONS | {ARCHIVE_EXTENSION,
+                                                                PARQUET_EXTENSION}
                for name in files):  # fmt: skip
             return True
     return False
@@ -374,8 +413,8 @@ def _pair_captions(entries: list[dict], root: InputRoot) -> Iterator[dict]:
     image_stems = {stem for stem, extension in split.values() if extension in IMAGE_EXTENSIONS}
     for entry in entries:
         stem, extension = split[entry["source"]]
-        if entry.get("reject") or extension == ARCHIVE_EXTENSION:
-            yield entry
+        if entry.get("reject") or extension in (ARCHIVE_EXTENSION, PARQUET_EXTENSION):
+            yield entry  # an archive: the scan reads its samples
         elif extension in IMAGE_EXTENSIONS:
             for caption_extension in CAPTION_EXTENSIONS:
                 sidecar = sidecars.get((stem, caption_extension))
@@ -426,6 +465,11 @@ def _read_listing_file(uri: str) -> pa.Table:
     """A Parquet/CSV listing as LISTING_SCHEMA rows; a row without a path is a rejection."""
     filesystem, path = split_uri(absolute(uri))
     with filesystem.open_input_file(path) as stream:
+        if uri.endswith(".parquet") and "path" not in pq.read_schema(stream).names:
+            info = filesystem.get_file_info(path)  # images in it, not paths: an archive
+            row = {"source": path.rsplit("/", 1)[-1], "size": info.size, "mtime_ns": info.mtime_ns}
+            return pa.Table.from_pylist([row], schema=LISTING_SCHEMA)
+        stream.seek(0)
         table = pq.read_table(stream) if uri.endswith(".parquet") else pa_csv.read_csv(stream)
     if "path" not in table.column_names:
         raise ValueError(f"listing {uri} has no 'path' column (columns: {table.column_names})")

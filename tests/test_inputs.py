@@ -197,3 +197,35 @@ def png(width: int, height: int) -> bytes:
     data = io.BytesIO()
     rgb(width, height, 3).save(data, "PNG")
     return data.getvalue()
+
+
+def test_parquet_files_with_image_bytes_as_datasets_writes_them(local_ray, tmp_path):
+    """A Hugging Face-style folder: Parquet files whose `image` column holds `{bytes, path}`
+    structs (datasets.Image's storage) and a `text` column, small row groups; a row with null
+    bytes, a row that is not an image; a duplicate of a loose file; --input one .parquet too."""
+    images = tmp_path / "images"
+    (images / "data").mkdir(parents=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": jpeg(96, 64, 60 + i), "path": f"{i}.jpg"} for i in range(5)]
+    rows[2] = {"bytes": None, "path": "missing.jpg"}
+    rows[3] = {"bytes": b"garbage", "path": "garbage.jpg"}
+    table = pa.table({"image": pa.array(rows, image_type),
+                      "text": [f"row {i}" for i in range(5)]})  # fmt: skip
+    pq.write_table(table, images / "data" / "train-00000-of-00001.parquet", row_group_size=2)
+    (images / "loose.jpg").write_bytes(jpeg(96, 64, 64))  # row 4's bytes
+    kept, rejected = prepare(images, tmp_path / "out")
+    name = "data/train-00000-of-00001.parquet"
+    assert kept == {f"{name}/000000000": "row 0", f"{name}/000000001": "row 1",
+                    f"{name}/000000004": "row 4"}  # fmt: skip
+    assert rejected[f"{name}/000000002"] == ("not_an_image", "a Parquet row without image bytes")
+    assert rejected[f"{name}/000000003"][0] == "not_an_image"
+    message = f"the same bytes as {name}/000000004, which is kept"
+    assert rejected["loose.jpg"] == ("duplicate_content", message)
+    # One Parquet file as --input, a binary column under another name
+    single = tmp_path / "single.parquet"
+    pq.write_table(pa.table({"png_bytes": [png(64, 64)], "caption": ["a png"]}), single)
+    kept, rejected = prepare(single, tmp_path / "single-out", image_column="png_bytes")
+    assert kept == {"single.parquet/000000000": "a png"} and not rejected
+    _, rejected = prepare(single, tmp_path / "no-column")
+    assert rejected["single.parquet"][0] == "unsupported_format"
+    assert "--image-column" in rejected["single.parquet"][1]
