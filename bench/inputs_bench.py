@@ -6,8 +6,9 @@
 1. What finding exact duplicates costs the scan: `scan_batch` over the same files with and
    without content hashes, one process, alternating runs (medians).
 2. The whole job (embedded Ray, 2 CPUs) on the same images as WebDataset tars of 500 samples
-   (webdataset's TarWriter, a txt caption each) against them as loose files with .txt sidecars:
-   images/s of each, best of two runs.
+   (webdataset's TarWriter, a txt caption each) and as Parquet files of 500 rows in row groups
+   of 100 (`datasets.Image` structs and a text column), against them as loose files with .txt
+   sidecars: images/s of each, best of two runs.
 
 The scan reads ~64 KiB of each file for its header; hashing reads the whole file (xxh3-128,
 streamed a MiB at a time): the cost is the rest of the file's read and the hash. xxh3 was
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.scan import scan_batch
@@ -59,7 +62,7 @@ def tars_against_files(folder: Path, workdir: Path, per_tar: int = 500) -> None:
     import ray
     import webdataset
 
-    loose, tars = workdir / "loose", workdir / "tars"
+    loose, tars, parquets = workdir / "loose", workdir / "tars", workdir / "parquet"
     files = sorted(folder.glob("*.jpg"))
     if not tars.exists():
         for path in files:
@@ -73,15 +76,28 @@ def tars_against_files(folder: Path, workdir: Path, per_tar: int = 500) -> None:
                 for path in files[first : first + per_tar]:
                     sink.write({"__key__": path.stem, "jpg": path.read_bytes(),
                                 "txt": f"a caption for {path.stem}"})  # fmt: skip
+    if not parquets.exists():  # as datasets writes images: row groups of 100
+        parquets.mkdir()
+        image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        for first in range(0, len(files), per_tar):
+            chunk = files[first : first + per_tar]
+            images = [{"bytes": path.read_bytes(), "path": path.name} for path in chunk]
+            texts = [f"a caption for {path.stem}" for path in chunk]
+            table = pa.table({"image": pa.array(images, image_type), "text": texts})
+            name = parquets / f"train-{first // per_tar:05d}.parquet"
+            pq.write_table(table, name, row_group_size=100)
+    shapes = (("files", loose), ("tars", tars), ("parquet", parquets))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         rates = {name: max(job_rate(source, workdir / f"out-{name}") for _ in range(2))
-                 for name, source in (("files", loose), ("tars", tars))}  # fmt: skip
+                 for name, source in shapes}  # fmt: skip
     finally:
         ray.shutdown()
+    files_rate = rates["files"]
     print(
-        f"\n2. the job on {len(files)} images: loose files {rates['files']:.0f} images/s, "
-        f"tars of {per_tar} {rates['tars']:.0f} images/s ({rates['tars'] / rates['files']:.2f}x)"
+        f"\n2. the job on {len(files)} images: loose files {files_rate:.0f} images/s; tars "
+        f"of {per_tar} {rates['tars']:.0f} ({rates['tars'] / files_rate:.2f}x); Parquet, row "
+        f"groups of 100, {rates['parquet']:.0f} ({rates['parquet'] / files_rate:.2f}x)"
     )
 
 
