@@ -102,7 +102,7 @@ def run(config: PrepareConfig) -> dict:
         scan["items"] = len(scanned)
     del listing
     with stages.stage("assign") as assign:
-        held = _held_contents(out) if config.incremental else {}
+        held = _held_contents(out) if config.incremental else None
         accepted, assign_rejects, buckets = _assign(scanned, config, held)
         previous = _finished_shards(out) if config.incremental else None
         shards = plan_shards(
@@ -314,41 +314,50 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     return pa.concat_tables([tables[start] for start in sorted(tables)])
 
 
-def _held_contents(out: OutputDir) -> dict[str, str]:
-    """Content hash -> source of the images a complete OUT holds (none before content hashes
-    were indexed): an incremental run keeps those copies of a duplicate."""
+def _copy_keys(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's content hash and source as one string (null where not hashed)."""
+    return pc.binary_join_element_wise(table["content_hash"], table["source"], "\0")
+
+
+def _held_contents(out: OutputDir) -> pa.ChunkedArray | None:
+    """`_copy_keys` of the images a complete OUT holds (None before content hashes were
+    indexed): an incremental run keeps those copies of a duplicate."""
     path = out.path("index.parquet")
     if not out.exists(path):
-        return {}
+        return None
     index = pq.read_table(path, filesystem=out.filesystem)
-    if "content_hash" not in index.column_names:
-        return {}
-    return dict(zip(index["content_hash"].to_pylist(), index["source"].to_pylist(), strict=True))
+    return _copy_keys(index) if "content_hash" in index.column_names else None
 
 
-def _content_duplicates(candidates: pa.Table, held: dict[str, str]) -> np.ndarray:
+def _content_duplicates(candidates: pa.Table, held: pa.ChunkedArray | None) -> np.ndarray:
     """For each candidate, the source of the copy of its bytes that is kept, or None for the
     kept ones: the copy OUT holds (`held`) if it is still a candidate, else the first by
     source (the listing's order), so reruns keep the same copy. A file a listing names twice
-    (with two captions) is two samples, no copy of itself."""
+    (with two captions) is two samples, no copy of itself. In Arrow and fixed-width NumPy
+    columns: no Python string an image in the driver."""
     kept_by = np.full(len(candidates), None, dtype=object)
-    hashes = candidates["content_hash"].to_numpy(zero_copy_only=False)
-    hashed = np.flatnonzero(hashes != None)  # noqa: E711 (element-wise; None: --no-dedup)
-    if not len(hashed):
+    hashes = candidates["content_hash"]
+    hashed = np.flatnonzero(pc.is_valid(hashes).to_numpy(zero_copy_only=False))
+    if not len(hashed):  # --no-dedup
         return kept_by
-    sources = candidates["source"].to_numpy(zero_copy_only=False)
-    is_held = np.array([held.get(hashes[i]) == sources[i] for i in hashed], dtype=bool)
+    labels = hashes.take(hashed).cast(pa.binary()).to_numpy(zero_copy_only=False).astype("S32")
+    source_codes = candidates["source"].combine_chunks().dictionary_encode().indices.to_numpy()
+    is_held = np.zeros(len(hashed), dtype=bool)
+    if held is not None:
+        in_out = pc.is_in(_copy_keys(candidates.take(hashed)), value_set=held.combine_chunks())
+        is_held = in_out.to_numpy(zero_copy_only=False)
     order = hashed[np.lexsort((hashed, ~is_held))]  # held copies first, then listing order
-    _, first, group = np.unique(hashes[order].astype("S32"), return_index=True,
-                                return_inverse=True)  # fmt: skip
+    rank = np.empty(len(candidates), dtype=np.int64)
+    rank[hashed] = np.arange(len(hashed))
+    _, first, group = np.unique(labels[rank[order]], return_index=True, return_inverse=True)
     keeper = order[first][group]  # the kept copy of each row in `order`
-    repeat = sources[keeper] != sources[order]  # one file listed twice is no copy of itself
-    kept_by[order[repeat]] = sources[keeper[repeat]]
+    repeat = source_codes[keeper] != source_codes[order]  # a file listed twice: no copy of itself
+    kept_by[order[repeat]] = candidates["source"].take(keeper[repeat]).to_pylist()
     return kept_by
 
 
 def _assign(
-    scanned: pa.Table, config: PrepareConfig, held: dict[str, str] | None = None
+    scanned: pa.Table, config: PrepareConfig, held: pa.ChunkedArray | None = None
 ) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """(accepted images with their bucket columns, rejections so far, the bucket list)."""
     failed, candidates = _split(scanned, pc.is_null(scanned["reject"]).combine_chunks())
@@ -360,7 +369,7 @@ def _assign(
 
     duplicate = np.ones(len(width), dtype=bool)  # a listing may name a file twice: keep one
     duplicate[np.unique(_keys(candidates["key"]), return_index=True)[1]] = False
-    copy_of = _content_duplicates(candidates, held or {})
+    copy_of = _content_duplicates(candidates, held)
 
     reasons = np.full(len(width), None, dtype=object)
     messages = np.full(len(width), None, dtype=object)

@@ -1,8 +1,9 @@
 """Reading image headers: size after EXIF orientation, mode and format, never the pixels.
 
 `scan_batch` is the unit of work of the scan stage: it takes listing rows and returns one
-compact row per file, and per sample of a WebDataset tar (`_scan_archive`). Every failure
-becomes a rejection row; it never raises for a bad file.
+compact row per file, and per sample of a WebDataset tar or a Parquet file of images
+(`_scan_archive`, `_scan_parquet`). Every failure becomes a rejection row; it never raises for a
+bad file.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def _sample_name(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _open_archive(root: InputRoot, source: str) -> BinaryIO:
+def _open_stream(root: InputRoot, source: str) -> BinaryIO:
+    """A source for reading straight through (a local file, or one GET of an object)."""
     filesystem, path = root.resolve(source)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return open(path, "rb")
@@ -109,14 +111,11 @@ def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     its `txt` member or its `json` member's field. A sample without an image, a member that is
     not one, and a tar that ends early are rejections naming the tar and the member; the
     samples before stay."""
-    archive = row["source"]
-    base = {name: None for name in SCAN_SCHEMA.names} | {
-        "archive": archive, "mtime_ns": row["mtime_ns"]
-    }  # fmt: skip
+    archive, base = row["source"], _member_base(row)
     samples: dict[str, dict] = {}  # sample -> its row, in the tar's order
     entry: dict = {}
     try:
-        with _open_archive(root, archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with _open_stream(root, archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -158,10 +157,7 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     `datasets.Image` struct or binary) and an optional caption column, read row group by row
     group: the image's header and hash, its row number as `member_offset`. A row without image
     bytes is a rejection; a file without the column is one."""
-    archive = row["source"]
-    base = {name: None for name in SCAN_SCHEMA.names} | {
-        "archive": archive, "mtime_ns": row["mtime_ns"]
-    }  # fmt: skip
+    archive, base = row["source"], _member_base(row)
     try:
         parquet = root.parquet(archive)
         names = parquet.schema_arrow.names
@@ -193,8 +189,15 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     return rows
 
 
+def _member_base(row: dict) -> dict:
+    """The empty scan row of a sample inside the archive (a tar, a Parquet file) `row` lists."""
+    return {name: None for name in SCAN_SCHEMA.names} | {
+        "archive": row["source"], "mtime_ns": row["mtime_ns"]
+    }  # fmt: skip
+
+
 def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool) -> None:
-    """A tar sample's image member's header and hash into its row, or its rejection."""
+    """An archive sample's image bytes: their header and hash into its row, or its rejection."""
     if not data:
         entry |= reject(Reason.NOT_AN_IMAGE, "empty file")
         return
@@ -225,12 +228,8 @@ def content_hash(stream: BinaryIO) -> str:
 
 
 def _content_hash(root: InputRoot, source: str) -> dict:
-    filesystem, path = root.resolve(source)
     try:
-        if isinstance(filesystem, pafs.LocalFileSystem):
-            with open(path, "rb") as stream:
-                return {"content_hash": content_hash(stream)}
-        with filesystem.open_input_stream(path) as stream:
+        with _open_stream(root, source) as stream:
             return {"content_hash": content_hash(stream)}
     except OSError as error:
         return reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
