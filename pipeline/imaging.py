@@ -32,6 +32,11 @@ against a full decode colour-managed to sRGB and a float Lanczos resize (2026-11
   1.7-2.3 s, and everything after the decode is 0.1 s of our 1.4-2.1 s, so the naive loop's
   2.4-3.3 s allow at most ~1.7x; a 1.3 MP clip-art PNG decodes in 13 ms of our 26 (flatten 4,
   resize 5, encode 2.5) against the naive loop's 30.
+- simplejpeg (libjpeg-turbo) decodes the common JPEG (8-bit YCbCr or grey, no profile or sRGB)
+  in libvips' place, at the same DCT scale, before the same Lanczos-3: the same pixels for
+  less (a 512x384 photo decodes in 1.2 ms against libvips' 2.6; fitted and encoded 3.8 against
+  5.5 ms). It fails on any libjpeg warning, where libvips fails on errors only: such files,
+  and CMYK or colour-managed JPEGs, go to libvips as before. Measured 2026-12-02.
 - Pillow for BMP, which libvips does not load.
 - OpenCV's bicubic (a = -0.75, pixel centres aligned) for images to enlarge, which are small:
   libvips' upsizing is a fraction of a pixel off (38.6 dB against a float Lanczos on a photo
@@ -50,6 +55,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import pyvips
+import simplejpeg
 from PIL import Image, ImageCms
 
 from pipeline.config import CROP_MODES, DEFAULT_BACKGROUND, IMAGE_FORMATS
@@ -272,6 +278,40 @@ def _vips_pixels(
     return _srgb(image).numpy(), note  # grey and 16-bit converted at the output's size
 
 
+def _jpeg_pixels(
+    source: str | bytes, header: Header, stored: tuple[int, int], background
+) -> tuple[np.ndarray, str | None]:
+    """libjpeg-turbo through simplejpeg for the common JPEG (8-bit YCbCr or grey, sRGB or no
+    profile), decoded at the same DCT scale libvips would use, then resized as libvips does:
+    the same pixels, without libvips' slower decode (1.2 against 2.6 ms a 512x384 photo).
+    simplejpeg is strict, failing on any libjpeg warning; such a file, and every other JPEG,
+    goes to libvips, which decides what is an error as it always has."""
+    if header.mode not in ("RGB", "L") or _foreign(header.profile):
+        return _vips_pixels(source, header, stored, background)
+    transposed = header.orientation in TRANSPOSED_ORIENTATIONS
+    width, height = (header.height, header.width) if transposed else (header.width, header.height)
+    factor = _shrink_factor((width, height), stored)
+    if isinstance(source, str):
+        with open(source, "rb") as file:
+            data = file.read()
+    else:
+        data = source
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, "RGB", min_width=-(-width // factor), min_height=-(-height // factor),
+            min_factor=factor,
+        )  # fmt: skip
+    except ValueError:
+        return _vips_pixels(source, header, stored, background)
+    pixels = pixels[: height // factor, : width // factor]  # libvips drops a partial last pixel
+    if stored[0] > pixels.shape[1] or stored[1] > pixels.shape[0]:
+        return enlarge(pixels, stored), None
+    image = pyvips.Image.new_from_array(pixels)
+    image = image.resize(stored[0] / image.width, vscale=stored[1] / image.height,
+                         kernel="lanczos3")  # fmt: skip
+    return image.numpy(), None
+
+
 def enlarge(pixels: np.ndarray, stored: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W, 3) resized to `stored` (width, height) where that enlarges it: OpenCV's
     bicubic (see the module's notes)."""
@@ -291,8 +331,7 @@ def _colour_managed(image: pyvips.Image, header: Header) -> tuple[pyvips.Image, 
     """sRGB through the embedded profile when it is not sRGB, through a CMYK profile for CMYK;
     anything else as it is (grey and 16-bit images are converted after the resize)."""
     cmyk = image.interpretation == "cmyk"
-    foreign = header.profile is not None and "srgb" not in header.profile.lower()
-    if not (cmyk or foreign):
+    if not (cmyk or _foreign(header.profile)):
         return image, None
     through = f"its ICC profile {header.profile!r}" if header.profile else "a CMYK profile"
     try:
@@ -300,6 +339,11 @@ def _colour_managed(image: pyvips.Image, header: Header) -> tuple[pyvips.Image, 
     except pyvips.Error as error:
         return _srgb(image), f"ICC profile unusable, colour converted without it ({error})"
     return image, f"{'CMYK' if cmyk else 'colour'} converted to sRGB through {through}"
+
+
+def _foreign(profile: str | None) -> bool:
+    """Whether an embedded profile (its description) asks for a conversion to sRGB."""
+    return profile is not None and "srgb" not in profile.lower()
 
 
 def _srgb(image: pyvips.Image) -> pyvips.Image:
@@ -325,8 +369,8 @@ def _pillow_pixels(
 
 
 ENGINES: dict[str, Engine] = {  # Header.format -> engine; any other format: _pillow_pixels
-    "JPEG": _vips_pixels,
-    "MPO": _vips_pixels,
+    "JPEG": _jpeg_pixels,
+    "MPO": _jpeg_pixels,
     "PNG": _vips_pixels,
     "WEBP": _vips_pixels,
     "TIFF": _vips_pixels,

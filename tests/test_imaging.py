@@ -99,6 +99,30 @@ def test_an_enlarged_image_is_the_float_lanczos_picture_with_its_centres_in_plac
     assert psnr > 45
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("size", [(512, 384), (1601, 1203), (333, 777), (4000, 3000)])
+def test_the_jpeg_fast_path_gives_libvips_pixels(monkeypatch, size, mode, progressive):
+    """simplejpeg's decode (odd sizes, DCT-scaled, grey, progressive) is only a faster way to
+    the pixels libvips gives: the index and shards do not depend on which decoded a file."""
+    data = io.BytesIO()
+    rgb(*size).convert(mode).save(data, "JPEG", quality=90, progressive=progressive)
+    for bucket in [(704, 512), (512, 512), (256, 384)]:
+        fast = fitted_image(data.getvalue(), bucket).pixels
+        with monkeypatch.context() as patch:
+            patch.setitem(ENGINES, "JPEG", _vips_pixels)
+            assert np.array_equal(fast, fitted_image(data.getvalue(), bucket).pixels)
+
+
+def test_a_jpeg_libjpeg_warns_about_is_still_decoded_by_libvips():
+    """Stray bytes before a marker make libjpeg warn, which simplejpeg treats as an error; the
+    file decodes as it always has (libvips fails on errors only), not rejected."""
+    data = io.BytesIO()
+    rgb(64, 48).save(data, "JPEG", quality=90)
+    stray = data.getvalue()[:-2] + b"\x12" + data.getvalue()[-2:]
+    assert fitted_image(stray, (64, 64)).pixels.shape == (64, 85, 3)
+
+
 def test_a_truncated_file_raises():
     data = io.BytesIO()
     rgb(800, 600).save(data, "JPEG")
