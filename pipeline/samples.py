@@ -104,8 +104,10 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
     }
     described = row | fields
     metadata = {name: described[name] for name in JSON_MEMBER_FIELDS}
-    members = {
-        options.image_format: encode(pixels, options.image_format, options.quality),
+    members = {  # the image as an array: Ray hands arrays to the writer without a copy
+        options.image_format: np.frombuffer(
+            encode(pixels, options.image_format, options.quality), np.uint8
+        ),
         "json": json.dumps(metadata, sort_keys=True).encode(),
         "txt": (caption or "").encode(),  # always there: plain webdataset tuples need it
     }
