@@ -8,6 +8,7 @@ rejection; only a failure of the infrastructure raises, so that the task is retr
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import warnings
@@ -41,7 +42,7 @@ def fit_samples(
             records[i] = _record(rows[i], root, options)
             milliseconds[i] = 1000 * (time.perf_counter() - start)
     bounds = np.cumsum([0, *(len(piece) for piece in pieces)])
-    return [records[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], milliseconds
+    return [records[a:b] for a, b in itertools.pairwise(bounds)], milliseconds
 
 
 def _read_order(row: dict, position: int) -> tuple[str, int, int]:
