@@ -30,11 +30,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FORMAT_VERSION = 2  # 2: the index's note and crop columns; a caption member for every sample
 READABLE_FORMAT_VERSIONS = (1, 2)  # what the trainer's loader reads (it uses no newer column)
@@ -133,10 +136,11 @@ def is_jpeg(data: bytes) -> bool:
 
 
 def write_tar(
-    stream: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]
+    stream: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes | np.ndarray]]]
 ) -> dict[str, tuple[int, int]]:
-    """(key, {extension: bytes}) samples as members KEY.EXTENSION, samples in the order given,
-    extensions sorted (WebDataset's TarWriter's layout), with TAR_MTIME, TAR_OWNER, TAR_MODE.
+    """(key, {extension: bytes or a 1-D uint8 array}) samples as members KEY.EXTENSION, in the
+    order given, extensions sorted (WebDataset's TarWriter's layout), with TAR_MTIME,
+    TAR_OWNER, TAR_MODE.
     Returns each member's (data offset, size), known as it is written: the tar is never read
     back (on an object store that was a ranged read per member)."""
     offsets = {}

@@ -252,8 +252,7 @@ def _vips_pixels(
 ) -> tuple[np.ndarray, str | None]:
     """libvips: shrink on load where the format can, stream the rest, sRGB, flatten, Lanczos-3 to
     `stored` (width, height, before orientation); uint8 (H, W, 3) and a colour note."""
-    transposed = header.orientation in TRANSPOSED_ORIENTATIONS
-    width, height = (header.height, header.width) if transposed else (header.width, header.height)
+    width, height = _as_stored(header)
     options = {"access": "sequential", "fail_on": "error"}
     factor = _shrink_factor((width, height), stored) if header.format in SHRINK_ON_LOAD else 1
     if factor > 1:
@@ -273,9 +272,7 @@ def _vips_pixels(
         )
     if stored[0] > image.width or stored[1] > image.height:
         return enlarge(_srgb(image).numpy(), stored), note
-    image = image.resize(stored[0] / image.width, vscale=stored[1] / image.height,
-                         kernel="lanczos3")  # fmt: skip
-    return _srgb(image).numpy(), note  # grey and 16-bit converted at the output's size
+    return _srgb(_lanczos(image, stored)).numpy(), note  # grey and 16-bit: at the output's size
 
 
 def _jpeg_pixels(
@@ -288,8 +285,7 @@ def _jpeg_pixels(
     goes to libvips, which decides what is an error as it always has."""
     if header.mode not in ("RGB", "L") or _foreign(header.profile):
         return _vips_pixels(source, header, stored, background)
-    transposed = header.orientation in TRANSPOSED_ORIENTATIONS
-    width, height = (header.height, header.width) if transposed else (header.width, header.height)
+    width, height = _as_stored(header)
     factor = _shrink_factor((width, height), stored)
     if isinstance(source, str):
         with open(source, "rb") as file:
@@ -307,9 +303,20 @@ def _jpeg_pixels(
     if stored[0] > pixels.shape[1] or stored[1] > pixels.shape[0]:
         return enlarge(pixels, stored), None
     image = pyvips.Image.new_from_array(pixels)
-    image = image.resize(stored[0] / image.width, vscale=stored[1] / image.height,
-                         kernel="lanczos3")  # fmt: skip
-    return image.numpy(), None
+    return _lanczos(image, stored).numpy(), None
+
+
+def _as_stored(header: Header) -> tuple[int, int]:
+    """(width, height) of the stored pixels, before orientation."""
+    if header.orientation in TRANSPOSED_ORIENTATIONS:
+        return header.height, header.width
+    return header.width, header.height
+
+
+def _lanczos(image: pyvips.Image, stored: tuple[int, int]) -> pyvips.Image:
+    """libvips' Lanczos-3 to `stored` (width, height): the resize of every image it shrinks."""
+    return image.resize(stored[0] / image.width, vscale=stored[1] / image.height,
+                        kernel="lanczos3")  # fmt: skip
 
 
 def enlarge(pixels: np.ndarray, stored: tuple[int, int]) -> np.ndarray:
