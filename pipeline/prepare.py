@@ -54,7 +54,13 @@ from pipeline.sources import (
     list_folders,
     list_level,
 )
-from pipeline.work_plan import FIRST_TASK_MS, WorkPlan, estimate_cost, heaviest_first
+from pipeline.work_plan import (
+    FIRST_TASK_MS,
+    WorkPlan,
+    estimate_cost,
+    heaviest_first,
+    source_walk,
+)
 
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
 JOB_FOLDERS = (("shards", ".tar"), ("parts", ".parquet"))  # of files named by shard_name
@@ -112,6 +118,7 @@ def run(config: PrepareConfig) -> dict:
             config.samples_per_shard,
             fingerprint(config.settings()),
             previous,
+            _parquet_places(accepted),
         )
         assign["items"] = len(accepted)
     scanned_keys = np.sort(_keys(scanned["key"]))
@@ -143,7 +150,8 @@ def _write(
     prior, kinds = estimate_cost(pixels.to_numpy(), formats)
     todo = [todo[i] for i in heaviest_first([shard.rows for shard in todo], prior)]
     shard_rows = [shard.rows for shard in todo]
-    plan = WorkPlan(shard_rows, prior, kinds, cluster_cpus())
+    walk = source_walk(shard_rows, _parquet_places(accepted))
+    plan = WorkPlan(shard_rows, prior, kinds, cluster_cpus(), walk)
 
     def fit_tasks():
         while (task := plan.next_task()) is not None:
@@ -171,6 +179,22 @@ def _write(
     )
     collections.deque(results, maxlen=0)  # run them all; results are in the shards' parts
     return images, image_seconds
+
+
+def _parquet_places(images: pa.Table) -> np.ndarray:
+    """Each image's place among the rows of input Parquet files (by file, then row), -1 for
+    the others: shards pack and the fit reads those rows in file order (shard_plan.py)."""
+    archives = images["archive"].fill_null("")
+    in_parquet = pc.ends_with(pc.utf8_lower(archives), PARQUET_EXTENSION).to_numpy(
+        zero_copy_only=False
+    )
+    order = pc.sort_indices(
+        pa.table({"archive": archives, "row": images["member_offset"].fill_null(0)}),
+        sort_keys=[("archive", "ascending"), ("row", "ascending")],
+    ).to_numpy()
+    places = np.empty(len(images), np.int64)
+    places[order] = np.arange(len(images))
+    return np.where(in_parquet, places, -1)
 
 
 def _keys(column: pa.ChunkedArray) -> np.ndarray:

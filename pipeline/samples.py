@@ -1,6 +1,6 @@
 """Turning listed images into shard samples: read, fit, encode; the fit stage's unit of work.
 
-`fit_samples` takes pieces of shards (rows in key order, see work_plan.py) and returns for each
+`fit_samples` takes pieces of shards (runs of their rows, see work_plan.py) and returns for each
 piece its records in the same order, a sample's tar members with its index fields or a
 rejection with its reason, and what each image took. A bad image or caption is that file's
 rejection; only a failure of the infrastructure raises, so that the task is retried.

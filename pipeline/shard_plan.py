@@ -4,7 +4,9 @@ Pure NumPy. A shard's name is its bucket's resolution plus a digest of the confi
 members' keys, so the same input and config always give the same shards: a rerun after an
 interruption finds the finished ones by name and writes only the rest. An incremental run
 keeps every earlier shard whose members are all still present and unchanged, and packs only
-the remaining images (new, changed, or orphaned by a deletion) into new shards.
+the remaining images (new, changed, or orphaned by a deletion) into new shards. Within a
+bucket, images are packed in key order, or by `places` where given: rows of an input Parquet
+file in file order, so that the fit reads each of its row groups once (work_plan.source_walk).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ SHARD_NAME = re.compile(r"[0-9]+x[0-9]+-[0-9a-f]{16}")  # shard_name's: 8 digest
 class Shard:
     name: str  # file stem: "{width}x{height}-{digest}"
     bucket: int
-    rows: np.ndarray  # indices into the image columns given to plan_shards, in key order
+    rows: np.ndarray  # indices into the image columns given to plan_shards, in packing order
 
 
 def shard_name(bucket_size: tuple[int, int], keys: np.ndarray, salt: str) -> str:
+    """The shard's file stem: its resolution and a digest of `salt` and its keys (in any order)."""
     digest = hashlib.blake2b(salt.encode(), digest_size=8)
-    digest.update(np.ascontiguousarray(keys).tobytes())
+    digest.update(np.sort(keys).tobytes())
     return f"{bucket_size[0]}x{bucket_size[1]}-{digest.hexdigest()}"
 
 
@@ -43,14 +46,16 @@ def plan_shards(
     samples_per_shard: int,
     salt: str,
     previous: dict[str, np.ndarray] | None = None,
+    places: np.ndarray | None = None,
 ) -> list[Shard]:
     """Shards for images with `keys` (N,) fixed-width bytes and bucket ids `buckets` (N,).
 
     `bucket_sizes` (B, 2) gives names their resolution; `salt` (the config's fingerprint)
     goes into every name. `previous` maps earlier shard names to their member keys: such a
     shard is kept as it is when all its keys are among `keys`, in the bucket its name says.
-    New shards hold up to `samples_per_shard` images of one bucket, in key order (>= 1:
-    PrepareConfig validates it).
+    New shards hold up to `samples_per_shard` images of one bucket (>= 1: PrepareConfig
+    validates it), in the order of `places` (N,) int64 then of keys: images with the same place
+    (all of them when `places` is None) in key order.
     """
     keys = np.asarray(keys)
     buckets = np.asarray(buckets, dtype=np.int64)
@@ -76,7 +81,8 @@ def plan_shards(
             shards.append(Shard(name, bucket, rows))
 
     remaining = np.flatnonzero(~taken)
-    remaining = remaining[np.lexsort((keys[remaining], buckets[remaining]))]
+    place = np.zeros(len(keys), np.int64) if places is None else np.asarray(places, np.int64)
+    remaining = remaining[np.lexsort((keys[remaining], place[remaining], buckets[remaining]))]
     bucket_starts = np.flatnonzero(np.r_[True, np.diff(buckets[remaining]) != 0])
     for start, stop in zip(bucket_starts, np.r_[bucket_starts[1:], len(remaining)], strict=True):
         for first in range(start, stop, samples_per_shard):

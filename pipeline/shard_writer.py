@@ -14,11 +14,11 @@ from pipeline.format import PART_SCHEMA, OutputDir, shard_path
 
 
 def write_shard(name: str, out: OutputDir, *pieces: list[dict]) -> dict:
-    """Write shard `name` from its fitted records (`samples.fit_samples`' pieces, in key order).
+    """Write shard `name` from its fitted records (`samples.fit_samples`' pieces), in key order.
 
     Returns counts; the shard's index rows and rejections are in its part file.
     """
-    records = [record for piece in pieces for record in piece]
+    records = sorted((record for piece in pieces for record in piece), key=lambda r: r["key"])
     kept = [record for record in records if record.get("reject") is None]
 
     def part_of(offsets: dict[str, tuple[int, int]]) -> pa.Table:

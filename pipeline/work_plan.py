@@ -19,7 +19,6 @@ seconds of output, whatever the number of images.
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -44,9 +43,9 @@ class Piece(NamedTuple):
 
 
 class Task(NamedTuple):
-    pieces: tuple[Piece, ...]  # in group order; the last may continue in the next task
+    pieces: tuple[Piece, ...]  # in the walk's order; a group's piece may continue in the next
     cost: float  # estimated milliseconds, as calibrated when the task was cut
-    start: int  # its rows' positions in the plan's order (all groups' rows, one after another)
+    start: int  # its rows' positions in the walk
     stop: int
 
 
@@ -74,25 +73,62 @@ def heaviest_first(group_rows: list[np.ndarray], cost: np.ndarray) -> list[int]:
     return sorted(range(len(group_rows)), key=lambda group: keys[group])
 
 
+def source_walk(group_rows: list[np.ndarray], places: np.ndarray) -> np.ndarray:
+    """The rows in the order the fit takes them (WorkPlan's `walk`): the groups holding no
+    placed row (`places` (N,) < 0) one after another, as given; then every row of the others
+    by place, the groups interleaved, so that a task reads a stretch of each source (a Parquet
+    file's row groups once each) and a group closes as soon as its last stretch is read.
+    Each group's rows must be in place order (plan_shards packs them so)."""
+    places = np.asarray(places, np.int64)
+    placed = [bool(len(rows)) and int(places[rows].max()) >= 0 for rows in group_rows]
+    walked = [rows for rows, is_placed in zip(group_rows, placed, strict=True) if not is_placed]
+    interleaved = [rows for rows, is_placed in zip(group_rows, placed, strict=True) if is_placed]
+    if interleaved:
+        rows = np.concatenate(interleaved).astype(np.int64)
+        group = np.repeat(np.arange(len(interleaved)), [len(r) for r in interleaved])
+        walked.append(rows[np.lexsort((group, places[rows]))])  # stable: each group in order
+    return np.concatenate([*walked, np.zeros(0, np.int64)]).astype(np.int64)
+
+
 class WorkPlan:
     """The tasks of one stage, cut as they are asked for (`next_task`) and sized by the
     measurements of the tasks done so far (`observe`).
 
-    `group_rows[g]` holds indices into `prior` and `kinds` (N,); tasks walk the groups in the
-    order given. Every row is in exactly one piece, pieces keep each group's order, and a task
-    exceeds its budget only when it is a single row.
+    `group_rows[g]` holds indices into `prior` and `kinds` (N,); tasks take the rows in the
+    order of `walk` (every row once, each group's in its order: `source_walk`), by default the
+    groups one after another as given. Every row is in exactly one piece, pieces keep each
+    group's order, and a task exceeds its budget only when it is a single row.
     """
 
     def __init__(
-        self, group_rows: list[np.ndarray], prior: np.ndarray, kinds: np.ndarray, cpus: int
+        self,
+        group_rows: list[np.ndarray],
+        prior: np.ndarray,
+        kinds: np.ndarray,
+        cpus: int,
+        walk: np.ndarray | None = None,
     ) -> None:
         lengths = np.array([len(rows) for rows in group_rows], np.int64)
-        order = np.concatenate([*group_rows, np.zeros(0, np.int64)]).astype(np.int64)
-        self._group = np.repeat(np.arange(len(group_rows)), lengths)  # per position
-        self._group_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        rows = np.concatenate([*group_rows, np.zeros(0, np.int64)]).astype(np.int64)
+        order = rows if walk is None else np.asarray(walk, np.int64)
+        position = np.full(len(prior), -1, np.int64)  # each row's in the groups' rows
+        position[rows] = np.arange(len(rows))
+        walked = position[order]
+        if len(order) != len(rows) or np.any(walked < 0):
+            raise ValueError("the walk must take every row of the groups once")
+        group_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self._group = np.repeat(np.arange(len(group_rows)), lengths)[walked]  # per walk position
+        self._offset = walked - group_start[self._group]  # in its group
+        by_group = np.argsort(self._group, kind="stable")
+        same_group = np.diff(self._group[by_group]) == 0
+        if np.any(np.diff(self._offset[by_group])[same_group] != 1):
+            raise ValueError("the walk must take every row once, each group's in its order")
+        self._group_rows = group_rows
         self._lengths = lengths
-        self._prior = np.asarray(prior, np.float64)[order]
-        self._kind = np.asarray(kinds, np.int64)[order]
+        self._prior_of_row = np.asarray(prior, np.float64)
+        self._kind_of_row = np.asarray(kinds, np.int64)
+        self._prior = self._prior_of_row[order]
+        self._kind = self._kind_of_row[order]
         self._kinds = int(self._kind.max(initial=-1)) + 1
         self._left = np.bincount(self._kind, self._prior, self._kinds)  # prior ms not yet cut
         self._measured = np.zeros(self._kinds)  # ms measured, per kind
@@ -136,20 +172,24 @@ class WorkPlan:
         return Task(self._pieces(start, end), float(spent[taken - 1]), start, end)
 
     def _pieces(self, start: int, end: int) -> tuple[Piece, ...]:
-        groups = self._group[start:end]
-        bounds = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), end - start]
+        """A piece per group the walk's positions start..end touch, in the order it touches
+        them: each group's rows there are a run of its own (the walk keeps each group's order)."""
+        groups, offsets = self._group[start:end], self._offset[start:end]
+        touched, first, counts = np.unique(groups, return_index=True, return_counts=True)
         pieces = []
-        for first, after in itertools.pairwise(bounds):
-            group = int(groups[first])
-            offset = int(self._group_start[group])
-            piece_stop = start + after - offset
-            last = piece_stop == int(self._lengths[group])
-            pieces.append(Piece(group, start + first - offset, piece_stop, last))
+        for i in np.argsort(first):  # a group's first row here is its lowest
+            group, piece_start = int(touched[i]), int(offsets[first[i]])
+            piece_stop = piece_start + int(counts[i])
+            last = bool(piece_stop == self._lengths[group])
+            pieces.append(Piece(group, piece_start, piece_stop, last))
         return tuple(pieces)
 
     def observe(self, task: Task, milliseconds: np.ndarray) -> None:
-        """What `task`'s rows took, in order (N,): the sizes of the tasks cut from now on."""
-        kinds = self._kind[task.start : task.stop]
+        """What `task`'s rows took, piece by piece in the task's order (N,): the sizes of the
+        tasks cut from now on."""
+        rows = np.concatenate(
+            [self._group_rows[p.group][p.start : p.stop] for p in task.pieces]
+        ).astype(np.int64)
+        kinds = self._kind_of_row[rows]
         self._measured += np.bincount(kinds, np.asarray(milliseconds, np.float64), self._kinds)
-        self._measured_prior += np.bincount(kinds, self._prior[task.start : task.stop],
-                                            self._kinds)  # fmt: skip
+        self._measured_prior += np.bincount(kinds, self._prior_of_row[rows], self._kinds)

@@ -4,7 +4,10 @@ on 127.0.0.1), the input tree's folders listed by tasks, headers read by ranged 
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS, ray_started
@@ -75,3 +78,77 @@ def test_webdataset_tars_on_an_object_store_are_read_by_ranges(bucket_uri, s3_se
         indexes[name] = sorted((r["source"], r["caption"], r["content_hash"]) for r in index)
     assert indexes["s3"] == indexes["local"]
     assert [caption for _, caption, _ in indexes["s3"]] == [f"member {i}" for i in range(6)]
+
+
+def add_images(folder: Path, shape: str, batch: int) -> list[Path]:
+    """Six images of three buckets in `shape` under `folder`, as batch `batch` of a dataset that
+    grows: a tar of them, a Parquet file (row groups of 2) or loose files named in the folder's
+    metadata.jsonl (which grows). Returns the files written or rewritten."""
+    import webdataset
+
+    images = []
+    for i in range(6):
+        data = io.BytesIO()
+        rgb(*[(96, 64), (64, 96), (64, 64)][i % 3], 10 * batch + i).save(data, "JPEG")
+        images.append((f"{batch}-{i}", data.getvalue(), f"batch {batch} image {i}"))
+    if shape == "tars":
+        with webdataset.TarWriter(str(folder / f"{batch:05d}.tar")) as sink:
+            for key, data, caption in images:
+                sink.write({"__key__": key, "jpg": data, "txt": caption})
+        return [folder / f"{batch:05d}.tar"]
+    if shape == "parquet":
+        image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        structs = [{"bytes": data, "path": f"{key}.jpg"} for key, data, _ in images]
+        table = pa.table({"image": pa.array(structs, image_type),
+                          "text": [caption for _, _, caption in images]})  # fmt: skip
+        pq.write_table(table, folder / f"train-{batch:05d}.parquet", row_group_size=2)
+        return [folder / f"train-{batch:05d}.parquet"]
+    with open(folder / "metadata.jsonl", "a") as lines:
+        for key, data, caption in images:
+            (folder / f"{key}.jpg").write_bytes(data)
+            lines.write(json.dumps({"file_name": f"{key}.jpg", "text": caption}) + "\n")
+    return [folder / f"{key}.jpg" for key, _, _ in images] + [folder / "metadata.jsonl"]
+
+
+@pytest.mark.parametrize("shape", ["tars", "parquet", "jsonl"])
+def test_every_input_shape_on_an_object_store_resumes_and_grows_incrementally(
+    bucket_uri, s3_server, tmp_path, shape
+):
+    """Tars, Parquet files of image bytes and a metadata.jsonl folder, read from S3: captions
+    kept; a run killed after some shards resumes to the same dataset without refitting them;
+    an incremental run over a grown input keeps every earlier shard and key."""
+    folder, output = tmp_path / "input", tmp_path / "out"
+    folder.mkdir()
+    bucket = f"shape-{shape}"
+    s3_server.client.create_bucket(Bucket=bucket)
+
+    def upload(paths: list[Path]) -> None:  # only these: an object's mtime is its upload's
+        for path in paths:
+            key = f"in/{path.name}"
+            s3_server.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+    def prepare(**options) -> dict:
+        run(PrepareConfig(input=s3_server.uri(bucket, "in"), output=str(output),
+                          buckets=SMALL_BUCKETS, samples_per_shard=2, **options))  # fmt: skip
+        index = pq.read_table(output / "index.parquet").to_pylist()
+        return {row["key"]: (row["caption"], row["shard"]) for row in index}
+
+    upload(add_images(folder, shape, 0))
+    first = prepare()
+    assert sorted(caption for caption, _ in first.values()) == [
+        f"batch 0 image {i}" for i in range(6)
+    ]
+    shards = sorted({shard for _, shard in first.values()})
+    assert len(shards) == 3, "two images of each bucket a shard"
+    # killed after one shard: no manifest, no index, the other shards missing
+    (output / "manifest.json").unlink()
+    (output / "index.parquet").unlink()
+    for shard in shards[1:]:
+        (output / shard).unlink()
+    finished = (output / shards[0]).stat().st_mtime_ns
+    assert prepare() == first
+    assert (output / shards[0]).stat().st_mtime_ns == finished, "a finished shard is not redone"
+    upload(add_images(folder, shape, 1))
+    grown = prepare(incremental=True)
+    assert grown.items() >= first.items(), "every earlier image keeps its key and shard"
+    assert len(grown) == 12

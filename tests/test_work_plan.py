@@ -7,6 +7,7 @@ import heapq
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from pipeline.work_plan import (
     WorkPlan,
     estimate_cost,
     heaviest_first,
+    source_walk,
     task_budget,
 )
 
@@ -61,6 +63,53 @@ def test_every_row_once_in_group_order_and_each_group_closed_once(layout):
     positions = [(task.start, task.stop) for task in tasks]
     assert positions[0][0] == 0 and positions[-1][1] == len(prior)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(positions))
+
+
+def placed_layout(layout, share: float, seed: int):
+    """The layout with places in a source for a share of its rows (the rest -1), each group's
+    rows sorted by place as plan_shards packs them."""
+    group_rows, prior, kinds, error, cpus = layout
+    rng = np.random.default_rng(seed)
+    n = len(prior)
+    places = np.where(rng.random(n) < share, rng.permutation(n), -1)
+    group_rows = [rows[np.argsort(places[rows], kind="stable")] for rows in group_rows]
+    return group_rows, prior, kinds, error, cpus, places
+
+
+@given(layouts(), st.floats(0, 1), st.integers(0, 2**32 - 1))
+@settings(deadline=None)
+def test_a_source_walk_reads_each_source_in_order_and_closes_each_group_last(layout, share, seed):
+    """Groups (shards) interleaved along their rows' places (a Parquet file's rows): tasks take
+    the placed rows in place order; each group's pieces still come in order, with the one that
+    says `last` submitted after the others; the calibration still sees each row's own kind."""
+    group_rows, prior, kinds, error, cpus, places = placed_layout(layout, share, seed)
+    walk = source_walk(group_rows, places)
+    assert np.array_equal(np.sort(walk), np.arange(len(prior)))
+    plan = WorkPlan(group_rows, prior, kinds, cpus, walk)
+    tasks = run_plan(plan, prior * error[kinds], group_rows)
+    pieces = [p for task in tasks for p in task.pieces]
+    for group, rows in enumerate(group_rows):
+        own = [p for p in pieces if p.group == group]
+        assert [i for p in own for i in range(p.start, p.stop)] == list(range(len(rows)))
+        assert [p.last for p in own] == [False] * (len(own) - 1) + [True]
+    taken = np.concatenate([group_rows[p.group][p.start : p.stop] for p in pieces])
+    assert sorted(taken.tolist()) == list(range(len(prior)))
+    read = places[walk][places[walk] >= 0]
+    assert np.array_equal(read, np.sort(read)), "placed rows in place order"
+    for task in tasks:  # each task's placed rows are one stretch of the walk's
+        rows = np.concatenate([group_rows[p.group][p.start : p.stop] for p in task.pieces])
+        assert set(rows.tolist()) == set(walk[task.start : task.stop].tolist())
+    seen = np.unique(kinds)
+    assert np.allclose(plan.scale()[seen], error[seen]), "each kind measured as itself"
+
+
+def test_a_walk_that_breaks_a_groups_order_is_refused():
+    groups = [np.array([0, 1]), np.array([2, 3])]
+    prior, kinds = np.ones(4), np.zeros(4, np.int64)
+    WorkPlan(groups, prior, kinds, 2, np.array([0, 2, 1, 3]))  # interleaved, each in order
+    for walk in ([1, 0, 2, 3], [0, 1, 2], [0, 1, 2, 2]):
+        with pytest.raises(ValueError, match="the walk must take every row"):
+            WorkPlan(groups, prior, kinds, 2, np.array(walk))
 
 
 @given(layouts())
