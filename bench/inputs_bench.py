@@ -7,8 +7,9 @@
    without content hashes, one process, alternating runs (medians).
 2. The whole job (embedded Ray, 2 CPUs) on the same images as WebDataset tars of 500 samples
    (webdataset's TarWriter, a txt caption each) and as Parquet files of 500 rows in row groups
-   of 100 (`datasets.Image` structs and a text column), against them as loose files with .txt
-   sidecars: images/s of each, best of two runs.
+   of 100 (`datasets.Image` structs and a text column, as `datasets` writes images), against
+   them as loose files with .txt sidecars: images/s of each, best of two runs; and the largest
+   worker's peak memory in each shape's runs.
 
 The scan reads ~64 KiB of each file for its header; hashing reads the whole file (xxh3-128,
 streamed a MiB at a time): the cost is the rest of the file's read and the hash. xxh3 was
@@ -32,16 +33,21 @@ from PIL import Image
 from pipeline.scan import scan_batch
 from pipeline.sources import input_root, list_input
 
+ASPECTS = [(1024, 768)] * 4 + [(768, 1024)] * 3 + [(1024, 1024)] * 2 + [(1216, 832), (832, 1216),
+                                                                      (1344, 768)]  # fmt: skip
+
 
 def photos(folder: Path, count: int) -> Path:
-    """`count` 1024x768 JPEGs with noise (~250 KB each: a web photo), made once."""
+    """`count` JPEGs with noise (~250 KB each: a web photo), made once; of several aspects,
+    landscape most, as a scraped set is: a Parquet file's rows fall into several buckets."""
     rng = np.random.default_rng(0)
     for i in range(count):
         path = folder / f"{i:05d}.jpg"
         if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)
             small = rng.normal(128, 60, (48, 64, 3)).clip(0, 255).astype(np.uint8)
-            image = np.asarray(Image.fromarray(small).resize((1024, 768)), np.float32)
+            size = ASPECTS[rng.integers(len(ASPECTS))]
+            image = np.asarray(Image.fromarray(small).resize(size), np.float32)
             noisy = (image + rng.normal(0, 8, image.shape)).clip(0, 255).astype(np.uint8)
             Image.fromarray(noisy).save(path, quality=90)
     return folder

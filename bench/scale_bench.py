@@ -5,10 +5,15 @@ the same run.
     python bench/scale_bench.py --sizes 10000 1000000 --tiny    # 1M thumbnails, ~30 min
     python bench/scale_bench.py --sizes 10000 --ray-data        # and a plain Ray Data pipeline
                                                   # (pip install -e '.[bench]': Ray Data's needs)
+    python bench/scale_bench.py --sizes 100000 --shapes files parquet tars
+                                                  # the same images in Parquet files and tars
 
 The corpus costs no disk: 24 distinct photo-like JPEGs (512x384 to 800x600, each with a .txt
 caption) hard-linked under N names in folders of 1,000, made once into --workdir. `--tiny` makes
 them 128x96-class thumbnails with buckets to match, so that a million fit in half an hour here.
+`--shapes` adds the same N images as Parquet files of 10,000 rows in row groups of 100 (as
+`datasets` writes images: `{bytes, path}` structs and a text column) and as WebDataset tars of
+10,000 samples; these cost their bytes on disk, written once.
 
 For each N, the job as users run it (jobs/prepare.py, an embedded local Ray of --cpus CPUs,
 default settings, --batch-size 32 --world-size 8), but --no-dedup: the hard links are copies of
@@ -92,6 +97,49 @@ def corpus(workdir: Path, count: int, tiny: bool) -> Path:
     return folder
 
 
+ROWS_PER_FILE = 10_000  # of the Parquet and tar shapes
+ROW_GROUP = 100  # rows: what `datasets` writes for images
+
+
+def packed_corpus(workdir: Path, count: int, tiny: bool, shape: str) -> Path:
+    """The corpus's images and captions as Parquet files or tars of ROWS_PER_FILE, made once,
+    a row group (or a sample) at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset
+
+    folder = workdir / f"{shape}-{'tiny' if tiny else 'jpeg'}-{count}"
+    marker = workdir / f"{folder.name}.complete"
+    if marker.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    files = distinct_files(workdir, tiny)
+    images = [path.read_bytes() for path in files]
+    captions = [path.with_suffix(".txt").read_text() for path in files]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    start = time.perf_counter()
+    for first in range(0, count, ROWS_PER_FILE):
+        rows = range(first, min(count, first + ROWS_PER_FILE))
+        if shape == "tars":
+            with webdataset.TarWriter(str(folder / f"{first // ROWS_PER_FILE:05d}.tar")) as sink:
+                for i in rows:
+                    sink.write({"__key__": f"{i:08d}", "jpg": images[i % DISTINCT],
+                                "txt": captions[i % DISTINCT]})  # fmt: skip
+            continue
+        schema = pa.schema([("image", image_type), ("text", pa.string())])
+        name = folder / f"train-{first // ROWS_PER_FILE:05d}.parquet"
+        with pq.ParquetWriter(name, schema) as writer:
+            for group in range(rows.start, rows.stop, ROW_GROUP):
+                numbers = range(group, min(rows.stop, group + ROW_GROUP))
+                structs = [{"bytes": images[i % DISTINCT], "path": f"{i:08d}.jpg"} for i in numbers]
+                texts = [captions[i % DISTINCT] for i in numbers]
+                writer.write_table(pa.table({"image": pa.array(structs, image_type),
+                                             "text": texts}, schema=schema))  # fmt: skip
+    marker.touch()
+    print(f"made {folder} ({count:,} images) in {time.perf_counter() - start:.0f} s", flush=True)
+    return folder
+
+
 def bucket_config(tiny: bool) -> BucketConfig:
     return TINY_BUCKETS if tiny else BucketConfig()
 
@@ -155,6 +203,7 @@ def run_job(folder: Path, cpus: int, tiny: bool) -> dict:
         "driver_rss": watched.driver_rss,
         "worker_rss": watched.worker_rss,
         "worker_pss": watched.worker_pss,
+        "peak_pss": watched.peak_pss,
         "stages": stages,
     }
 
@@ -228,6 +277,25 @@ def listing_and_scan(args: argparse.Namespace, results: dict) -> None:
           f"{alone / job:.2f}x; scan {scan_rate:,.0f} files/s per CPU")  # fmt: skip
 
 
+def print_result(label: str, result: dict, count: int, cpus: int, bare_ms: float,
+                 naive_ms: float) -> None:  # fmt: skip
+    rate = result["images"] / result["seconds"]
+    per_core = rate / cpus / (1000 / bare_ms)
+    naive_ratio = (count * naive_ms / 1000) / result["seconds"]
+    print(f"   {label:>16s} {result['seconds']:7.1f} {rate:7.0f} "
+          f"{result['images'] / result['fit_seconds']:9.0f} {result['busy']:8.0%} "
+          f"{per_core:7.2f}x {naive_ratio:6.2f}x {result['driver_rss'] / 2**20:6.0f} MiB "
+          f"{result['worker_rss'] / 2**20:6.0f}/{result['worker_pss'] / 2**20:.0f} MiB "
+          f"{result['peak_pss'] / 2**30:6.2f} GiB", flush=True)  # fmt: skip
+    ordered = sorted(result["stages"].items(), key=lambda item: item[1]["started"])
+    stages = ", ".join(f"{name} {stage['seconds']:.1f} s" for name, stage in ordered)
+    if stages:
+        work = result["stages"]["fit"].get("image_seconds")
+        cpu_seconds = cpus * result["fit_seconds"]
+        share = f"; images {work / cpu_seconds:.0%} of the fit stage's CPU" if work else ""
+        print(f"             stages: {stages}{share}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,6 +305,13 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="128x96-class images, tiny buckets")
     parser.add_argument("--ray-data", action="store_true", help="also a plain Ray Data pipeline")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["files"],
+        choices=["files", "parquet", "tars"],
+        help="input shapes to run",
+    )
     parser.add_argument("--ray-data-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ray_data_child:
@@ -252,27 +327,21 @@ def main() -> None:
     print(f"{DISTINCT} distinct {kind}; one core, {BASELINE_SAMPLE} files, best of 3: bare "
           f"engine loop {bare_ms:.2f} ms an image, naive loop {naive_ms:.2f} ms")  # fmt: skip
     print(f"the job on a local Ray of {args.cpus} CPUs:")
-    print(f"   {'images':>9s} {'wall s':>7s} {'img/s':>7s} {'fit img/s':>9s} {'fit busy':>8s} "
-          f"{'per core':>8s} {'x naive':>7s} {'driver':>9s} {'worker RSS/PSS':>16s}")  # fmt: skip
-    results = {}
+    print(f"   {'images':>16s} {'wall s':>7s} {'img/s':>7s} {'fit img/s':>9s} {'fit busy':>8s} "
+          f"{'per core':>8s} {'x naive':>7s} {'driver':>9s} {'worker RSS/PSS':>16s} "
+          f"{'all PSS':>10s}")  # fmt: skip
+    results, by_shape = {}, {}
     for count in args.sizes:
-        folder = corpus(args.workdir, count, args.tiny)
-        result = results[count] = run_job(folder, args.cpus, args.tiny)
-        rate = result["images"] / result["seconds"]
-        per_core = rate / args.cpus / (1000 / bare_ms)
-        naive_ratio = (count * naive_ms / 1000) / result["seconds"]
-        print(f"   {count:>9,d} {result['seconds']:7.1f} {rate:7.0f} "
-              f"{result['images'] / result['fit_seconds']:9.0f} {result['busy']:8.0%} "
-              f"{per_core:7.2f}x {naive_ratio:6.2f}x {result['driver_rss'] / 2**20:6.0f} MiB "
-              f"{result['worker_rss'] / 2**20:6.0f}/{result['worker_pss'] / 2**20:.0f} MiB",
-              flush=True)  # fmt: skip
-        ordered = sorted(result["stages"].items(), key=lambda item: item[1]["started"])
-        stages = ", ".join(f"{name} {stage['seconds']:.1f} s" for name, stage in ordered)
-        if stages:
-            work = result["stages"]["fit"].get("image_seconds")
-            cpu_seconds = args.cpus * result["fit_seconds"]
-            share = f"; images {work / cpu_seconds:.0%} of the fit stage's CPU" if work else ""
-            print(f"             stages: {stages}{share}", flush=True)
+        for shape in args.shapes:
+            folder = (corpus(args.workdir, count, args.tiny) if shape == "files"
+                      else packed_corpus(args.workdir, count, args.tiny, shape))  # fmt: skip
+            result = by_shape[count, shape] = run_job(folder, args.cpus, args.tiny)
+            if shape == "files":
+                results[count] = result
+            print_result(f"{count:,d} {shape}", result, count, args.cpus, bare_ms, naive_ms)
+        for shape in (s for s in args.shapes if s != "files" and count in results):
+            ratio = results[count]["seconds"] / by_shape[count, shape]["seconds"]
+            print(f"   {shape} at {count:,}: {ratio:.2f}x the images/s of loose files", flush=True)
     listing_and_scan(args, results)
     if len(results) > 1:
         small, large = min(results), max(results)
