@@ -111,6 +111,7 @@ def run(config: PrepareConfig) -> dict:
         held = _held_contents(out) if config.incremental else None
         accepted, assign_rejects, buckets = _assign(scanned, config, held)
         previous = _finished_shards(out) if config.incremental else None
+        places = _parquet_places(accepted)
         shards = plan_shards(
             _keys(accepted["key"]),
             accepted["bucket"].to_numpy(),
@@ -118,13 +119,15 @@ def run(config: PrepareConfig) -> dict:
             config.samples_per_shard,
             fingerprint(config.settings()),
             previous,
-            _parquet_places(accepted),
+            places,
         )
         assign["items"] = len(accepted)
     scanned_keys = np.sort(_keys(scanned["key"]))
     del scanned
     with stages.stage("fit") as fitted:
-        fitted["items"], fitted["image_seconds"] = _write(shards, accepted, root, out, config)
+        fitted["items"], fitted["image_seconds"] = _write(
+            shards, accepted, places, root, out, config
+        )
     del accepted
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
     manifest = _finish(
@@ -136,11 +139,17 @@ def run(config: PrepareConfig) -> dict:
 
 
 def _write(
-    shards: list[Shard], accepted: pa.Table, root: InputRoot, out: OutputDir, config
+    shards: list[Shard],
+    accepted: pa.Table,
+    places: np.ndarray,
+    root: InputRoot,
+    out: OutputDir,
+    config: PrepareConfig,
 ) -> tuple[int, float]:
     """Fit the images of every shard not finished yet, in tasks sized by what the tasks before
-    them took (work_plan.py), and write each shard once all its pieces are fitted; returns the
-    images fitted and the seconds the workers spent on them."""
+    them took (work_plan.py), Parquet rows in file order (`places`), and write each shard once
+    all its pieces are fitted; returns the images fitted and the seconds the workers spent on
+    them."""
     finished = set(out.list_names("shards", ".tar"))
     todo = [shard for shard in shards if shard.name not in finished]
     if not todo:
@@ -150,7 +159,7 @@ def _write(
     prior, kinds = estimate_cost(pixels.to_numpy(), formats)
     todo = [todo[i] for i in heaviest_first([shard.rows for shard in todo], prior)]
     shard_rows = [shard.rows for shard in todo]
-    walk = source_walk(shard_rows, _parquet_places(accepted))
+    walk = source_walk(shard_rows, places)
     plan = WorkPlan(shard_rows, prior, kinds, cluster_cpus(), walk)
 
     def fit_tasks():
@@ -188,6 +197,8 @@ def _parquet_places(images: pa.Table) -> np.ndarray:
     in_parquet = pc.ends_with(pc.utf8_lower(archives), PARQUET_EXTENSION).to_numpy(
         zero_copy_only=False
     )
+    if not in_parquet.any():
+        return np.full(len(images), -1, np.int64)
     order = pc.sort_indices(
         pa.table({"archive": archives, "row": images["member_offset"].fill_null(0)}),
         sort_keys=[("archive", "ascending"), ("row", "ascending")],

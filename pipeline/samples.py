@@ -88,7 +88,7 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         source = root.read_row(row)
     except UnicodeDecodeError as error:
         raise Rejected(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}") from None
-    except OSError as error:
+    except (OSError, pa.ArrowException) as error:  # a file gone, a Parquet input damaged
         raise Rejected(Reason.UNREADABLE, f"{type(error).__name__}: {error}") from None
     try:
         fitted = fitted_image(source, bucket, options.crop, rng, options.background)

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import xxhash
 from PIL import Image, UnidentifiedImageError
 
@@ -29,6 +30,7 @@ from pipeline.sources import (
     ARCHIVE_EXTENSION,
     DEFAULT_CAPTION_COLUMNS,
     LISTING_SCHEMA,
+    PARQUET_BATCH_ROWS,
     PARQUET_EXTENSION,
     InputRoot,
     image_bytes,
@@ -154,9 +156,11 @@ def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
 
 def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> list[dict]:
     """A row per row of a Parquet file with an image column (`root.image_column`: a
-    `datasets.Image` struct or binary) and an optional caption column, read row group by row
-    group: the image's header and hash, its row number as `member_offset`. A row without image
-    bytes is a rejection; a file without the column is one."""
+    `datasets.Image` struct or binary) and an optional caption column, streamed a batch of
+    rows at a time: the image's header and hash, its row number as `member_offset`. A row
+    without image bytes is a rejection; a file without the column, or with a row group over
+    MAX_ROW_GROUP_BYTES of images, is one; a damaged row group costs its rows from the damage
+    on, a rejection of the file naming them."""
     archive, base = row["source"], _member_base(row)
     try:
         parquet = root.parquet(archive)
@@ -167,26 +171,58 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
         return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a Parquet file without an image "
                              f"column {root.image_column!r} (--image-column; it has: "
                              f"{', '.join(names)})")]  # fmt: skip
+    if (largest := _largest_row_group(parquet, root.image_column)) > MAX_ROW_GROUP_BYTES:
+        return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a row group holds {largest / 1e9:.1f} "
+                             f"GB of images, over {MAX_ROW_GROUP_BYTES / 1e9:.1f} GB: pyarrow "
+                             "reads a row group's column whole; rewrite the file in smaller row "
+                             "groups (row_group_size=100, as datasets writes images)")]  # fmt: skip
     captions = [root.caption_column] if root.caption_column else DEFAULT_CAPTION_COLUMNS
     caption_column = next((name for name in captions if name in names), None)
     columns = [root.image_column] + ([caption_column] if caption_column else [])
     rows, number = [], 0
     for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group, columns=columns)
-        texts = table[caption_column].to_pylist() if caption_column else [None] * len(table)
-        for value, text in zip(table[root.image_column].to_pylist(), texts, strict=True):
-            data = image_bytes(value)
-            entry = dict(base, source=f"{archive}/{number:09d}", member_offset=number,
-                         size=None if data is None else len(data),
-                         caption=None if text is None else str(text).strip())  # fmt: skip
-            number += 1
-            if data is None:
-                entry |= reject(Reason.NOT_AN_IMAGE, "a Parquet row without image bytes")
-            else:
-                _image_member(entry, data, max_pixels, dedup)
-            entry["key"] = sample_key(entry)
-            rows.append(entry)
+        end = number + parquet.metadata.row_group(group).num_rows
+        try:
+            for table in parquet.iter_batches(PARQUET_BATCH_ROWS, [group], columns):
+                texts = table[caption_column].to_pylist() if caption_column else [None] * len(table)
+                for value, text in zip(table[root.image_column].to_pylist(), texts, strict=True):
+                    rows.append(_parquet_row(base, archive, number, value, text, max_pixels, dedup))
+                    number += 1
+        except (OSError, pa.ArrowException) as error:
+            rows.append(row | reject(Reason.CORRUPT, f"row group {group} is damaged: rows "
+                                     f"{number} to {end - 1} lost ({type(error).__name__}: "
+                                     f"{error})"))  # fmt: skip
+        number = end
     return rows
+
+
+MAX_ROW_GROUP_BYTES = 1 << 30  # of a Parquet input's image column: what a fit task reads at once
+
+
+def _largest_row_group(parquet: pq.ParquetFile, column: str) -> int:
+    """Bytes of `column` (its leaves: a struct's `bytes` and `path`) in the largest row group."""
+    metadata = parquet.metadata
+    sizes = [0]
+    for group in range(metadata.num_row_groups):
+        chunks = (metadata.row_group(group).column(i) for i in range(metadata.num_columns))
+        sizes.append(sum(chunk.total_uncompressed_size for chunk in chunks
+                         if chunk.path_in_schema.split(".")[0] == column))  # fmt: skip
+    return max(sizes)
+
+
+def _parquet_row(base: dict, archive: str, number: int, value: object, text: object,
+                 max_pixels: int, dedup: bool) -> dict:  # fmt: skip
+    """The scan row of a Parquet input's row `number` (its image column's `value`)."""
+    data = image_bytes(value)
+    entry = dict(base, source=f"{archive}/{number:09d}", member_offset=number,
+                 size=None if data is None else len(data),
+                 caption=None if text is None else str(text).strip())  # fmt: skip
+    if data is None:
+        entry |= reject(Reason.NOT_AN_IMAGE, "a Parquet row without image bytes")
+    else:
+        _image_member(entry, data, max_pixels, dedup)
+    entry["key"] = sample_key(entry)
+    return entry
 
 
 def _member_base(row: dict) -> dict:

@@ -48,6 +48,8 @@ ARCHIVE_EXTENSION = ".tar"  # WebDataset shards
 PARQUET_EXTENSION = ".parquet"  # with an image column: a row per image
 DEFAULT_CAPTION_COLUMNS = ("text", "caption")
 DEFAULT_CAPTION_FIELDS = ("text", "caption", "tags")
+PARQUET_BATCH_ROWS = 64  # rows of a Parquet input decoded at once, in the scan and the fit
+PARQUET_BUFFER = 8 << 20  # bytes a Parquet input is read by (a ranged GET on an object store)
 
 
 def json_caption(value: object, field: str = "") -> str | None:
@@ -124,8 +126,10 @@ class InputRoot:
             return stream.read_at(size, offset)
 
     def parquet(self, source: str) -> pq.ParquetFile:
+        """A Parquet file, read in buffered stretches: a row group of any size is streamed a
+        batch of rows at a time (`iter_batches`), never held whole."""
         filesystem, path = self.resolve(source)
-        return pq.ParquetFile(filesystem.open_input_file(path))
+        return pq.ParquetFile(filesystem.open_input_file(path), buffer_size=PARQUET_BUFFER)
 
     def read_row(self, row: dict) -> bytes | str:
         """A listed image: its local path (read lazily by the decoder), else its bytes."""
@@ -147,23 +151,50 @@ def image_bytes(value: object) -> bytes | None:
     return value.get("bytes") if isinstance(value, dict) else value
 
 
-@functools.lru_cache(maxsize=2)  # a fit task's rows come from few row groups, in file order
-def _row_group_images(root: InputRoot, archive: str, group: int) -> pa.Array:
-    return root.parquet(archive).read_row_group(group, columns=[root.image_column])[0]
+class _ParquetCursor:
+    """A Parquet file's image column read forward, a row group at a time and PARQUET_BATCH_ROWS
+    rows of it at a time: rows asked for in file order (as a fit task asks) cost one pass over
+    their row groups; a row behind is read from the start of its group. A damaged row group
+    costs only its own rows."""
+
+    def __init__(self, root: InputRoot, archive: str) -> None:
+        self._file = root.parquet(archive)
+        metadata = self._file.metadata
+        counts = (metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))
+        self._starts = list(itertools.accumulate(counts, initial=0))  # each group's first row
+        self._column = root.image_column
+        self._seek(0)
+
+    def _seek(self, group: int) -> None:
+        self._group = group
+        self._batches = self._file.iter_batches(PARQUET_BATCH_ROWS, [group], [self._column])
+        self._first, self._batch = self._starts[group], pa.array([], pa.binary())
+
+    def image(self, row: int) -> bytes | None:
+        group = bisect.bisect_right(self._starts, row) - 1
+        if group != self._group or row < self._first:
+            self._seek(group)
+        while row >= self._first + len(self._batch):
+            self._first += len(self._batch)
+            if (batch := next(self._batches, None)) is None:
+                raise OSError(f"row {row} is past the end of the file ({self._first} rows)")
+            self._batch = batch.column(0)
+        return image_bytes(self._batch[row - self._first].as_py())
 
 
-@functools.lru_cache(maxsize=64)
-def _row_group_starts(root: InputRoot, archive: str) -> list[int]:
-    metadata = root.parquet(archive).metadata
-    rows = (metadata.row_group(group).num_rows for group in range(metadata.num_row_groups))
-    return list(itertools.accumulate(rows, initial=0))
+@functools.lru_cache(maxsize=2)  # a fit task reads its rows by file, in file order
+def _parquet_cursor(root: InputRoot, archive: str) -> _ParquetCursor:
+    return _ParquetCursor(root, archive)
 
 
-def _parquet_image(root: InputRoot, archive: str, row: int) -> bytes:
-    """Row `row`'s image bytes of a Parquet input: its row group read (image column only)."""
-    starts = _row_group_starts(root, archive)
-    group = bisect.bisect_right(starts, row) - 1
-    return image_bytes(_row_group_images(root, archive, group)[row - starts[group]].as_py())
+def _parquet_image(root: InputRoot, archive: str, row: int) -> bytes | None:
+    """Row `row`'s image bytes of a Parquet input (`_ParquetCursor`); a file that fails to read
+    is opened anew for the next row asked of it."""
+    try:
+        return _parquet_cursor(root, archive).image(row)
+    except Exception:
+        _parquet_cursor.cache_clear()
+        raise
 
 
 def absolute(uri: str) -> str:

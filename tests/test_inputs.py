@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.config import PrepareConfig
 from pipeline.prepare import run
+from pipeline.sources import LISTING_SCHEMA, InputRoot
 
 
 def prepare(images: Path, output: Path, **options) -> tuple[dict, dict]:
@@ -229,3 +230,68 @@ def test_parquet_files_with_image_bytes_as_datasets_writes_them(local_ray, tmp_p
     _, rejected = prepare(single, tmp_path / "no-column")
     assert rejected["single.parquet"][0] == "unsupported_format"
     assert "--image-column" in rejected["single.parquet"][1]
+
+
+def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path):
+    """A fit task asks for rows in file order, skipping some; a retried or later task may ask
+    for rows behind. Row groups of one row, of many (past a read batch), and a null."""
+    from pipeline.sources import PARQUET_BATCH_ROWS
+
+    values = [f"image {i}".encode() for i in range(3 * PARQUET_BATCH_ROWS + 7)]
+    values[5] = None
+    sizes = [1, 1, 2 * PARQUET_BATCH_ROWS + 5, 3, len(values)]  # the last takes the rest
+    with pq.ParquetWriter(tmp_path / "data.parquet", pa.schema([("image", pa.binary())])) as out:
+        first = 0
+        for size in sizes:
+            out.write_table(pa.table({"image": values[first : first + size]}, out.schema))
+            first += size
+            if first >= len(values):
+                break
+    assert pq.ParquetFile(tmp_path / "data.parquet").num_row_groups == 5
+    root = InputRoot(str(tmp_path))
+    rows = [0, 1, 2, 5, 70, 71, PARQUET_BATCH_ROWS * 2 + 6, len(values) - 1, 3, 0, 150, 140]
+    row = {"archive": "data.parquet", "source": "data.parquet/x", "size": None}
+    assert [root.read_row(row | {"member_offset": i}) for i in rows] == [values[i] for i in rows]
+
+
+def datasets_parquet(path: Path, images: list[bytes], row_group_size: int) -> None:
+    """`images` as `datasets` writes them: `{bytes, path}` structs and a `text` column."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    structs = [{"bytes": data, "path": f"{i}.jpg"} for i, data in enumerate(images)]
+    table = pa.table({"image": pa.array(structs, image_type),
+                      "text": [f"row {i}" for i in range(len(images))]})  # fmt: skip
+    pq.write_table(table, path, row_group_size=row_group_size, compression="snappy")
+
+
+def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    path = images / "train.parquet"
+    datasets_parquet(path, [jpeg(96, 64, i) for i in range(6)], row_group_size=2)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)  # rows 2-3's image bytes
+    with open(path, "r+b") as damaged:
+        damaged.seek(chunk.data_page_offset)
+        damaged.write(b"\xff" * 32)  # its page header
+    with pytest.raises((OSError, pa.ArrowException)):
+        pq.ParquetFile(path).read_row_group(1)
+    kept, rejected = prepare(images, tmp_path / "out")
+    assert kept == {f"train.parquet/{i:09d}": f"row {i}" for i in (0, 1, 4, 5)}
+    reason, message = rejected["train.parquet"]
+    assert reason == "corrupt" and message.startswith("row group 1 is damaged: rows 2 to 3 lost")
+
+
+def test_a_parquet_file_of_row_groups_too_large_to_read_is_refused(tmp_path, monkeypatch):
+    import pipeline.scan as scan
+
+    path = tmp_path / "big-groups.parquet"
+    datasets_parquet(path, [jpeg(96, 64, i) for i in range(4)], row_group_size=4)
+    size = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
+    monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size // 2)
+    listing = pa.Table.from_pylist(
+        [{"source": path.name, "size": path.stat().st_size, "mtime_ns": 0}], LISTING_SCHEMA
+    )
+    (row,) = scan.scan_batch(listing, InputRoot(str(tmp_path))).to_pylist()
+    assert row["reject"] == "unsupported_format"
+    assert "rewrite the file in smaller row groups" in row["message"]
+    monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size * 2)
+    assert len(scan.scan_batch(listing, InputRoot(str(tmp_path)))) == 4
