@@ -160,7 +160,7 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     rows at a time: the image's header and hash, its row number as `member_offset`. A row
     without image bytes is a rejection; a file without the column, or with a row group over
     MAX_ROW_GROUP_BYTES of images, is one; a damaged row group costs its rows from the damage
-    on, a rejection of the file naming them."""
+    on, each a rejection."""
     archive, base = row["source"], _member_base(row)
     try:
         parquet = root.parquet(archive)
@@ -189,9 +189,10 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
                     rows.append(_parquet_row(base, archive, number, value, text, max_pixels, dedup))
                     number += 1
         except (OSError, pa.ArrowException) as error:
-            rows.append(row | reject(Reason.CORRUPT, f"row group {group} is damaged: rows "
-                                     f"{number} to {end - 1} lost ({type(error).__name__}: "
-                                     f"{error})"))  # fmt: skip
+            cause = f"{type(error).__name__}: {' '.join(str(error).split())}"  # one line
+            rows += [dict(base, source=f"{archive}/{lost:09d}", member_offset=lost)
+                     | reject(Reason.CORRUPT, f"its row group ({group}) is damaged: {cause}")
+                     for lost in range(number, end)]  # fmt: skip
         number = end
     return rows
 

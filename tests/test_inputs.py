@@ -276,8 +276,9 @@ def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
         pq.ParquetFile(path).read_row_group(1)
     kept, rejected = prepare(images, tmp_path / "out")
     assert kept == {f"train.parquet/{i:09d}": f"row {i}" for i in (0, 1, 4, 5)}
-    reason, message = rejected["train.parquet"]
-    assert reason == "corrupt" and message.startswith("row group 1 is damaged: rows 2 to 3 lost")
+    assert set(rejected) == {"train.parquet/000000002", "train.parquet/000000003"}
+    reason, message = rejected["train.parquet/000000002"]
+    assert reason == "corrupt" and message.startswith("its row group (1) is damaged: OSError")
 
 
 def test_a_parquet_file_of_row_groups_too_large_to_read_is_refused(tmp_path, monkeypatch):
