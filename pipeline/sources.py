@@ -48,8 +48,7 @@ ARCHIVE_EXTENSION = ".tar"  # WebDataset shards
 PARQUET_EXTENSION = ".parquet"  # with an image column: a row per image
 DEFAULT_CAPTION_COLUMNS = ("text", "caption")
 DEFAULT_CAPTION_FIELDS = ("text", "caption", "tags")
-PARQUET_BATCH_ROWS = 64  # rows of a Parquet input decoded at once, in the scan and the fit
-PARQUET_BUFFER = 8 << 20  # bytes a Parquet input is read by (a ranged GET on an object store)
+PARQUET_BATCH_ROWS = 64  # rows of a Parquet input turned into Python values at once
 
 
 def json_caption(value: object, field: str = "") -> str | None:
@@ -126,10 +125,10 @@ class InputRoot:
             return stream.read_at(size, offset)
 
     def parquet(self, source: str) -> pq.ParquetFile:
-        """A Parquet file, read in buffered stretches: a row group of any size is streamed a
-        batch of rows at a time (`iter_batches`), never held whole."""
+        """A Parquet file. pyarrow reads a row group's column chunk whole (one coalesced read
+        on an object store) whatever the batch size: scan.MAX_ROW_GROUP_BYTES bounds it."""
         filesystem, path = self.resolve(source)
-        return pq.ParquetFile(filesystem.open_input_file(path), buffer_size=PARQUET_BUFFER)
+        return pq.ParquetFile(filesystem.open_input_file(path))
 
     def read_row(self, row: dict) -> bytes | str:
         """A listed image: its local path (read lazily by the decoder), else its bytes."""
@@ -172,12 +171,14 @@ class _ParquetCursor:
 
     def image(self, row: int) -> bytes | None:
         group = bisect.bisect_right(self._starts, row) - 1
+        if not 0 <= group < len(self._starts) - 1:
+            raise OSError(f"row {row} is not in the file ({self._starts[-1]} rows)")
         if group != self._group or row < self._first:
             self._seek(group)
         while row >= self._first + len(self._batch):
             self._first += len(self._batch)
             if (batch := next(self._batches, None)) is None:
-                raise OSError(f"row {row} is past the end of the file ({self._first} rows)")
+                raise OSError(f"row {row} is past the end of its row group ({self._first})")
             self._batch = batch.column(0)
         return image_bytes(self._batch[row - self._first].as_py())
 

@@ -252,6 +252,8 @@ def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path
     rows = [0, 1, 2, 5, 70, 71, PARQUET_BATCH_ROWS * 2 + 6, len(values) - 1, 3, 0, 150, 140]
     row = {"archive": "data.parquet", "source": "data.parquet/x", "size": None}
     assert [root.read_row(row | {"member_offset": i}) for i in rows] == [values[i] for i in rows]
+    with pytest.raises(OSError, match="is not in the file"):  # the file changed since the scan
+        root.read_row(row | {"member_offset": len(values)})
 
 
 def datasets_parquet(path: Path, images: list[bytes], row_group_size: int) -> None:
