@@ -82,7 +82,9 @@ def dataset_stats(
                 pc.value_counts(rejects["reason"]).to_pylist(), key=lambda c: c["values"]
             )
         },
-        "rejected_first": rejects.slice(0, REJECTS_NAMED).select(["source", "reason"]).to_pylist(),
+        "rejected_first": rejects.slice(0, REJECTS_NAMED)
+        .select(["source", "reason", "message"])
+        .to_pylist(),
         "buckets": [
             {"bucket": i, "width": int(w), "height": int(h), "images": int(n)}
             for i, ((w, h), n) in enumerate(zip(buckets, counts, strict=True))
@@ -159,11 +161,24 @@ def _rejected_lines(stats: dict, output: str) -> list[str]:
         f"pq.read_table('{output}/rejects.parquet', columns=['source', 'reason', 'message']), "
         'sys.stdout.buffer)"'
     )
+    named = [f"  {r['source']} ({r['reason']}) {DESCRIPTIONS[Reason(r['reason'])]}{_said(r)}"
+             for r in first]  # fmt: skip
     return [
-        *(f"  {r['source']} ({r['reason']}) {DESCRIPTIONS[Reason(r['reason'])]}" for r in first),
+        *named,
         *([f"  ... and {more} more"] if more else []),
         f"  every rejected file with its message, as CSV: {listing}",
     ]
+
+
+MESSAGE_SHOWN = 120  # characters of a rejection's own message in the summary
+
+
+def _said(rejected: dict) -> str:
+    """What a rejection's message adds (the kept copy, the decoder's words), on one line."""
+    message = " ".join((rejected.get("message") or "").split())
+    if len(message) > MESSAGE_SHOWN:
+        message = message[: MESSAGE_SHOWN - 3] + "..."
+    return f": {message}" if message else ""
 
 
 def draw_buckets(stats: dict) -> bytes:

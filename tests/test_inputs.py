@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.config import PrepareConfig
 from pipeline.prepare import run
+from pipeline.report import summary
 from pipeline.sources import LISTING_SCHEMA, InputRoot
 
 
@@ -91,6 +92,9 @@ def test_exact_duplicates_are_rejected_naming_the_copy_kept(local_ray, tmp_path)
     }
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["rejections_by_reason"]["duplicate_content"] == 3
+    said = summary(stats, 1, str(tmp_path / "out"))  # the run's summary names the kept copy
+    assert "  1.jpg (duplicate_content) " in said and "1-copy.jpg, which is kept\n" in said
+    assert "duplicate_content 3" in said
     again = prepare(images, tmp_path / "out", incremental=True)  # the same copies kept
     assert again == (kept, rejected)
     everything, none_rejected = prepare(images, tmp_path / "all", dedup=False)
