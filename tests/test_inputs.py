@@ -302,3 +302,27 @@ def test_a_parquet_file_of_row_groups_too_large_to_read_is_refused(tmp_path, mon
     assert "rewrite the file in smaller row groups" in row["message"]
     monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size * 2)
     assert len(scan.scan_batch(listing, InputRoot(str(tmp_path)))) == 4
+
+
+def test_a_dataset_saved_by_hugging_face_datasets(local_ray, tmp_path, monkeypatch):
+    """What `datasets` itself writes (`Dataset.to_parquet` with an `Image` feature and its
+    schema metadata, in batches of 100 rows: row groups of 100, as the Hub's image datasets
+    hold them), offline and with its cache in the test's folder."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    shapes = [(96, 64), (64, 96), (64, 64)]
+    images = [{"bytes": jpeg(*shapes[i % 3], i), "path": f"{i}.jpg"} for i in range(230)]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "text": [f"image {i}" for i in range(230)]}, features=features
+    )
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    path = tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"
+    dataset.to_parquet(str(path), batch_size=100)
+    written = pq.ParquetFile(path)
+    assert written.num_row_groups == 3 and b"huggingface" in written.schema_arrow.metadata
+    kept, rejected = prepare(tmp_path / "hub", tmp_path / "out")
+    name = "data/train-00000-of-00001.parquet"
+    assert kept == {f"{name}/{i:09d}": f"image {i}" for i in range(230)} and not rejected
