@@ -125,9 +125,8 @@ class WorkPlan:
             raise ValueError("the walk must take every row once, each group's in its order")
         self._group_rows = group_rows
         self._lengths = lengths
-        self._prior_of_row = np.asarray(prior, np.float64)
         self._kind_of_row = np.asarray(kinds, np.int64)
-        self._prior = self._prior_of_row[order]
+        self._prior = np.asarray(prior, np.float64)[order]  # per walk position
         self._kind = self._kind_of_row[order]
         self._kinds = int(self._kind.max(initial=-1)) + 1
         self._left = np.bincount(self._kind, self._prior, self._kinds)  # prior ms not yet cut
@@ -187,9 +186,8 @@ class WorkPlan:
     def observe(self, task: Task, milliseconds: np.ndarray) -> None:
         """What `task`'s rows took, piece by piece in the task's order (N,): the sizes of the
         tasks cut from now on."""
-        rows = np.concatenate(
-            [self._group_rows[p.group][p.start : p.stop] for p in task.pieces]
-        ).astype(np.int64)
-        kinds = self._kind_of_row[rows]
+        rows = np.concatenate([self._group_rows[p.group][p.start : p.stop] for p in task.pieces])
+        kinds = self._kind_of_row[rows.astype(np.int64)]  # in the pieces' order, as measured
         self._measured += np.bincount(kinds, np.asarray(milliseconds, np.float64), self._kinds)
-        self._measured_prior += np.bincount(kinds, self._prior_of_row[rows], self._kinds)
+        walked = slice(task.start, task.stop)  # the same rows: their prior in any order
+        self._measured_prior += np.bincount(self._kind[walked], self._prior[walked], self._kinds)

@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, PngImagePlugin
 
 
@@ -22,6 +24,18 @@ def detailed(width: int, height: int, seed: int = 0) -> np.ndarray:
         axis=-1,
     )
     return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def datasets_parquet(
+    path: Path, images: list[bytes | None], captions: list[str], row_group_size: int
+) -> Path:
+    """Images (None: a row without bytes) and captions as `datasets` writes an `Image` feature
+    and a text column: `{bytes, path}` structs in `image`, the captions in `text`."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    structs = [{"bytes": data, "path": f"{i}.jpg"} for i, data in enumerate(images)]
+    table = pa.table({"image": pa.array(structs, image_type), "text": captions})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
 
 
 def save(image: Image.Image, path: Path, format: str | None = None, **options) -> Path:

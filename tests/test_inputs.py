@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS
-from images import rgb, save
+from images import datasets_parquet, rgb, save
 from PIL import Image
 
 from pipeline.config import PrepareConfig
@@ -210,13 +210,10 @@ def test_parquet_files_with_image_bytes_as_datasets_writes_them(local_ray, tmp_p
     bytes, a row that is not an image; a duplicate of a loose file; --input one .parquet too."""
     images = tmp_path / "images"
     (images / "data").mkdir(parents=True)
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    rows = [{"bytes": jpeg(96, 64, 60 + i), "path": f"{i}.jpg"} for i in range(5)]
-    rows[2] = {"bytes": None, "path": "missing.jpg"}
-    rows[3] = {"bytes": b"garbage", "path": "garbage.jpg"}
-    table = pa.table({"image": pa.array(rows, image_type),
-                      "text": [f"row {i}" for i in range(5)]})  # fmt: skip
-    pq.write_table(table, images / "data" / "train-00000-of-00001.parquet", row_group_size=2)
+    rows: list[bytes | None] = [jpeg(96, 64, 60 + i) for i in range(5)]
+    rows[2], rows[3] = None, b"garbage"
+    datasets_parquet(images / "data" / "train-00000-of-00001.parquet", rows,
+                     [f"row {i}" for i in range(5)], row_group_size=2)  # fmt: skip
     (images / "loose.jpg").write_bytes(jpeg(96, 64, 64))  # row 4's bytes
     kept, rejected = prepare(images, tmp_path / "out")
     name = "data/train-00000-of-00001.parquet"
@@ -260,20 +257,12 @@ def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path
         root.read_row(row | {"member_offset": len(values)})
 
 
-def datasets_parquet(path: Path, images: list[bytes], row_group_size: int) -> None:
-    """`images` as `datasets` writes them: `{bytes, path}` structs and a `text` column."""
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    structs = [{"bytes": data, "path": f"{i}.jpg"} for i, data in enumerate(images)]
-    table = pa.table({"image": pa.array(structs, image_type),
-                      "text": [f"row {i}" for i in range(len(images))]})  # fmt: skip
-    pq.write_table(table, path, row_group_size=row_group_size, compression="snappy")
-
-
 def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     path = images / "train.parquet"
-    datasets_parquet(path, [jpeg(96, 64, i) for i in range(6)], row_group_size=2)
+    datasets_parquet(path, [jpeg(96, 64, i) for i in range(6)], [f"row {i}" for i in range(6)],
+                     row_group_size=2)  # fmt: skip
     chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)  # rows 2-3's image bytes
     with open(path, "r+b") as damaged:
         damaged.seek(chunk.data_page_offset)
@@ -291,7 +280,7 @@ def test_a_parquet_file_of_row_groups_too_large_to_read_is_refused(tmp_path, mon
     import pipeline.scan as scan
 
     path = tmp_path / "big-groups.parquet"
-    datasets_parquet(path, [jpeg(96, 64, i) for i in range(4)], row_group_size=4)
+    datasets_parquet(path, [jpeg(96, 64, i) for i in range(4)], ["a"] * 4, row_group_size=4)
     size = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
     monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size // 2)
     listing = pa.Table.from_pylist(

@@ -7,11 +7,10 @@ import io
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS, ray_started
-from images import rgb
+from images import datasets_parquet, rgb
 
 import pipeline.prepare as prepare_module
 from pipeline.config import PrepareConfig
@@ -97,12 +96,9 @@ def add_images(folder: Path, shape: str, batch: int) -> list[Path]:
                 sink.write({"__key__": key, "jpg": data, "txt": caption})
         return [folder / f"{batch:05d}.tar"]
     if shape == "parquet":
-        image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-        structs = [{"bytes": data, "path": f"{key}.jpg"} for key, data, _ in images]
-        table = pa.table({"image": pa.array(structs, image_type),
-                          "text": [caption for _, _, caption in images]})  # fmt: skip
-        pq.write_table(table, folder / f"train-{batch:05d}.parquet", row_group_size=2)
-        return [folder / f"train-{batch:05d}.parquet"]
+        path = folder / f"train-{batch:05d}.parquet"
+        captions = [caption for _, _, caption in images]
+        return [datasets_parquet(path, [data for _, data, _ in images], captions, 2)]
     with open(folder / "metadata.jsonl", "a") as lines:
         for key, data, caption in images:
             (folder / f"{key}.jpg").write_bytes(data)
