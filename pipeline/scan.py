@@ -158,9 +158,9 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     """A row per row of a Parquet file with an image column (`root.image_column`: a
     `datasets.Image` struct or binary) and an optional caption column, streamed a batch of
     rows at a time: the image's header and hash, its row number as `member_offset`. A row
-    without image bytes is a rejection; a file without the column, or with a row group over
-    MAX_ROW_GROUP_BYTES of images, is one; a damaged row group costs its rows from the damage
-    on, each a rejection."""
+    without image bytes is a rejection; a file without the column is one; a row group of
+    several rows over MAX_ROW_GROUP_BYTES of images costs its rows, and a damaged one its rows
+    from the damage on, each a rejection."""
     archive, base = row["source"], _member_base(row)
     try:
         parquet = root.parquet(archive)
@@ -171,17 +171,22 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
         return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a Parquet file without an image "
                              f"column {root.image_column!r} (--image-column; it has: "
                              f"{', '.join(names)})")]  # fmt: skip
-    if (largest := _largest_row_group(parquet, root.image_column)) > MAX_ROW_GROUP_BYTES:
-        return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a row group holds {largest / 1e9:.1f} "
-                             f"GB of images, over {MAX_ROW_GROUP_BYTES / 1e9:.1f} GB: pyarrow "
-                             "reads a row group's column whole; rewrite the file in smaller row "
-                             "groups (row_group_size=100, as datasets writes images)")]  # fmt: skip
     captions = [root.caption_column] if root.caption_column else DEFAULT_CAPTION_COLUMNS
     caption_column = next((name for name in captions if name in names), None)
     columns = [root.image_column] + ([caption_column] if caption_column else [])
     rows, number = [], 0
     for group in range(parquet.num_row_groups):
         end = number + parquet.metadata.row_group(group).num_rows
+        size = _image_bytes_in(parquet, group, root.image_column)
+        if size > MAX_ROW_GROUP_BYTES and end - number > 1:
+            rows += _group_lost(base, archive, range(number, end), Reason.UNSUPPORTED_FORMAT,
+                                f"its row group ({group}) holds {size / 1e9:.1f} GB of images in "
+                                f"{end - number} rows, over {MAX_ROW_GROUP_BYTES / 1e9:.1f} GB: "
+                                "pyarrow reads a row group's column whole, so each image would "
+                                "cost reading them all; rewrite the file with fewer rows a row "
+                                "group")  # fmt: skip
+            number = end
+            continue
         try:
             for table in parquet.iter_batches(PARQUET_BATCH_ROWS, [group], columns):
                 texts = table[caption_column].to_pylist() if caption_column else [None] * len(table)
@@ -190,25 +195,29 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
                     number += 1
         except (OSError, pa.ArrowException) as error:
             cause = f"{type(error).__name__}: {' '.join(str(error).split())}"  # one line
-            rows += [dict(base, source=f"{archive}/{lost:09d}", member_offset=lost)
-                     | reject(Reason.CORRUPT, f"its row group ({group}) is damaged: {cause}")
-                     for lost in range(number, end)]  # fmt: skip
+            message = f"its row group ({group}) is damaged: {cause}"
+            rows += _group_lost(base, archive, range(number, end), Reason.CORRUPT, message)
         number = end
     return rows
 
 
-MAX_ROW_GROUP_BYTES = 1 << 30  # of a Parquet input's image column: what a fit task reads at once
+# Of a Parquet input's image column in one row group of several rows: what a fit task reads to
+# fit any one of them (a row group of one image is that image, whatever its size).
+MAX_ROW_GROUP_BYTES = 1 << 30
 
 
-def _largest_row_group(parquet: pq.ParquetFile, column: str) -> int:
-    """Bytes of `column` (its leaves: a struct's `bytes` and `path`) in the largest row group."""
-    metadata = parquet.metadata
-    sizes = [0]
-    for group in range(metadata.num_row_groups):
-        chunks = (metadata.row_group(group).column(i) for i in range(metadata.num_columns))
-        sizes.append(sum(chunk.total_uncompressed_size for chunk in chunks
-                         if chunk.path_in_schema.split(".")[0] == column))  # fmt: skip
-    return max(sizes)
+def _image_bytes_in(parquet: pq.ParquetFile, group: int, column: str) -> int:
+    """Bytes of `column` (its leaves: a struct's `bytes` and `path`) in row group `group`."""
+    metadata = parquet.metadata.row_group(group)
+    chunks = (metadata.column(i) for i in range(metadata.num_columns))
+    return sum(chunk.total_uncompressed_size for chunk in chunks
+               if chunk.path_in_schema.split(".")[0] == column)  # fmt: skip
+
+
+def _group_lost(base: dict, archive: str, numbers: range, reason: Reason, message: str) -> list:
+    """A rejection for each of a Parquet input's rows `numbers` that its row group costs."""
+    return [dict(base, source=f"{archive}/{n:09d}", member_offset=n) | reject(reason, message)
+            for n in numbers]  # fmt: skip
 
 
 def _parquet_row(base: dict, archive: str, number: int, value: object, text: object,

@@ -276,21 +276,32 @@ def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
     assert reason == "corrupt" and message.startswith("its row group (1) is damaged: OSError")
 
 
-def test_a_parquet_file_of_row_groups_too_large_to_read_is_refused(tmp_path, monkeypatch):
+def test_a_row_group_of_many_images_too_large_to_read_costs_its_rows(tmp_path, monkeypatch):
+    """A row group of several images over the limit costs its rows, each a rejection saying
+    how to rewrite the file; the file's other row groups, and a row group of one image of any
+    size, are read."""
     import pipeline.scan as scan
 
+    images = [jpeg(96, 64, i) for i in range(7)]
+    whole = pq.read_table(datasets_parquet(tmp_path / "rows.parquet", images, ["a"] * 7, 7))
     path = tmp_path / "big-groups.parquet"
-    datasets_parquet(path, [jpeg(96, 64, i) for i in range(4)], ["a"] * 4, row_group_size=4)
-    size = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
-    monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size // 2)
+    with pq.ParquetWriter(path, whole.schema) as writer:
+        for start, count in ((0, 4), (4, 1), (5, 2)):  # row groups of 4 images, of 1 and of 2
+            writer.write_table(whole.slice(start, count))
+    metadata = pq.ParquetFile(path).metadata
+    size = metadata.row_group(1).total_byte_size  # one image's and its caption's
+    monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size // 2)  # under one image
     listing = pa.Table.from_pylist(
         [{"source": path.name, "size": path.stat().st_size, "mtime_ns": 0}], LISTING_SCHEMA
     )
-    (row,) = scan.scan_batch(listing, InputRoot(str(tmp_path))).to_pylist()
-    assert row["reject"] == "unsupported_format"
-    assert "rewrite the file in smaller row groups" in row["message"]
-    monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", size * 2)
-    assert len(scan.scan_batch(listing, InputRoot(str(tmp_path)))) == 4
+    rows = scan.scan_batch(listing, InputRoot(str(tmp_path))).to_pylist()
+    assert [row["source"] for row in rows] == [f"{path.name}/{i:09d}" for i in range(7)]
+    too_large = ["unsupported_format"]
+    assert [row["reject"] for row in rows] == too_large * 4 + [None] + too_large * 2
+    assert "rewrite the file with fewer rows a row group" in rows[0]["message"]
+    monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", metadata.row_group(0).total_byte_size * 2)
+    assert not any(row["reject"] for row in scan.scan_batch(listing, InputRoot(str(tmp_path)))
+                   .to_pylist())  # fmt: skip
 
 
 def test_a_dataset_saved_by_hugging_face_datasets(local_ray, tmp_path, monkeypatch):
