@@ -7,19 +7,8 @@ overflow now (`center`, `random`) or leave it for the loader to crop at random a
 transparency composited over the background.
 
 The engine is chosen per format (`ENGINES`) by bench/prepare_bench.py on a corpus that looks like
-real data, one core, against a naive Pillow loop (open, convert, Lanczos, q95), with PSNR
-against a full decode colour-managed to sRGB and a float Lanczos resize (2026-11-27, 2-core VM):
-
-    class        libvips (ours)        Pillow engine (previous)
-    JPEG         4.5x naive, 29.07 dB  4.5x, 29.02 dB
-    progressive  2.1x, 29.07 dB        2.2x, 29.02 dB
-    WebP         1.9x, 29.17 dB        1.1x, 29.11 dB
-    TIFF         1.6x, 28.42 dB        1.4x, 28.45 dB
-    CMYK JPEG    1.6x, 31.26 dB        2.8x, 18.51 dB (naive colour)
-    P3 JPEG      3.0x, 28.41 dB        3.8x, 21.73 dB (profile ignored)
-    clip-art PNG 1.2x, 40.58 dB        0.9x, 38.41 dB
-    108 MP PNG   1.7x, 48.62 dB        1.0x, 48.01 dB, and every pixel in memory
-    625 MP PNG   2.3x in 0.2 GB        (not run: 2.5 GB of pixels)
+real data, one core, against a naive Pillow loop, with PSNR against a full-quality reference
+(figures in bench/README.md):
 
 - libvips (pyvips) for JPEG, PNG, WebP, TIFF and GIF: one engine for every class, the fastest
   or within noise of it where colour is right. JPEGs and WebPs shrink on load (libjpeg's DCT
@@ -28,21 +17,15 @@ against a full decode colour-managed to sRGB and a float Lanczos resize (2026-11
   rows of input, not the pixel count. Transparency is composited first, in the image's own
   bands and depth; embedded ICC profiles other than sRGB and CMYK go to sRGB through the
   profile (libvips' CMYK profile when none is embedded), noted in the index; Lanczos-3 does the
-  rest. PNGs are bound by decoding (zlib): libvips decodes a 108 MP PNG in 1.5-2.0 s, Pillow in
-  1.7-2.3 s, and everything after the decode is 0.1 s of our 1.4-2.1 s, so the naive loop's
-  2.4-3.3 s allow at most ~1.7x; a 1.3 MP clip-art PNG decodes in 13 ms of our 26 (flatten 4,
-  resize 5, encode 2.5) against the naive loop's 30.
+  rest. PNGs are bound by decoding (zlib), so no engine gains much on them.
 - simplejpeg (libjpeg-turbo) decodes the common JPEG (8-bit YCbCr or grey, no profile or sRGB)
   in libvips' place, at the same DCT scale, before the same Lanczos-3: the same pixels for
-  less (a 512x384 photo decodes in 1.2 ms against libvips' 2.6; fitted and encoded 3.8 against
-  5.5 ms). It fails on any libjpeg warning, where libvips fails on errors only: such files,
-  and CMYK or colour-managed JPEGs, go to libvips as before. Measured 2026-12-02.
+  less. It fails on any libjpeg warning, where libvips fails on errors only: such files, and
+  CMYK or colour-managed JPEGs, go to libvips as before.
 - Pillow for BMP, which libvips does not load.
 - OpenCV's bicubic (a = -0.75, pixel centres aligned) for images to enlarge, which are small:
-  libvips' upsizing is a fraction of a pixel off (38.6 dB against a float Lanczos on a photo
-  enlarged 1.375x) and Pillow's Lanczos is the slowest step of a small JPEG (12 ms of a
-  512x384 JPEG's 20 here); OpenCV takes 0.6 ms at 55.7 dB (Pillow's Lanczos: 56.9 dB, its
-  bicubic 54.7 dB). Measured 2026-12-02, one core of this 2-core VM.
+  libvips' upsizing is a fraction of a pixel off and Pillow's Lanczos is the slowest step of a
+  small JPEG; OpenCV's is nearly as sharp for a fraction of the time.
 """
 
 from __future__ import annotations
