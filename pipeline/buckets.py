@@ -94,6 +94,25 @@ class BucketConfig:
         })  # fmt: skip
 
 
+# Each model family's grid: the bucket step is the VAE's downscale times the denoiser's patch,
+# areas ~1 MP from SDXL on. docs/techniques.md's table gives each number with its source.
+MEGAPIXEL = {"max_area": 1024 * 1024, "max_side": 2048, "min_side": 512, "square": 1024}
+MODEL_GRIDS: dict[str, dict[str, int]] = {
+    "sd": {},  # SD 1.x: the source's grid, BucketConfig's defaults (19 buckets)
+    "sdxl": MEGAPIXEL | {"step": 64},  # U-Net: VAE f8 x 3 downsamples (33 buckets)
+    "sd3": MEGAPIXEL | {"step": 16},  # transformer: VAE f8 x patch 2 (129 buckets)
+    "flux": MEGAPIXEL | {"step": 16},  # the same for Flux.1
+}
+
+
+def model_grid(model: str, **overrides: object) -> BucketConfig:
+    """The bucket settings of a model family (`MODEL_GRIDS`), with `overrides` taking
+    precedence: what `--model` gives and explicit bucket flags change."""
+    if model not in MODEL_GRIDS:
+        raise ValueError(f"--model must be one of {', '.join(MODEL_GRIDS)}, got {model}")
+    return BucketConfig(**(MODEL_GRIDS[model] | overrides))
+
+
 def _positive_integer(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 

@@ -10,12 +10,14 @@ from hypothesis import strategies as st
 from pipeline.buckets import (
     REJECT_ASPECT,
     REJECT_TOO_SMALL,
+    MODEL_GRIDS,
     BucketConfig,
     assign_buckets,
     assign_no_upscale,
     bucket_aspects,
     bucketize,
     generate_buckets,
+    model_grid,
 )
 
 # The default list, worked out by hand from the post: widths 256..1024 with their tallest
@@ -268,3 +270,58 @@ def test_bucketize_dispatches_on_the_config():
     assert grid.index[1] == REJECT_TOO_SMALL
     with pytest.raises(ValueError, match="no_upscale"):
         assign_no_upscale(widths, heights, BucketConfig())
+
+
+# The SDXL paper's multi-aspect list (Podell et al. 2023, appendix), as (width, height).
+SDXL_PAPER_BUCKETS = {
+    (w, h)
+    for h, w in [
+        (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728),
+        (576, 1664), (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344),
+        (768, 1344), (768, 1280), (832, 1216), (832, 1152), (896, 1152), (896, 1088),
+        (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+        (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1408, 704),
+        (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576), (1792, 576),
+        (1856, 512), (1920, 512), (1984, 512), (2048, 512),
+    ]
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", list(MODEL_GRIDS))
+def test_every_family_bucket_is_on_its_step_within_its_area_and_aspects(model):
+    config = model_grid(model)
+    buckets = generate_buckets(config)
+    assert np.all(buckets % config.step == 0)
+    assert np.all(buckets.prod(axis=1) <= config.max_area)
+    assert np.all((buckets >= config.min_side) & (buckets <= config.max_side))
+    aspects = bucket_aspects(buckets)
+    assert aspects.min() >= config.min_side / config.max_side  # 1:4 at the megapixel families
+    assert aspects.max() <= config.max_side / config.min_side
+    assert (config.square, config.square) in set(map(tuple, buckets.tolist()))
+
+
+def test_family_steps_follow_the_vae_and_the_denoiser():
+    assert model_grid("sd") == BucketConfig()  # the source's grid, unchanged
+    assert {model: model_grid(model).step for model in MODEL_GRIDS} == {
+        "sd": 64, "sdxl": 64, "sd3": 16, "flux": 16,
+    }  # fmt: skip
+    for model in ("sdxl", "sd3", "flux"):  # ~1 MP: the largest bucket within 1/16 of 1024^2
+        areas = generate_buckets(model_grid(model)).prod(axis=1)
+        assert 1024 * 1024 * 15 / 16 <= areas.max() <= 1024 * 1024
+
+
+def test_the_sdxl_grid_is_the_papers_list_less_its_seven_non_maximal_pairs():
+    ours = set(map(tuple, generate_buckets(model_grid("sdxl")).tolist()))
+    assert ours <= SDXL_PAPER_BUCKETS
+    extra = SDXL_PAPER_BUCKETS - ours  # what docs/techniques.md says we leave out
+    assert extra == {(832, 1152), (896, 1088), (960, 1024), (1024, 960), (1088, 896),
+                     (1152, 832), (1344, 704)}  # fmt: skip
+    for width, height in extra:  # each is a step shorter than the area allows its width
+        assert width * (height + 64) <= 1024 * 1024
+
+
+def test_explicit_bucket_settings_override_a_familys():
+    config = model_grid("sdxl", step=32, min_side=256)
+    assert (config.step, config.min_side, config.max_area) == (32, 256, 1024 * 1024)
+    with pytest.raises(ValueError, match="--model must be one of sd, sdxl, sd3, flux"):
+        model_grid("sd2")
