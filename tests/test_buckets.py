@@ -8,9 +8,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pipeline.buckets import (
+    MODEL_GRIDS,
     REJECT_ASPECT,
     REJECT_TOO_SMALL,
-    MODEL_GRIDS,
     BucketConfig,
     assign_buckets,
     assign_no_upscale,
