@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from pipeline.buckets import BucketConfig
+from pipeline.buckets import MODEL_GRIDS, BucketConfig
 from pipeline.cli import REQUIRED, check, check_choices, option
 from pipeline.format import FORMAT_VERSION
 
@@ -27,7 +27,7 @@ CROP_MODES = ("none", "center", "random")  # imaging.CROPS
 
 
 # The job's --help lists its options in these groups (pipeline/job.py)
-BUCKETS = "buckets (the source's defaults: SD 1.x at 512x768)"
+BUCKETS = "buckets (--model's grid; sd: the source's, 512x768)"
 IMAGES, OUTPUT, RAY = "images", "output", "ray"
 
 
@@ -73,6 +73,13 @@ class PrepareConfig:
         "to add latents to a prepared OUT",
     )
     output: str = option(REQUIRED, "folder or URL for the prepared dataset")
+    model: str = option(
+        "sd",
+        "the model family to prepare for: its bucket grid (docs/techniques.md), which the bucket "
+        "options below override",
+        tuple(MODEL_GRIDS),
+        group=BUCKETS,
+    )
     buckets: BucketConfig = field(default_factory=BucketConfig, metadata={"group": BUCKETS})
     write: WriteOptions = field(default_factory=WriteOptions)
     max_upscale: float = option(
@@ -130,6 +137,7 @@ class PrepareConfig:
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         check(self, {
             "input": (bool(self.input or self.vae),
                       "is required (only adding latents with --vae goes without)"),
@@ -159,6 +167,7 @@ class PrepareConfig:
         } | {  # left out at their defaults: an OUT prepared before them keeps its settings
             name: value
             for name, value, default in (
+                ("model", self.model, "sd"),
                 ("dedup", self.dedup, True),
                 ("caption_field", self.caption_field, ""),
                 ("image_column", self.image_column, "image"),

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from pipeline.buckets import MODEL_GRIDS
 from pipeline.cli import HelpFormatter, add_options, check, option, parse
 from pipeline.config import RAY, PrepareConfig
 from pipeline.errors import UsageError
@@ -36,17 +37,24 @@ class RayOptions:
         check(self, {"num_cpus": (self.num_cpus is None or self.num_cpus >= 1, "must be >= 1")})
 
 
-def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
-    """The command line: one option per field of the job's configs, in groups."""
+def build_parser(
+    description: str = __doc__, argv: list[str] | None = None
+) -> argparse.ArgumentParser:
+    """The command line: one option per field of the job's configs, in groups; the bucket
+    options' defaults are those of the `--model` family that `argv` names."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_options(parser, PrepareConfig, RayOptions)
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--model", default="sd")
+    model = family.parse_known_args(argv)[0].model
+    parser.set_defaults(**MODEL_GRIDS.get(model, {}))  # an unknown one: refused by name below
     return parser
 
 
 def main(argv: list[str] | None = None, description: str = __doc__) -> int:
     """Run the job the command line asks for: prepare --input into --output, or only add the
     latents of --vae to a prepared --output."""
-    config, where = parse(build_parser(description), argv, PrepareConfig, RayOptions)
+    config, where = parse(build_parser(description, argv), argv, PrepareConfig, RayOptions)
     from pipeline.format import OutputDir  # here: --help answers at once
     from pipeline.latents import add_latents, vae_folder
     from pipeline.sources import absolute, check_input, check_separate

@@ -3,6 +3,7 @@ summary at the end of every run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import runpy
@@ -105,6 +106,28 @@ def test_a_run_ends_with_a_summary_and_warns_when_an_epoch_drops_images(tmp_path
     again = prepare("--input", str(images), "--output", str(output), "--quality", "80")
     assert again.returncode == 2
     assert "write.quality: 95 -> 80" in again.stderr, again.stderr
+
+
+def test_model_sets_its_familys_grid_and_a_bucket_flag_overrides_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.buckets import bucketize, model_grid
+
+    images, output = four_images(tmp_path / "images"), tmp_path / "out"
+    done = prepare("--input", str(images), "--output", str(output), "--model", "sdxl",
+                   "--square", "768")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    settings = json.loads((output / "config.json").read_text())
+    assert settings["model"] == "sdxl"
+    assert settings["buckets"] == dataclasses.asdict(model_grid("sdxl", square=768))
+    index = pq.read_table(output / "index.parquet").to_pylist()
+    expected = bucketize(
+        [row["width"] for row in index], [row["height"] for row in index],
+        model_grid("sdxl", square=768),
+    )  # fmt: skip
+    stored = [(row["bucket_width"], row["bucket_height"]) for row in index]
+    assert stored == [tuple(expected.buckets[i]) for i in expected.index]
+    assert (768, 768) in stored  # the square image, in the overridden square bucket
 
 
 HEAVY = ("ray", "torch", "pyvips", "cv2", "webdataset", "diffusers")  # seconds to import, together
