@@ -27,6 +27,14 @@ from pipeline.config import PrepareConfig, fingerprint
 from pipeline.distributor import cluster_cpus, fit_then_write, map_unordered
 from pipeline.errors import UsageError
 from pipeline.format import Manifest, OutputDir, shard_path
+from pipeline.inputs import (
+    PARQUET_EXTENSION,
+    Input,
+    absolute,
+    check_separate,
+    in_containers,
+    resolve_input,
+)
 from pipeline.latents import add_latents
 from pipeline.output import (
     begin,
@@ -41,17 +49,7 @@ from pipeline.samples import fit_samples
 from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, plan_shards
 from pipeline.shard_writer import write_shard
-from pipeline.sources import (
-    ARCHIVE_EXTENSION,
-    PARQUET_EXTENSION,
-    InputRoot,
-    absolute,
-    check_input,
-    check_separate,
-    input_root,
-    list_folders,
-    list_level,
-)
+from pipeline.sources import list_folders, list_level
 from pipeline.work_plan import (
     FIRST_TASK_MS,
     WorkPlan,
@@ -82,14 +80,14 @@ class Stages:
 
 def run(config: PrepareConfig) -> dict:
     """Prepare `config.output` from `config.input`; returns the manifest."""
-    config = dataclasses.replace(
-        config, input=absolute(config.input), output=absolute(config.output)
+    source = resolve_input(
+        config.input, config.caption_field, config.image_column, config.caption_column
     )
-    check_input(config.input)
-    check_separate(config.input, config.output)
+    config = dataclasses.replace(config, input=source.uri, output=absolute(config.output))
+    check_separate(source, config.output)
     stages = Stages()
     with stages.stage("list") as listed:
-        listing = _list(config.input, config)
+        listing = _list(source, config)
         listed["items"] = len(listing)
     if not len(listing.filter(pc.is_null(listing["reject"]))):
         raise UsageError(
@@ -98,10 +96,8 @@ def run(config: PrepareConfig) -> dict:
         )
     out = OutputDir(config.output)
     begin(out, config)
-    root = input_root(config.input, config.caption_field, config.image_column,
-                      config.caption_column)  # fmt: skip
     with stages.stage("scan") as scan:
-        scanned = _scan(listing, root, config)
+        scanned = _scan(listing, source, config)
         scan["items"] = len(scanned)
     del listing
     with stages.stage("assign") as assigned:
@@ -123,7 +119,7 @@ def run(config: PrepareConfig) -> dict:
     del scanned
     with stages.stage("fit") as fitted:
         fitted["items"], fitted["image_seconds"] = _write(
-            shards, accepted, places, root, out, config
+            shards, accepted, places, source, out, config
         )
     del accepted
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
@@ -135,19 +131,18 @@ def run(config: PrepareConfig) -> dict:
     return manifest
 
 
-def _list(uri: str, config: PrepareConfig) -> pa.Table:
+def _list(source: Input, config: PrepareConfig) -> pa.Table:
     """The input's listing, sorted by source: the top levels listed here until there are
     folders enough for every CPU (a tree under one images/ folder is looked into), the folders
     below them listed by tasks, several per CPU."""
-    field = config.caption_field
-    rows, folders = list_level(uri, "", field)
+    rows, folders = list_level(source)
     tables, cpus = [rows], cluster_cpus()
     for _ in range(LIST_DEPTH):
         if len(folders) >= 2 * cpus:
             break
         deeper = []
         for folder in folders:
-            rows, below = list_level(uri, folder, field)
+            rows, below = list_level(source, folder)
             tables.append(rows)
             deeper += below
         folders = deeper
@@ -155,7 +150,7 @@ def _list(uri: str, config: PrepareConfig) -> pa.Table:
         chunks = np.array_split(np.array(folders, dtype=object), min(len(folders), 4 * cpus))
         for _, table, _ in map_unordered(
             list_folders,
-            ((None, (uri, chunk.tolist(), field)) for chunk in chunks),
+            ((None, (source, chunk.tolist())) for chunk in chunks),
             description="list",
             total_items=None,
             items_of=len,
@@ -165,7 +160,7 @@ def _list(uri: str, config: PrepareConfig) -> pa.Table:
     return pa.concat_tables(tables).sort_by("source")
 
 
-def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table:
+def _scan(listing: pa.Table, source: Input, config: PrepareConfig) -> pa.Table:
     """Every listed file's header, in tasks sized by what the tasks before them took: the
     first ones of files_per_scan_task files (a local header takes ~0.1 ms, one from an object
     store a round trip), the rest of a few seconds each."""
@@ -173,9 +168,7 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
     prior = np.full(count, FIRST_TASK_MS / config.files_per_scan_task)
     # A tar or a Parquet file of images is read whole, a row per sample: its own kind,
     # priced by its bytes (50 MB/s)
-    names = pc.utf8_lower(listing["source"])
-    tars = pc.or_(pc.ends_with(names, ARCHIVE_EXTENSION), pc.ends_with(names, PARQUET_EXTENSION))
-    tars = tars.to_numpy(zero_copy_only=False)
+    tars = in_containers(listing["source"])
     sizes = listing["size"].fill_null(0).to_numpy(zero_copy_only=False)
     prior[tars] = np.maximum(prior[tars], sizes[tars] / 50_000)
     plan = WorkPlan([np.arange(count)], prior, tars.astype(np.int64), cluster_cpus())
@@ -184,7 +177,7 @@ def _scan(listing: pa.Table, root: InputRoot, config: PrepareConfig) -> pa.Table
             task,
             (
                 listing.slice(task.start, task.stop - task.start),
-                root,
+                source,
                 config.max_pixels,
                 config.dedup,
             ),
@@ -229,7 +222,7 @@ def _write(
     shards: list[Shard],
     accepted: pa.Table,
     places: np.ndarray,
-    root: InputRoot,
+    source: Input,
     out: OutputDir,
     config: PrepareConfig,
 ) -> tuple[int, float]:
@@ -253,7 +246,7 @@ def _write(
         while (task := plan.next_task()) is not None:
             tables = [accepted.take(shard_rows[p.group][p.start : p.stop]) for p in task.pieces]
             groups, last = [p.group for p in task.pieces], [p.last for p in task.pieces]
-            yield task, (tables, root, config.write), groups, last
+            yield task, (tables, source, config.write), groups, last
 
     image_seconds = 0.0
 

@@ -16,9 +16,11 @@ from images import datasets_parquet, rgb, save
 from PIL import Image
 
 from pipeline.config import PrepareConfig
+from pipeline.inputs import resolve_input
 from pipeline.prepare import run
+from pipeline.readers import read_image
 from pipeline.report import summary
-from pipeline.sources import LISTING_SCHEMA, InputRoot
+from pipeline.sources import LISTING_SCHEMA
 
 
 def prepare(images: Path, output: Path, **options) -> tuple[dict, dict]:
@@ -236,7 +238,7 @@ def test_parquet_files_with_image_bytes_as_datasets_writes_them(local_ray, tmp_p
 def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path):
     """A fit task asks for rows in file order, skipping some; a retried or later task may ask
     for rows behind. Row groups of one row, of many (past a read batch), and a null."""
-    from pipeline.sources import PARQUET_BATCH_ROWS
+    from pipeline.readers import PARQUET_BATCH_ROWS
 
     values = [f"image {i}".encode() for i in range(3 * PARQUET_BATCH_ROWS + 7)]
     values[5] = None
@@ -249,12 +251,14 @@ def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path
             if first >= len(values):
                 break
     assert pq.ParquetFile(tmp_path / "data.parquet").num_row_groups == 5
-    root = InputRoot(str(tmp_path))
+    source = resolve_input(str(tmp_path))
     rows = [0, 1, 2, 5, 70, 71, PARQUET_BATCH_ROWS * 2 + 6, len(values) - 1, 3, 0, 150, 140]
     row = {"archive": "data.parquet", "source": "data.parquet/x", "size": None}
-    assert [root.read_row(row | {"member_offset": i}) for i in rows] == [values[i] for i in rows]
+    assert [read_image(source, row | {"member_offset": i}) for i in rows] == [
+        values[i] for i in rows
+    ]
     with pytest.raises(OSError, match="is not in the file"):  # the file changed since the scan
-        root.read_row(row | {"member_offset": len(values)})
+        read_image(source, row | {"member_offset": len(values)})
 
 
 def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
@@ -294,13 +298,13 @@ def test_a_row_group_of_many_images_too_large_to_read_costs_its_rows(tmp_path, m
     listing = pa.Table.from_pylist(
         [{"source": path.name, "size": path.stat().st_size, "mtime_ns": 0}], LISTING_SCHEMA
     )
-    rows = scan.scan_batch(listing, InputRoot(str(tmp_path))).to_pylist()
+    rows = scan.scan_batch(listing, resolve_input(str(tmp_path))).to_pylist()
     assert [row["source"] for row in rows] == [f"{path.name}/{i:09d}" for i in range(7)]
     too_large = ["unsupported_format"]
     assert [row["reject"] for row in rows] == too_large * 4 + [None] + too_large * 2
     assert "rewrite the file with fewer rows a row group" in rows[0]["message"]
     monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", metadata.row_group(0).total_byte_size * 2)
-    assert not any(row["reject"] for row in scan.scan_batch(listing, InputRoot(str(tmp_path)))
+    assert not any(row["reject"] for row in scan.scan_batch(listing, resolve_input(str(tmp_path)))
                    .to_pylist())  # fmt: skip
 
 
