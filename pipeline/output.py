@@ -16,7 +16,13 @@ import pyarrow.parquet as pq
 from pipeline.assign import copy_keys, key_bytes
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
-from pipeline.format import INDEX_SCHEMA, REJECTS_SCHEMA, OutputDir, latents_folder
+from pipeline.format import (
+    FORMAT_VERSION,
+    INDEX_SCHEMA,
+    REJECTS_SCHEMA,
+    OutputDir,
+    latents_folder,
+)
 from pipeline.rejects import rejects_table
 from pipeline.shard_plan import is_shard_name
 
@@ -24,12 +30,17 @@ JOB_FOLDERS = (("shards", ".tar"), ("parts", ".parquet"))  # of files named by s
 JOB_FILES = ("manifest.json", "config.json", "index.parquet", "rejects.parquet", "stats.json",
              "buckets.png")  # fmt: skip
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, for the report
+# OUTs a run resumes or adds to: version 2's parts have no source_row (`_read_part` adds it)
+RESUMABLE_FORMAT_VERSIONS = (2, FORMAT_VERSION)
+PARQUET_ROW = r"\.(?i:parquet)/(?P<row>[0-9]+)$"  # an input Parquet row's source: FILE/ROW
 
 
 def begin(out: OutputDir, config: PrepareConfig) -> None:
     """Refuse an OUT this run must not touch; mark OUT incomplete until the manifest is back."""
     settings = config.settings()
     written_with = out.read_json(out.path("config.json"))
+    if written_with is not None and written_with.get("format_version") in RESUMABLE_FORMAT_VERSIONS:
+        written_with |= {"format_version": FORMAT_VERSION}  # its parts converted on read
     complete = out.exists(out.path("manifest.json"))
     if config.overwrite:
         clear(out)
@@ -108,7 +119,7 @@ def write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray]
     rejected = [REJECTS_SCHEMA.empty_table()]
     with pq.ParquetWriter(temporary, INDEX_SCHEMA, filesystem=out.filesystem) as writer:
         for name in names:
-            part = pq.read_table(out.part(name), filesystem=out.filesystem)
+            part = _read_part(out, name)
             kept = part.filter(pc.is_null(part["reject"]))
             writer.write_table(kept.select(INDEX_SCHEMA.names))
             for column in STATS_COLUMNS:
@@ -119,6 +130,16 @@ def write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray]
     numbers = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
                for name, parts in columns.items()}  # fmt: skip
     return numbers, pa.concat_tables(rejected)
+
+
+def _read_part(out: OutputDir, name: str) -> pa.Table:
+    """Shard `name`'s part in this version's shape: one of format 2 has no `source_row`, which
+    its Parquet rows' sources (FILE.parquet/ROW) give."""
+    part = pq.read_table(out.part(name), filesystem=out.filesystem)
+    if "source_row" in part.column_names:
+        return part
+    rows = pc.struct_field(pc.extract_regex(part["source"], PARQUET_ROW), "row")
+    return part.append_column("source_row", rows.cast(pa.int64()))
 
 
 def prune(out: OutputDir, names: set[str]) -> None:

@@ -28,7 +28,6 @@ from pipeline.distributor import cluster_cpus, fit_then_write, map_unordered
 from pipeline.errors import UsageError
 from pipeline.format import Manifest, OutputDir, shard_path
 from pipeline.inputs import (
-    PARQUET_EXTENSION,
     Input,
     absolute,
     check_separate,
@@ -203,16 +202,13 @@ def _scan(listing: pa.Table, source: Input, config: PrepareConfig) -> pa.Table:
 def _parquet_places(images: pa.Table) -> np.ndarray:
     """Each image's place among the rows of input Parquet files (by file, then row), -1 for
     the others: shards pack and the fit reads those rows in file order (shard_plan.py)."""
-    archives = images["archive"].fill_null("")
-    in_parquet = pc.ends_with(pc.utf8_lower(archives), PARQUET_EXTENSION).to_numpy(
-        zero_copy_only=False
-    )
+    in_parquet = pc.is_valid(images["source_row"]).to_numpy(zero_copy_only=False)
     if not in_parquet.any():
         return np.full(len(images), -1, np.int64)
-    order = pc.sort_indices(
-        pa.table({"archive": archives, "row": images["member_offset"].fill_null(0)}),
-        sort_keys=[("archive", "ascending"), ("row", "ascending")],
-    ).to_numpy()
+    rows = pa.table(
+        {"archive": images["archive"].fill_null(""), "row": images["source_row"].fill_null(0)}
+    )
+    order = pc.sort_indices(rows, [("archive", "ascending"), ("row", "ascending")]).to_numpy()
     places = np.empty(len(images), np.int64)
     places[order] = np.arange(len(images))
     return np.where(in_parquet, places, -1)

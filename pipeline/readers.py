@@ -164,7 +164,7 @@ def _parquet_image(source: Input, row: dict) -> bytes | None:
     """A Parquet row's image bytes (`_ParquetCursor`); a file that fails to read is opened
     anew for the next row asked of it."""
     try:
-        return _parquet_cursor(source, row["archive"]).image(row["member_offset"])
+        return _parquet_cursor(source, row["archive"]).image(row["source_row"])
     except Exception:
         _parquet_cursor.cache_clear()
         raise

@@ -49,8 +49,9 @@ def fit_samples(
 
 def _read_order(row: dict, position: int) -> tuple[str, int, int]:
     """Where a row's image lies: loose files keep their order, archive members go by archive
-    and place in it."""
-    return row.get("archive") or "", row.get("member_offset") or 0, position
+    and place in it (a tar's byte offset, a Parquet file's row)."""
+    place = row.get("source_row")
+    return row.get("archive") or "", row.get("member_offset") or place or 0, position
 
 
 def _record(row: dict, source: Input, options: WriteOptions) -> dict:

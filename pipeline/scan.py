@@ -146,7 +146,7 @@ def _scan_archive(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
 def _scan_parquet(row: dict, source: Input, max_pixels: int, dedup: bool) -> list[dict]:
     """A row per row of a Parquet file with an image column (`source.image_column`: a
     `datasets.Image` struct or binary) and an optional caption column, streamed a batch of
-    rows at a time: the image's header and hash, its row number as `member_offset`. A row
+    rows at a time: the image's header and hash, its row number as `source_row`. A row
     without image bytes is a rejection; a file without the column is one; a row group of
     several rows over MAX_ROW_GROUP_BYTES of images costs its rows, and a damaged one its rows
     from the damage on, each a rejection."""
@@ -206,7 +206,7 @@ def _image_bytes_in(parquet: pq.ParquetFile, group: int, column: str) -> int:
 
 def _group_lost(base: dict, archive: str, numbers: range, reason: Reason, message: str) -> list:
     """A rejection for each of a Parquet input's rows `numbers` that its row group costs."""
-    return [dict(base, source=f"{archive}/{n:09d}", member_offset=n) | reject(reason, message)
+    return [dict(base, source=f"{archive}/{n:09d}", source_row=n) | reject(reason, message)
             for n in numbers]  # fmt: skip
 
 
@@ -214,7 +214,7 @@ def _parquet_row(base: dict, archive: str, number: int, value: object, text: obj
                  max_pixels: int, dedup: bool) -> dict:  # fmt: skip
     """The scan row of a Parquet input's row `number` (its image column's `value`)."""
     data = image_bytes(value)
-    entry = dict(base, source=f"{archive}/{number:09d}", member_offset=number,
+    entry = dict(base, source=f"{archive}/{number:09d}", source_row=number,
                  size=None if data is None else len(data),
                  caption=None if text is None else str(text).strip())  # fmt: skip
     if data is None:

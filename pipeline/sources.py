@@ -74,8 +74,9 @@ LISTING_SCHEMA = pa.schema(
         ("caption", pa.string()),  # a listing file's caption column; null otherwise
         ("reject", pa.string()),  # a rejection code when the entry is unusable as listed
         ("message", pa.string()),
-        ("archive", pa.string()),  # a tar member's: the tar's source (`source` is TAR/MEMBER)
-        ("member_offset", pa.int64()),  # where the member's bytes start in it (`size` long)
+        ("archive", pa.string()),  # a container's sample: the tar or Parquet file's source
+        ("member_offset", pa.int64()),  # a tar member's: where its bytes start (`size` long)
+        ("source_row", pa.int64()),  # a Parquet file's row: its number in the file
     ]
 )
 
