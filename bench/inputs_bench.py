@@ -30,8 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.inputs import resolve_input
 from pipeline.scan import scan_batch
-from pipeline.sources import input_root, list_input
+from pipeline.sources import list_input
 
 ASPECTS = [(1024, 768)] * 4 + [(768, 1024)] * 3 + [(1024, 1024)] * 2 + [(1216, 832), (832, 1216),
                                                                       (1344, 768)]  # fmt: skip
@@ -123,8 +124,8 @@ def main() -> None:
 
 
 def hash_cost(folder: Path, repeats: int) -> None:
-    listing = list_input(str(folder))
-    root = input_root(str(folder))
+    root = resolve_input(str(folder))
+    listing = list_input(root)
     megabytes = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / 1e6
     seconds = {True: [], False: []}
     for _ in range(repeats):

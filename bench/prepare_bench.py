@@ -35,8 +35,9 @@ from processes import watch
 from pipeline.buckets import BucketConfig, bucketize
 from pipeline.fit import crop_box, fit
 from pipeline.imaging import _pillow_pixels, encode, fitted_image, read_header
+from pipeline.inputs import resolve_input
 from pipeline.scan import scan_batch
-from pipeline.sources import input_root, list_input
+from pipeline.sources import list_input
 
 PSNR_FILES = 3  # per class: references are full decodes and float resizes
 HUGE = 300_000_000  # pixels over which the Pillow paths and the reference are skipped
@@ -129,8 +130,8 @@ def per_class(corpus: dict[str, list[Path]]) -> float:
 
 
 def scan_speed(folder: Path, repeats: int = 3) -> None:
-    listing = list_input(str(folder))
-    root = input_root(str(folder))
+    root = resolve_input(str(folder))
+    listing = list_input(root)
     paths = [folder / s for s in listing["source"].to_pylist()]
     bare, scanned = [], []
     for _ in range(repeats):  # interleaved, best of each: the page cache is warm for both

@@ -260,6 +260,7 @@ def run_ray_data(folder: Path, cpus: int, tiny: bool) -> dict:
 def listing_and_scan(args: argparse.Namespace, results: dict) -> None:
     """The largest corpus's listing by the job (its folders shared out to tasks) against one
     process walking it alone, and the scan's files/s per CPU."""
+    from pipeline.inputs import resolve_input
     from pipeline.sources import list_input
 
     count = max(results)
@@ -268,7 +269,7 @@ def listing_and_scan(args: argparse.Namespace, results: dict) -> None:
         return
     folder = corpus(args.workdir, count, args.tiny)
     start = time.perf_counter()
-    entries = len(list_input(str(folder)))
+    entries = len(list_input(resolve_input(str(folder))))
     alone = time.perf_counter() - start
     job = stages["list"]["seconds"]
     scan_rate = stages["scan"]["items"] / stages["scan"]["seconds"] / args.cpus

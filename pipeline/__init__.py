@@ -7,8 +7,9 @@ Core modules (NumPy only, no Ray, no torch, no I/O):
     shard_plan  which images go into which bucket-homogeneous shard
     work_plan   tasks of bounded real duration, sized by what the run measures
 
-The job around them (README's Layout table has one line a module): sources and scan read the
-inputs, imaging decodes and fits, shard_writer writes, distributor is the Ray layer, prepare
-runs the stages, latents is the optional VAE stage. format is the on-disk format they write and
-the trainer reads.
+The job around them (README's Layout table has one line a module): inputs resolves the input
+once, sources lists it, readers read its files, scan reads headers, assign buckets the images,
+imaging decodes and fits, shard_writer writes, output keeps OUT, distributor is the Ray layer,
+prepare runs the stages, latents is the optional VAE stage. format is the on-disk format they
+write and the trainer reads.
 """

@@ -39,8 +39,9 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:
     import numpy as np
 
-FORMAT_VERSION = 2  # 2: the index's note and crop columns; a caption member for every sample
-READABLE_FORMAT_VERSIONS = (1, 2)  # what the trainer's loader reads (it uses no newer column)
+# 2: the index's note and crop columns, a caption member for every sample; 3: its source_row
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # what the trainer's loader reads (it uses no newer column)
 TEMPORARY_MARK = ".tmp-"
 
 # Tar members: fixed mtime, owner and mode, so the same samples give byte-identical tars.
@@ -52,6 +53,7 @@ INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("source", pa.string()),
+        ("source_row", pa.int64()),  # the row of an input Parquet file; null for other sources
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("content_hash", pa.string()),  # xxh3-128 of the file's bytes; null: --no-dedup

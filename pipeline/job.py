@@ -56,13 +56,12 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
     latents of --vae to a prepared --output."""
     config, where = parse(build_parser(description, argv), argv, PrepareConfig, RayOptions)
     from pipeline.format import OutputDir  # here: --help answers at once
+    from pipeline.inputs import absolute, check_separate, resolve_input
     from pipeline.latents import add_latents, vae_folder
-    from pipeline.sources import absolute, check_input, check_separate
 
     try:  # local mistakes are answered before Ray starts
         if config.input:
-            check_input(config.input)
-            check_separate(config.input, config.output)
+            check_separate(resolve_input(config.input), config.output)
         if config.vae:
             vae_folder(config.vae)
     except UsageError as error:

@@ -19,12 +19,14 @@ import pyarrow as pa
 from pipeline.config import WriteOptions
 from pipeline.format import JSON_MEMBER_FIELDS
 from pipeline.imaging import encode, fitted_image
+from pipeline.inputs import Input
+from pipeline.readers import read_bytes, read_image
 from pipeline.rejects import Reason, Rejected
-from pipeline.sources import InputRoot, json_caption
+from pipeline.sources import json_caption
 
 
 def fit_samples(
-    pieces: list[pa.Table], root: InputRoot, options: WriteOptions
+    pieces: list[pa.Table], source: Input, options: WriteOptions
 ) -> tuple[list[list], np.ndarray]:
     """Each piece's records: its rows with the sample's `members` and index fields added, or
     with `reject` and `message` set; and the milliseconds each image took, in order (the work
@@ -39,7 +41,7 @@ def fit_samples(
         warnings.simplefilter("ignore")  # Pillow's and libvips' warnings on odd but usable files
         for i in sorted(range(len(rows)), key=lambda i: _read_order(rows[i], i)):
             start = time.perf_counter()
-            records[i] = _record(rows[i], root, options)
+            records[i] = _record(rows[i], source, options)
             milliseconds[i] = 1000 * (time.perf_counter() - start)
     bounds = np.cumsum([0, *(len(piece) for piece in pieces)])
     return [records[a:b] for a, b in itertools.pairwise(bounds)], milliseconds
@@ -47,34 +49,35 @@ def fit_samples(
 
 def _read_order(row: dict, position: int) -> tuple[str, int, int]:
     """Where a row's image lies: loose files keep their order, archive members go by archive
-    and place in it."""
-    return row.get("archive") or "", row.get("member_offset") or 0, position
+    and place in it (a tar's byte offset, a Parquet file's row)."""
+    place = row.get("source_row")
+    return row.get("archive") or "", row.get("member_offset") or place or 0, position
 
 
-def _record(row: dict, root: InputRoot, options: WriteOptions) -> dict:
+def _record(row: dict, source: Input, options: WriteOptions) -> dict:
     try:
-        members, fields = _sample(row, root, options)
+        members, fields = _sample(row, source, options)
     except Rejected as rejected:
         return row | {"reject": rejected.reason.value, "message": rejected.message}
     return row | fields | {"members": members}
 
 
-def _read_caption(row: dict, root: InputRoot) -> str | None:
+def _read_caption(row: dict, source: Input) -> str | None:
     """The listing's caption, else the sidecar's (a .json one's `json_caption`)."""
     if row["caption"] is not None:
         return row["caption"]
     if row["caption_source"] is None:
         return None
-    text = root.read_bytes(row["caption_source"]).decode("utf-8")
+    text = read_bytes(source, row["caption_source"]).decode("utf-8")
     if not row["caption_source"].lower().endswith(".json"):
         return text.strip()
     try:
-        return json_caption(json.loads(text), root.caption_field)
+        return json_caption(json.loads(text), source.caption_field)
     except ValueError as error:
         raise Rejected(Reason.BAD_CAPTION, f"{row['caption_source']}: {error}") from None
 
 
-def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, dict]:
+def _sample(row: dict, source: Input, options: WriteOptions) -> tuple[dict, dict]:
     """(tar members by extension, index fields); raises Rejected for an unusable image or
     caption. A local image is read only as far as its decoder needs."""
     bucket = (row["bucket_width"], row["bucket_height"])
@@ -84,14 +87,14 @@ def _sample(row: dict, root: InputRoot, options: WriteOptions) -> tuple[dict, di
         else None
     )
     try:
-        caption = _read_caption(row, root)
-        source = root.read_row(row)
+        caption = _read_caption(row, source)
+        image = read_image(source, row)
     except UnicodeDecodeError as error:
         raise Rejected(Reason.CAPTION_ENCODING, f"caption is not UTF-8: {error}") from None
     except (OSError, pa.ArrowException) as error:  # a file gone, a Parquet input damaged
         raise Rejected(Reason.UNREADABLE, f"{type(error).__name__}: {error}") from None
     try:
-        fitted = fitted_image(source, bucket, options.crop, rng, options.background)
+        fitted = fitted_image(image, bucket, options.crop, rng, options.background)
     except Exception as error:  # any decoder failure on a corrupt file is that file's alone
         raise Rejected(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
     header, pixels = fitted.header, fitted.pixels

@@ -11,31 +11,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import stat
 import tarfile
 import warnings
 from typing import BinaryIO
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from pipeline.imaging import Header, max_file_bytes, read_header
-from pipeline.rejects import Reason, reject
-from pipeline.sources import (
-    ARCHIVE_EXTENSION,
-    DEFAULT_CAPTION_COLUMNS,
-    LISTING_SCHEMA,
+from pipeline.inputs import ARCHIVE_EXTENSION, PARQUET_EXTENSION, Input, container
+from pipeline.readers import (
     PARQUET_BATCH_ROWS,
-    PARQUET_EXTENSION,
-    InputRoot,
+    file_info,
     image_bytes,
-    json_caption,
+    open_file,
+    open_parquet,
+    open_stream,
+    open_tar,
 )
+from pipeline.rejects import Reason, reject
+from pipeline.sources import LISTING_SCHEMA, json_caption
 
 # Formats we decode; Pillow identifies more (PSD, ICO, PPM...), which are rejected by name.
 # MPO is what Pillow calls the JPEGs many phones write (a JPEG with extra frames).
@@ -70,23 +68,22 @@ def sample_key(row: dict) -> str:
 
 
 def scan_batch(
-    rows: pa.Table, root: InputRoot, max_pixels: int = DEFAULT_MAX_PIXELS, dedup: bool = True
+    rows: pa.Table, source: Input, max_pixels: int = DEFAULT_MAX_PIXELS, dedup: bool = True
 ) -> pa.Table:
-    """Header of every listed file: a table of SCAN_SCHEMA, one row per input row; with
-    `dedup`, each usable file's `content_hash` too (the whole file read, streamed)."""
+    """Header of every listed file: a table of SCAN_SCHEMA, one row per input row and one per
+    sample of a container; with `dedup`, each usable file's `content_hash` too (the whole file
+    read, streamed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
         scanned = []
         for row in rows.to_pylist():
-            if row["source"].lower().endswith(ARCHIVE_EXTENSION) and not row["reject"]:
-                scanned += _scan_archive(row, root, max_pixels, dedup)
+            kind = container(row["source"])
+            if kind and not row["reject"]:
+                scanned += _CONTAINER_SCANS[kind](row, source, max_pixels, dedup)
                 continue
-            if row["source"].lower().endswith(PARQUET_EXTENSION) and not row["reject"]:
-                scanned += _scan_parquet(row, root, max_pixels, dedup)
-                continue
-            row = _scan_one(row, root, max_pixels)
+            row = _scan_one(row, source, max_pixels)
             if dedup and not row.get("reject"):
-                row |= _content_hash(root, row["source"])
+                row |= _content_hash(source, row["source"])
             scanned.append(row)
     return pa.Table.from_pylist(scanned, schema=SCAN_SCHEMA)
 
@@ -99,15 +96,7 @@ def _sample_name(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _open_stream(root: InputRoot, source: str) -> BinaryIO:
-    """A source for reading straight through (a local file, or one GET of an object)."""
-    filesystem, path = root.resolve(source)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        return open(path, "rb")
-    return filesystem.open_input_stream(path)
-
-
-def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> list[dict]:
+def _scan_archive(row: dict, source: Input, max_pixels: int, dedup: bool) -> list[dict]:
     """A row per sample of the tar `row` lists, read as a stream once (never extracted, a
     member in memory at a time): its image member's header, offset and hash, its caption from
     its `txt` member or its `json` member's field. A sample without an image, a member that is
@@ -117,7 +106,7 @@ def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     samples: dict[str, dict] = {}  # sample -> its row, in the tar's order
     entry: dict = {}
     try:
-        with _open_stream(root, archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with open_tar(source, archive) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -135,7 +124,7 @@ def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
                     _image_member(entry, data, max_pixels, dedup)
                 else:  # a txt member wins over a json one, whichever comes first
                     entry.setdefault("captions", {})[extension] = _member_caption(
-                        data, extension, root.caption_field, entry
+                        data, extension, source.caption_field, entry
                     )
     except (tarfile.TarError, OSError, EOFError) as error:
         cause = f"{type(error).__name__}: {error}"
@@ -154,30 +143,29 @@ def _scan_archive(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
     return list(samples.values())
 
 
-def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> list[dict]:
-    """A row per row of a Parquet file with an image column (`root.image_column`: a
+def _scan_parquet(row: dict, source: Input, max_pixels: int, dedup: bool) -> list[dict]:
+    """A row per row of a Parquet file with an image column (`source.image_column`: a
     `datasets.Image` struct or binary) and an optional caption column, streamed a batch of
-    rows at a time: the image's header and hash, its row number as `member_offset`. A row
+    rows at a time: the image's header and hash, its row number as `source_row`. A row
     without image bytes is a rejection; a file without the column is one; a row group of
     several rows over MAX_ROW_GROUP_BYTES of images costs its rows, and a damaged one its rows
     from the damage on, each a rejection."""
     archive, base = row["source"], _member_base(row)
     try:
-        parquet = root.parquet(archive)
+        parquet = open_parquet(source, archive)
         names = parquet.schema_arrow.names
     except (OSError, pa.ArrowException) as error:
         return [row | reject(Reason.CORRUPT, f"not a readable Parquet file: {error}")]
-    if root.image_column not in names:
+    if source.image_column not in names:
         return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a Parquet file without an image "
-                             f"column {root.image_column!r} (--image-column; it has: "
+                             f"column {source.image_column!r} (--image-column; it has: "
                              f"{', '.join(names)})")]  # fmt: skip
-    captions = [root.caption_column] if root.caption_column else DEFAULT_CAPTION_COLUMNS
-    caption_column = next((name for name in captions if name in names), None)
-    columns = [root.image_column] + ([caption_column] if caption_column else [])
+    caption_column = source.caption_column_in(names)
+    columns = [source.image_column] + ([caption_column] if caption_column else [])
     rows, number = [], 0
     for group in range(parquet.num_row_groups):
         end = number + parquet.metadata.row_group(group).num_rows
-        size = _image_bytes_in(parquet, group, root.image_column)
+        size = _image_bytes_in(parquet, group, source.image_column)
         if size > MAX_ROW_GROUP_BYTES and end - number > 1:
             rows += _group_lost(base, archive, range(number, end), Reason.UNSUPPORTED_FORMAT,
                                 f"its row group ({group}) holds {size / 1e9:.1f} GB of images in "
@@ -190,7 +178,7 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
         try:
             for table in parquet.iter_batches(PARQUET_BATCH_ROWS, [group], columns):
                 texts = table[caption_column].to_pylist() if caption_column else [None] * len(table)
-                for value, text in zip(table[root.image_column].to_pylist(), texts, strict=True):
+                for value, text in zip(table[source.image_column].to_pylist(), texts, strict=True):
                     rows.append(_parquet_row(base, archive, number, value, text, max_pixels, dedup))
                     number += 1
         except (OSError, pa.ArrowException) as error:
@@ -200,6 +188,8 @@ def _scan_parquet(row: dict, root: InputRoot, max_pixels: int, dedup: bool) -> l
         number = end
     return rows
 
+
+_CONTAINER_SCANS = {ARCHIVE_EXTENSION: _scan_archive, PARQUET_EXTENSION: _scan_parquet}
 
 # Of a Parquet input's image column in one row group of several rows: what a fit task reads to
 # fit any one of them (a row group of one image is that image, whatever its size).
@@ -216,7 +206,7 @@ def _image_bytes_in(parquet: pq.ParquetFile, group: int, column: str) -> int:
 
 def _group_lost(base: dict, archive: str, numbers: range, reason: Reason, message: str) -> list:
     """A rejection for each of a Parquet input's rows `numbers` that its row group costs."""
-    return [dict(base, source=f"{archive}/{n:09d}", member_offset=n) | reject(reason, message)
+    return [dict(base, source=f"{archive}/{n:09d}", source_row=n) | reject(reason, message)
             for n in numbers]  # fmt: skip
 
 
@@ -224,7 +214,7 @@ def _parquet_row(base: dict, archive: str, number: int, value: object, text: obj
                  max_pixels: int, dedup: bool) -> dict:  # fmt: skip
     """The scan row of a Parquet input's row `number` (its image column's `value`)."""
     data = image_bytes(value)
-    entry = dict(base, source=f"{archive}/{number:09d}", member_offset=number,
+    entry = dict(base, source=f"{archive}/{number:09d}", source_row=number,
                  size=None if data is None else len(data),
                  caption=None if text is None else str(text).strip())  # fmt: skip
     if data is None:
@@ -273,42 +263,42 @@ def content_hash(stream: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-def _content_hash(root: InputRoot, source: str) -> dict:
+def _content_hash(source: Input, path: str) -> dict:
     try:
-        with _open_stream(root, source) as stream:
+        with open_stream(source, path) as stream:
             return {"content_hash": content_hash(stream)}
     except OSError as error:
         return reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
 
 
-def _scan_one(row: dict, root: InputRoot, max_pixels: int) -> dict:
+def _scan_one(row: dict, source: Input, max_pixels: int) -> dict:
     if row["reject"]:
         return row
     if "\0" in row["source"]:
         return row | reject(Reason.BAD_PATH, "the path holds a NUL character")
     try:
-        filesystem, path = root.resolve(row["source"])
+        filesystem, path = source.resolve(row["source"])
     except (ValueError, pa.ArrowException) as error:  # NUL in a path, a scheme pyarrow lacks
         hint = " (download http URLs first)" if row["source"].startswith("http") else ""
         return row | reject(Reason.BAD_PATH, f"{error}{hint}")
     try:
         if row["size"] is None:  # a listing row: what is there?
-            row |= _listed_file(filesystem, path)
+            row |= file_info(filesystem, path)
             if row.get("reject"):
                 return row
         row["key"] = sample_key(row)
         if not row["size"]:
             return row | reject(Reason.NOT_AN_IMAGE, "empty file")
-        stream = root.open(row["source"], HEADER_BYTES)
+        stream = open_file(source, row["source"], HEADER_BYTES)
     except OSError as error:
         return row | reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
-    return _checked(row, stream, root, max_pixels)
+    return _checked(row, stream, source, max_pixels)
 
 
-def _checked(row: dict, stream: BinaryIO, root: InputRoot | None, max_pixels: int) -> dict:
+def _checked(row: dict, stream: BinaryIO, source: Input | None, max_pixels: int) -> dict:
     """`row` with its image's header from `stream`, or the rejection the header calls for."""
     try:
-        header = _read_header(stream, root, row["source"])
+        header = _read_header(stream, source, row["source"])
     except UnidentifiedImageError:
         return row | reject(Reason.NOT_AN_IMAGE, "not a recognised image file")
     except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three on bad headers
@@ -338,36 +328,17 @@ def _checked(row: dict, stream: BinaryIO, root: InputRoot | None, max_pixels: in
     return row
 
 
-def _listed_file(filesystem: pafs.FileSystem, path: str) -> dict:
-    """Size and mtime of a file a listing names, or its rejection: missing, not a file."""
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            return reject(Reason.UNREADABLE, "no such file")
-        if stat.S_ISDIR(info.st_mode):
-            return reject(Reason.NOT_A_FILE, "a directory")
-        if not stat.S_ISREG(info.st_mode):
-            return reject(Reason.NOT_A_FILE, "not a regular file (a FIFO, socket or device)")
-        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return reject(Reason.UNREADABLE, "no such file")
-    if info.type != pafs.FileType.File:
-        return reject(Reason.NOT_A_FILE, f"not a file ({info.type.name})")
-    return {"size": info.size, "mtime_ns": info.mtime_ns}
-
-
-def _read_header(stream: BinaryIO, root: InputRoot | None, source: str) -> Header:
+def _read_header(stream: BinaryIO, source: Input | None, path: str) -> Header:
     """The header from `stream`; from the whole file when a remote file's first bytes fall
-    short (`root` None: `stream` is the whole file already)."""
+    short (`source` None: `stream` is the whole file already)."""
     with stream:
         try:
             return read_header(Image.open(stream))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            if root is None or not (
+            if source is None or not (
                 isinstance(stream, io.BytesIO) and len(stream.getbuffer()) == HEADER_BYTES
             ):
                 raise
-    with root.open(source) as whole:
+    with open_file(source, path) as whole:
         return read_header(Image.open(whole))
+

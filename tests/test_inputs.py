@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,9 +17,11 @@ from images import datasets_parquet, rgb, save
 from PIL import Image
 
 from pipeline.config import PrepareConfig
+from pipeline.inputs import resolve_input
 from pipeline.prepare import run
+from pipeline.readers import read_image
 from pipeline.report import summary
-from pipeline.sources import LISTING_SCHEMA, InputRoot
+from pipeline.sources import LISTING_SCHEMA
 
 
 def prepare(images: Path, output: Path, **options) -> tuple[dict, dict]:
@@ -236,7 +239,7 @@ def test_parquet_files_with_image_bytes_as_datasets_writes_them(local_ray, tmp_p
 def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path):
     """A fit task asks for rows in file order, skipping some; a retried or later task may ask
     for rows behind. Row groups of one row, of many (past a read batch), and a null."""
-    from pipeline.sources import PARQUET_BATCH_ROWS
+    from pipeline.readers import PARQUET_BATCH_ROWS
 
     values = [f"image {i}".encode() for i in range(3 * PARQUET_BATCH_ROWS + 7)]
     values[5] = None
@@ -249,12 +252,14 @@ def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path
             if first >= len(values):
                 break
     assert pq.ParquetFile(tmp_path / "data.parquet").num_row_groups == 5
-    root = InputRoot(str(tmp_path))
+    source = resolve_input(str(tmp_path))
     rows = [0, 1, 2, 5, 70, 71, PARQUET_BATCH_ROWS * 2 + 6, len(values) - 1, 3, 0, 150, 140]
     row = {"archive": "data.parquet", "source": "data.parquet/x", "size": None}
-    assert [root.read_row(row | {"member_offset": i}) for i in rows] == [values[i] for i in rows]
+    assert [read_image(source, row | {"source_row": i}) for i in rows] == [
+        values[i] for i in rows
+    ]
     with pytest.raises(OSError, match="is not in the file"):  # the file changed since the scan
-        root.read_row(row | {"member_offset": len(values)})
+        read_image(source, row | {"source_row": len(values)})
 
 
 def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
@@ -294,13 +299,13 @@ def test_a_row_group_of_many_images_too_large_to_read_costs_its_rows(tmp_path, m
     listing = pa.Table.from_pylist(
         [{"source": path.name, "size": path.stat().st_size, "mtime_ns": 0}], LISTING_SCHEMA
     )
-    rows = scan.scan_batch(listing, InputRoot(str(tmp_path))).to_pylist()
+    rows = scan.scan_batch(listing, resolve_input(str(tmp_path))).to_pylist()
     assert [row["source"] for row in rows] == [f"{path.name}/{i:09d}" for i in range(7)]
     too_large = ["unsupported_format"]
     assert [row["reject"] for row in rows] == too_large * 4 + [None] + too_large * 2
     assert "rewrite the file with fewer rows a row group" in rows[0]["message"]
     monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", metadata.row_group(0).total_byte_size * 2)
-    assert not any(row["reject"] for row in scan.scan_batch(listing, InputRoot(str(tmp_path)))
+    assert not any(row["reject"] for row in scan.scan_batch(listing, resolve_input(str(tmp_path)))
                    .to_pylist())  # fmt: skip
 
 
@@ -326,3 +331,45 @@ def test_a_dataset_saved_by_hugging_face_datasets(local_ray, tmp_path, monkeypat
     kept, rejected = prepare(tmp_path / "hub", tmp_path / "out")
     name = "data/train-00000-of-00001.parquet"
     assert kept == {f"{name}/{i:09d}": f"image {i}" for i in range(230)} and not rejected
+
+
+def as_format_2(output: Path) -> None:
+    """Rewrite a prepared OUT into the shape format 2 gave it: no `source_row` in the index or
+    the parts, version 2 in config.json and manifest.json."""
+    for path in [output / "index.parquet", *(output / "parts").glob("*.parquet")]:
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["source_row"]), path)
+    for name in ("config.json", "manifest.json"):
+        written = json.loads((output / name).read_text())
+        (output / name).write_text(json.dumps(written | {"format_version": 2}))
+
+
+def test_an_out_of_format_2_is_read_by_the_trainer_and_added_to_by_an_incremental_run(
+    local_ray, tmp_path
+):
+    from trainer.dataset import PreparedData
+
+    images = tmp_path / "images"
+    images.mkdir()
+    datasets_parquet(images / "rows.parquet", [jpeg(96, 64, i) for i in range(3)],
+                     [f"row {i}" for i in range(3)], row_group_size=2)  # fmt: skip
+    save(rgb(64, 96, 7), images / "loose.jpg", quality=90)
+    output = tmp_path / "out"
+    prepare(images, output)
+    rows = {f"rows.parquet/{i:09d}": i for i in range(3)} | {"loose.jpg": None}
+    index = pq.read_table(output / "index.parquet").to_pylist()
+    assert {row["source"]: row["source_row"] for row in index} == rows
+    as_format_2(output)
+    shards = sorted(path.name for path in (output / "shards").iterdir())
+
+    data = PreparedData(output)
+    assert data.manifest.format_version == 2 and len(data) == 4
+    assert sorted(data.captions(np.arange(4))) == ["", "row 0", "row 1", "row 2"]
+
+    save(rgb(96, 64, 8), images / "new.jpg", quality=90)
+    kept, rejected = prepare(images, output, incremental=True)
+    assert set(kept) == {*rows, "new.jpg"} and not rejected
+    index = pq.read_table(output / "index.parquet").to_pylist()
+    assert {row["source"]: row["source_row"] for row in index} == rows | {"new.jpg": None}
+    assert set(shards) <= {path.name for path in (output / "shards").iterdir()}  # kept
+    assert json.loads((output / "manifest.json").read_text())["format_version"] == 3

@@ -14,6 +14,7 @@ from images import datasets_parquet, rgb
 
 import pipeline.prepare as prepare_module
 from pipeline.config import PrepareConfig
+from pipeline.inputs import resolve_input
 from pipeline.prepare import run
 from pipeline.sources import list_input
 
@@ -38,8 +39,9 @@ def bucket_uri(s3_server):
 
 
 def test_the_folders_of_a_prefix_are_listed_by_tasks_as_one_process_lists_them(bucket_uri):
-    listed = prepare_module._list(bucket_uri, PrepareConfig(input=bucket_uri, output="unused"))
-    assert listed.equals(list_input(bucket_uri))
+    source = resolve_input(bucket_uri)
+    listed = prepare_module._list(source, PrepareConfig(input=bucket_uri, output="unused"))
+    assert listed.equals(list_input(source))
     sources = listed["source"].to_pylist()
     assert sorted(sources) == sources
     assert len(sources) == len(FOLDERS) + 1  # the images (sidecars join their rows), the stray

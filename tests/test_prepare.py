@@ -22,6 +22,7 @@ import pipeline.prepare as prepare_module
 from pipeline.buckets import bucket_aspects
 from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.fit import fit
+from pipeline.inputs import resolve_input
 from pipeline.plan import plan_epoch
 from pipeline.prepare import run
 from pipeline.sources import list_input
@@ -325,8 +326,9 @@ def test_a_deep_tree_is_listed_by_tasks_as_one_process_lists_it(tmp_path):
         save(rgb(96 + i, 64, i), root / folder / f"img{i}.jpg")
         (root / folder / f"img{i}.txt").write_text(f"caption {i}")
     (root / "a" / "b" / "d3" / "orphan.txt").write_text("no image")
-    listed = prepare_module._list(str(root), PrepareConfig(input=str(root), output="unused"))
-    assert listed.equals(list_input(str(root)))
+    source = resolve_input(str(root))
+    listed = prepare_module._list(source, PrepareConfig(input=str(root), output="unused"))
+    assert listed.equals(list_input(source))
     output = tmp_path / "out"
     prepare(root, output, buckets=SMALL_BUCKETS)
     captions = {row["source"]: row["caption"] for row in index_of(output)}

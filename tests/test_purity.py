@@ -46,8 +46,9 @@ def test_the_format_loads_nothing_heavy_and_no_stage(at_start):
     assert {name for name in imported if name.startswith("pipeline.")} == {"pipeline.format"}
 
 
-STAGES = {"pipeline.sources", "pipeline.scan", "pipeline.imaging", "pipeline.samples",
-          "pipeline.shard_writer", "pipeline.latents", "pipeline.distributor", "pipeline.prepare",
+STAGES = {"pipeline.inputs", "pipeline.sources", "pipeline.readers", "pipeline.scan",
+          "pipeline.assign", "pipeline.imaging", "pipeline.samples", "pipeline.shard_writer",
+          "pipeline.output", "pipeline.latents", "pipeline.distributor", "pipeline.prepare",
           "pipeline.report", "pipeline.rejects", "pipeline.job"}  # fmt: skip
 
 
