@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
     from pipeline.latents import add_latents, vae_folder
 
     try:  # local mistakes are answered before Ray starts
+        source = None
         if config.input:
-            check_separate(resolve_input(config.input), config.output)
+            source = resolve_input(
+                config.input, config.caption_field, config.image_column, config.caption_column
+            )
+            check_separate(source, config.output)
         if config.vae:
             vae_folder(config.vae)
     except UsageError as error:
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
     out = OutputDir(absolute(config.output))
     try:
         if config.input:
-            manifest = run(config)
+            manifest = run(config, source)
         else:
             manifest = add_latents(out, config.vae, config.max_in_flight)
     except UsageError as error:  # a refused OUT, an input with nothing to prepare

@@ -77,13 +77,15 @@ class Stages:
         self.timings[name] = entry
 
 
-def run(config: PrepareConfig) -> dict:
-    """Prepare `config.output` from `config.input`; returns the manifest."""
-    source = resolve_input(
-        config.input, config.caption_field, config.image_column, config.caption_column
-    )
+def run(config: PrepareConfig, source: Input | None = None) -> dict:
+    """Prepare `config.output` from `config.input` (`source`: it resolved and checked, as
+    jobs/prepare.py does before Ray starts); returns the manifest."""
+    if source is None:
+        source = resolve_input(
+            config.input, config.caption_field, config.image_column, config.caption_column
+        )
+        check_separate(source, config.output)
     config = dataclasses.replace(config, input=source.uri, output=absolute(config.output))
-    check_separate(source, config.output)
     stages = Stages()
     with stages.stage("list") as listed:
         listing = _list(source, config)
