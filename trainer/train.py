@@ -250,20 +250,14 @@ def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
 
 
 def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> str | None:
-    """The prepare job's warning when an epoch leaves images out, with what batch size would
-    not; a UsageError when it has no batch at all."""
+    """The prepare job's warning when an epoch leaves images out (pipeline/plan.py's
+    `epoch_use_warning`); a UsageError when it has no batch at all."""
     if dropped == images and images:
         raise UsageError(
             f"an epoch at --batch-size {batch_size} x world size {world_size} needs at least "
             f"{batch_size * world_size} images; the data has {images}: give a smaller --batch-size"
         )
-    warning = epoch_use_warning(images, images - dropped, batch_size, world_size)
-    if warning is None:
-        return None
-    fits = [b for b in range(batch_size - 1, 0, -1) if epoch_use_warning(
-        images, images - images % (b * world_size), b, world_size) is None]  # fmt: skip
-    advice = f"--batch-size {fits[0]} would use {images - images % (fits[0] * world_size)}"
-    return f"{warning}: {advice}" if fits else warning
+    return epoch_use_warning(images, images - dropped, batch_size, world_size)
 
 
 def _bucket_counts(batches: EpochBatches, data) -> dict[str, int]:
