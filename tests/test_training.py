@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
+from recorded import train
 from torch import nn
 from torchrun import torchrun
 
@@ -20,7 +21,7 @@ from trainer.checkpoint import trained_state
 from trainer.diffusion import Diffusion, tiny_parts
 from trainer.hypernetwork import Hypernetwork, HypernetworkConfig
 from trainer.optimization import Optimization, store_frozen_parts
-from trainer.train import Config, parse_config, train
+from trainer.train import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
