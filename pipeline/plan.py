@@ -29,6 +29,7 @@ member is then fitted the usual way (cover, then crop), so shapes are never squa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -225,14 +226,39 @@ DROPPED_WARNING_SHARE = 0.05  # warn when truncation leaves out more of an epoch
 
 
 def epoch_use_warning(images: int, used: int, batch_size: int, world_size: int) -> str | None:
-    """Why an epoch leaves out more than DROPPED_WARNING_SHARE of its images; None if it does
-    not. The prepare job and the trainer say it in these words."""
+    """Why an epoch that uses `used` of its `images` leaves out more than DROPPED_WARNING_SHARE
+    of them, and which batch size would not; None if it does not. Never raises (for `used` in
+    0..images and sizes >= 1). The prepare job's summary and the trainer say it in these words.
+
+    Truncation (`plan_epoch`'s step 2) is the only thing an epoch leaves out: the catch-all
+    batches take every bucket's leftovers. So batch size b uses every image exactly when
+    `images % (b * world_size) == 0`, which needs `images % world_size == 0` (b = 1 then fits).
+    Where no batch size fits, every rank taking the same number of images leaves at least
+    `images % world_size` out at any batch size: the warning says so and names none.
+    """
     if not images or images - used <= DROPPED_WARNING_SHARE * images:
         return None
-    return (
+    warning = (
         f"an epoch at batch size {batch_size} x world size {world_size} uses {used} of "
         f"{images} images: every rank needs whole batches"
     )
+    per_rank, unavoidable = divmod(images, world_size)
+    if unavoidable:
+        return (
+            f"{warning} and the same number of images, so {images} over {world_size} ranks leave "
+            f"at least {unavoidable} out at any batch size"
+        )
+    fits = _divisors(per_rank)  # the batch sizes that use every image
+    below = [b for b in fits if b < batch_size]
+    above = [b for b in fits if b > batch_size]
+    named = " or ".join(str(b) for b in [*below[-1:], *above[:1]])
+    return f"{warning}: --batch-size {named} would use all {images}" if named else warning
+
+
+def _divisors(number: int) -> list[int]:
+    """The divisors of `number` (>= 1), ascending."""
+    small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
+    return small + [number // d for d in reversed(small) if d * d != number]
 
 
 def plan_epoch_by_shards(

@@ -106,7 +106,7 @@ def _warnings(images: int, epoch: dict) -> list[str]:
         return []
     return [
         f"{warning}. Give --batch-size and --world-size as you will train (they only shape this "
-        "report), or train with smaller batches"
+        "report)"
     ]
 
 

@@ -59,9 +59,9 @@ SMALL_BUCKETS = BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=3
 SHAPES = [(96, 64)] * 17 + [(64, 96)] * 7 + [(64, 64)] * 4 + [(128, 32)] * 3
 
 
-def prepare_small(folder: Path, image_format: str = "jpg") -> Path:
-    """SHAPES prepared into folder/out with SMALL_BUCKETS, shards written as `image_format`."""
-    for i, (width, height) in enumerate(SHAPES):
+def prepare_small(folder: Path, image_format: str = "jpg", shapes: list = SHAPES) -> Path:
+    """`shapes` prepared into folder/out with SMALL_BUCKETS, shards written as `image_format`."""
+    for i, (width, height) in enumerate(shapes):
         overflow = (i % 3, i % 4 == 3)  # stored a pixel or two wider or taller than the bucket
         save(
             rgb(width + overflow[0], height + overflow[1], i),

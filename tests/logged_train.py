@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import sys
 
+from recorded import Step, train
+
 from trainer.checkpoint import trained_state
-from trainer.train import Step, parse_config, train
+from trainer.train import parse_config
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHAPES, prepare_small
 from images import rgb, save
 from torchrun import torchrun
 
@@ -53,9 +54,14 @@ def test_a_short_run_reports_its_first_step_and_ends_with_what_it_wrote(prepared
 
 
 def test_the_epoch_use_warning_says_which_batch_size_would_not_leave_images_out():
-    assert _epoch_use(31, 7, 4, 2) == (
+    assert _epoch_use(30, 6, 4, 2) == (
+        "an epoch at batch size 4 x world size 2 uses 24 of 30 images: every rank needs whole "
+        "batches: --batch-size 3 or 5 would use all 30"
+    )
+    assert _epoch_use(31, 7, 4, 2) == (  # none would: 31 images never split evenly over 2 ranks
         "an epoch at batch size 4 x world size 2 uses 24 of 31 images: every rank needs whole "
-        "batches: --batch-size 3 would use 30"
+        "batches and the same number of images, so 31 over 2 ranks leave at least 1 out at any "
+        "batch size"
     )
     assert _epoch_use(12, 0, 2, 2) is None and _epoch_use(100, 4, 32, 3) is None  # 4% out
     with pytest.raises(UsageError, match="--batch-size 64 x world size 1 needs at least 64"):
@@ -64,16 +70,35 @@ def test_the_epoch_use_warning_says_which_batch_size_would_not_leave_images_out(
 
 @pytest.mark.slow
 def test_an_epoch_that_leaves_images_out_is_warned_about_before_step_one(prepared, tmp_path):
-    # 31 images, 2 ranks of 4: an epoch uses 24; batches of 3 would use 30
+    # 31 images, 2 ranks of 4: an epoch uses 24; no batch size uses all 31 on 2 ranks
     done = torchrun(2, "trainer/train.py", f"--data={prepared}", f"--out-dir={tmp_path / 'o'}",
                     "--num-workers=0", "--batch-size=4", "--max-steps=1")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [
         "warning: an epoch at batch size 4 x world size 2 uses 24 of 31 images: every rank "
-        "needs whole batches: --batch-size 3 would use 30"
+        "needs whole batches and the same number of images, so 31 over 2 ranks leave at least 1 "
+        "out at any batch size"
     ], done.stderr[-3000:]
     assert done.stdout.index("epoch 0 step 1") < done.stdout.index("done:")
+
+
+@pytest.mark.slow
+def test_an_odd_number_of_images_trains_on_an_even_number_of_ranks(tmp_path):
+    """13 images on 2 ranks of 2 (issue 32: the warning's advice crashed the run): no batch size
+    uses every image; the run says so and trains on 12."""
+    data = prepare_small(tmp_path, shapes=SHAPES[::2][:13])
+    done = torchrun(2, "trainer/train.py", f"--data={data}", f"--out-dir={tmp_path / 'o'}",
+                    "--num-workers=0", "--batch-size=2")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "IndexError" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: an epoch at batch size 2 x world size 2 uses 12 of 13 images: every rank "
+        "needs whole batches and the same number of images, so 13 over 2 ranks leave at least 1 "
+        "out at any batch size"
+    ], done.stderr[-3000:]
+    assert "done: 3 optimizer steps (12 images on 2 ranks), epoch 1 of 1" in done.stdout
 
 
 def test_each_kind_of_wrong_data_gets_its_own_answer(prepared, tmp_path):

@@ -222,7 +222,9 @@ def test_mixed_precision_trains_from_the_cached_latents(with_latents, checkpoint
                                                         precision):  # fmt: skip
     """The frozen VAE is stored in the low precision: its fingerprint is still the one the
     dataset's latents were made with, and the latents are used (`auto`)."""
-    from trainer.train import Config, train
+    from recorded import train
+
+    from trainer.train import Config
 
     latent = []
     config = Config(data=(str(with_latents),), model="sd", pretrained=str(checkpoint),

@@ -1,6 +1,8 @@
 """The per-epoch sharding plan: the invariants DDP training relies on."""
 
+import functools
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.buckets import bucket_aspects, bucketize, generate_buckets
-from pipeline.plan import _group_by_bucket, plan_epoch, plan_epoch_by_shards, shuffled_ids
+from pipeline.plan import (
+    DROPPED_WARNING_SHARE,
+    _group_by_bucket,
+    epoch_use_warning,
+    plan_epoch,
+    plan_epoch_by_shards,
+    shuffled_ids,
+)
 
 
 @st.composite
@@ -167,6 +176,50 @@ def test_fewer_items_than_one_global_batch():
     for plan in all_ranks(np.zeros(5, dtype=int), 4, 2):
         assert len(plan) == 0 and plan.dropped == 5
     assert len(plan_epoch(np.array([], dtype=int), 4, 2, 0, 0, 0)) == 0
+
+
+@functools.cache
+def images_used(images: int, batch_size: int, world_size: int) -> int:
+    """How many of `images` (in three uneven buckets) an epoch's plan puts in a batch, on all
+    ranks (every rank plans as many)."""
+    bucket_index = np.arange(images) * 7 % 5 % 3
+    return plan_epoch(bucket_index, batch_size, world_size, 0, 0, 0).items.size * world_size
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_the_epoch_use_warning_names_only_batch_sizes_that_use_every_image(world_size):
+    """Over counts x batch sizes: the images an epoch leaves out are the plan's, a batch size
+    named uses every image, and one is named exactly where one exists."""
+    for images, batch_size in itertools.product(range(61), range(1, 9)):
+        used = images_used(images, batch_size, world_size)
+        warning = epoch_use_warning(images, used, batch_size, world_size)
+        if warning is None:
+            assert images - used <= DROPPED_WARNING_SHARE * images
+            continue
+        assert f" uses {used} of {images} images: " in warning, warning
+        fits = [b for b in range(1, images + 1) if images_used(images, b, world_size) == images]
+        named = re.search(r"--batch-size (\d+)(?: or (\d+))? would use all (\d+)$", warning)
+        if fits:
+            assert named, warning
+            assert int(named[3]) == images
+            for b in filter(None, named.groups()[:2]):
+                assert images_used(images, int(b), world_size) == images, warning
+        else:
+            assert "--batch-size" not in warning, warning
+            fewest = min(images - images_used(images, b, world_size) for b in range(1, 9))
+            assert warning.endswith(f"leave at least {fewest} out at any batch size"), warning
+
+
+def test_the_epoch_use_warning_says_why_no_batch_size_uses_every_image():
+    assert epoch_use_warning(13, 12, 2, 2) == (
+        "an epoch at batch size 2 x world size 2 uses 12 of 13 images: every rank needs whole "
+        "batches and the same number of images, so 13 over 2 ranks leave at least 1 out at any "
+        "batch size"
+    )
+    assert epoch_use_warning(30, 24, 4, 2) == (
+        "an epoch at batch size 4 x world size 2 uses 24 of 30 images: every rank needs whole "
+        "batches: --batch-size 3 or 5 would use all 30"
+    )
 
 
 @given(st.lists(st.integers(0, 5), max_size=200), st.integers(1, 7))

@@ -292,7 +292,9 @@ def test_a_cache_too_small_for_the_shuffle_is_warned_of(datasets, tmp_path):
 
 def test_a_run_from_s3_resumes_where_it_stopped(datasets, tmp_path):
     """Stopped after 3 steps and resumed: the steps after are the uninterrupted run's."""
-    from trainer.train import Config, train
+    from recorded import train
+
+    from trainer.train import Config
 
     _, uri = datasets
     seen = {}

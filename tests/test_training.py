@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
+from recorded import train
 from torch import nn
 from torchrun import torchrun
 
 from trainer.checkpoint import trained_state
 from trainer.diffusion import Diffusion, tiny_parts
 from trainer.hypernetwork import Hypernetwork, HypernetworkConfig
+from trainer.loader import accumulation_groups
 from trainer.optimization import Optimization, store_frozen_parts
-from trainer.train import Config, parse_config, train
+from trainer.train import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,6 +136,14 @@ def test_accumulated_micro_batches_make_the_update_of_one_big_batch():
     whole = updated([[slice(0, 8)]])
     assert torch.allclose(micro, whole, atol=1e-6)
     assert not torch.allclose(updated([[slice(0, 2)]]), whole, atol=1e-4), "a real difference"
+
+
+def test_accumulation_groups_start_at_multiples_of_their_size_and_the_epochs_last_is_smaller():
+    steps = [SimpleNamespace(step=step) for step in range(7)]
+    groups = [[batch.step for batch in group] for group in accumulation_groups(steps, 3)]
+    assert groups == [[0, 1, 2], [3, 4, 5], [6]]
+    resumed = accumulation_groups(steps[3:], 3)  # a resume begins at a group's first step
+    assert [[batch.step for batch in group] for group in resumed] == [[3, 4, 5], [6]]
 
 
 @pytest.mark.slow

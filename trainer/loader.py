@@ -7,11 +7,15 @@ for epoch in range(epochs):
     batches.set_epoch(epoch)
     for batch in loader:            # batch.pixels: float [B, 3, H, W] in [-1, 1]
         ...                         # batch.captions, batch.keys, SDXL's batch.original_size...
+    for group in accumulation_groups(loader, 4):    # or lists of 4 batches (the last smaller)
+        ...
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -141,6 +145,17 @@ class Loader:
             if self.pool is not None:  # converted or copied off: free to write again
                 self.pool.hand_back(lease)
             yield to_batch(batch, pixels, self.device)
+
+
+def accumulation_groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """An epoch's batches in gradient accumulation groups of `size`: steps 0..size-1, then
+    size..2*size-1, ...; the epoch's last group smaller where its batches do not fill one.
+
+    A group's batches are loaded before its first micro-step and held until its last: the
+    inputs of `size` batches, small next to what one forward pass holds.
+    """
+    for _, group in itertools.groupby(batches, key=lambda batch: batch.step // size):
+        yield list(group)
 
 
 def _as_loaded(loaded: tuple[LoadedBatch, PixelLayout]) -> tuple[LoadedBatch, PixelLayout]:

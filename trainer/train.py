@@ -43,16 +43,14 @@ from trainer.config import Config, parse_config
 if __name__ == "__main__":  # --help and a mistaken option are answered before torch loads
     CONFIG = parse_config(sys.argv[1:], __doc__)
 
+import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import UsageError
@@ -60,7 +58,7 @@ from pipeline.format import vae_fingerprint
 from pipeline.plan import epoch_use_warning
 from trainer import checkpoint
 from trainer.dataset import latents_to_use, read_manifest
-from trainer.loader import Batch, make_loader
+from trainer.loader import accumulation_groups, make_loader
 from trainer.mixture import open_datasets, parse_weighted
 from trainer.models import MODELS, save_result
 from trainer.optimization import PRECISIONS, Optimization, store_frozen_parts
@@ -80,16 +78,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-class Step(NamedTuple):
-    """What `train`'s `on_step` callback sees after each micro-batch."""
-
-    rank: int
-    batch: Batch
-    loss: float
-    model: nn.Module  # unwrapped from DDP
-    lr: float
 
 
 def check_usage(config: Config) -> list:
@@ -113,97 +101,145 @@ def check_usage(config: Config) -> list:
     return manifests
 
 
-def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict:
-    """Train as `config` says; a UsageError (before any rank trains) for a mistake in it."""
+def train(config: Config) -> dict:
+    """Train as `config` says; a UsageError (before any rank trains) for a mistake in it.
+    {"rank": this rank, "steps": the optimizer steps this run took}."""
     started, out_dir = time.perf_counter(), Path(config.out_dir)
     manifests = check_usage(config)  # answered before any model is built or rank waits
     rank, world_size, device = setup_distributed()
     master = rank == 0
+
+    # The model, and the data as this model reads it (cached latents of its VAE where there are)
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config).to(device)
     vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
     fingerprint = None if vae is None else vae_fingerprint(vae)
     latents = latents_to_use(config.latents, fingerprint, manifests)
-    cache = NodeCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(),
-                      config.cache_limit)  # fmt: skip
-    data = open_datasets(config.data, latents, cache)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    data = open_datasets(config.data, latents, NodeCache(cache_dir, config.cache_limit))
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+
+    # This rank's batches: every rank plans the same steps; warnings before the first of them
     remote = any(is_remote(parse_weighted(spec)[0]) for spec in config.data)
     shuffle = {"auto": "shards" if remote else "global"}.get(config.shuffle, config.shuffle)
     batches = EpochBatches(  # rank and world size: torch.distributed's; a Config is CaptionOptions
-        data, config.batch_size, seed=config.seed, flip=config.flip, captions=config,
-        shuffle=shuffle, window=config.shuffle_window,
-    )  # fmt: skip
+        data,
+        config.batch_size,
+        seed=config.seed,
+        flip=config.flip,
+        captions=config,
+        shuffle=shuffle,
+        window=config.shuffle_window,
+    )
     plan, epoch_items, _ = batches.plan()
     warnings = (
-        _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size),
-        _cache_warning(data, shuffle, config.shuffle_window, config.cache_limit),
+        _epoch_use(
+            images=len(epoch_items),
+            dropped=plan.dropped,
+            batch_size=config.batch_size,
+            world_size=world_size,
+        ),
+        _cache_warning(
+            data, shuffle=shuffle, window=config.shuffle_window, limit=config.cache_limit
+        ),
     )
     for warning in filter(None, warnings if master else ()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    per_epoch, group = len(plan), config.gradient_accumulation_steps
-    total = config.epochs * -(-per_epoch // group)  # the schedule spans --epochs, whatever
-    # --max-steps stops this run at: a resumed run continues the same schedule
+
+    # The optimization; the schedule spans --epochs, whatever --max-steps stops this run at, so
+    # a resumed run continues the same schedule
+    groups_per_epoch = -(-len(plan) // config.gradient_accumulation_steps)
     optimization = Optimization.build(
-        model.trained_module(), device, config.lr, config.lr_scheduler, config.lr_warmup_steps,
-        total, config.mixed_precision, config.max_grad_norm,
-        config.ema_decay if config.use_ema else None,
-    )  # fmt: skip
+        model.trained_module(),
+        device,
+        lr=config.lr,
+        schedule=config.lr_scheduler,
+        warmup_steps=config.lr_warmup_steps,
+        total_steps=config.epochs * groups_per_epoch,
+        precision=config.mixed_precision,
+        max_grad_norm=config.max_grad_norm,
+        ema_decay=config.ema_decay if config.use_ema else None,
+    )
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    epoch, step = 0, 0  # step: the next batch of the epoch, always the start of a group
+
+    # Where to begin: (epoch, step), step the epoch's next batch, always the first of a group
+    epoch, step = 0, 0
     if config.resume:
-        epoch, step = checkpoint.load(config, out_dir, model, optimization, generator)
+        epoch, step = checkpoint.load(
+            config, out_dir, model, optimization=optimization, generator=generator
+        )
         if epoch >= config.epochs:
             if master:
-                print(f"nothing left to train: {out_dir / checkpoint.NAME} has finished epoch "
-                      f"{epoch} of --epochs {config.epochs}; give more --epochs to go on "
-                      "training it")  # fmt: skip
+                print(
+                    f"nothing left to train: {out_dir / checkpoint.NAME} has finished epoch "
+                    f"{epoch} of --epochs {config.epochs}; give more --epochs to go on training it"
+                )
             _close_distributed(world_size)
-            return {"rank": rank, "steps": 0, "losses": []}
+            return {"rank": rank, "steps": 0}
     ddp = DistributedDataParallel(model) if world_size > 1 else model
-    loader = make_loader(data, batches, config.num_workers, device)
-    tracker = Tracker(config.logging_dir, master, world_size, config.log_every)
+    loader = make_loader(data, batches, num_workers=config.num_workers, device=device)
+    tracker = Tracker(
+        config.logging_dir, master=master, world_size=world_size, log_every=config.log_every
+    )
 
     def save() -> None:
-        checkpoint.save(config, out_dir, model, optimization, (epoch, step), generator,
-                        world_size, master)  # fmt: skip
+        checkpoint.save(
+            config,
+            out_dir,
+            model,
+            optimization=optimization,
+            position=(epoch, step),
+            generator=generator,
+            world_size=world_size,
+            master=master,
+        )
 
     def validate() -> None:
         if master and config.validation_prompt:
             with optimization.averaged():
-                images = render_validation(model, config, optimization.steps, optimization.dtype)
+                images = render_validation(
+                    model, config, step=optimization.steps, dtype=optimization.dtype
+                )
             tracker.images(optimization.steps, images)
 
-    steps_run, losses, done = 0, [], False
-    while epoch < config.epochs and not done:
+    # The loop: for each epoch, for each accumulation group of its batches, the micro-steps and
+    # then one optimizer step
+    max_steps, steps_run = config.max_steps or math.inf, 0
+    while epoch < config.epochs and steps_run < max_steps:
         batches.set_epoch(epoch, step)
         tracker.buckets(epoch, _bucket_counts(batches, data))
-        for batch in loader:
-            position = batch.step % group
-            size = min(group, per_epoch - (batch.step - position))  # the epoch's last: smaller
-            losses.append(optimization.micro_step(ddp, batch, generator, position == size - 1,
-                                                  size))  # fmt: skip
-            if on_step is not None:
-                on_step(Step(rank, batch, losses[-1], model, optimization.lr))
-            if position < size - 1:
-                continue
+        for group in accumulation_groups(loader, config.gradient_accumulation_steps):
+            # micro-steps: forward and backward; DDP syncs the gradients on the group's last
+            for number, batch in enumerate(group, start=1):
+                loss = optimization.micro_step(
+                    ddp, batch, generator, last=number == len(group), group=len(group)
+                )
+            # the optimizer step: the group's gradient applied
             optimization.step()
-            step, steps_run = batch.step + 1, steps_run + 1
-            samples = size * len(batch.keys)
-            tracker.step(optimization.steps, epoch, losses[-1], optimization.lr, samples)
+            step, steps_run = group[-1].step + 1, steps_run + 1
+            # log: the group's last loss
+            tracker.step(
+                optimization.steps,
+                epoch=epoch,
+                loss=loss,
+                lr=optimization.lr,
+                samples=sum(len(batch.keys) for batch in group),
+            )
+            # checkpoint, validate
             if optimization.steps % config.checkpoint_every == 0:
                 save()
             if optimization.steps % config.validation_steps == 0:
                 validate()
-            if config.max_steps and steps_run >= config.max_steps:
-                done = True
+            if steps_run == max_steps:
                 break
-        else:
+        if steps_run < max_steps:  # the epoch ran to its end, not to --max-steps
             epoch, step = epoch + 1, 0
+
+    # The end: the last checkpoint, the trained weights, and what was written
     save()
     if master:
         written = [out_dir / checkpoint.NAME, *save_result(model, out_dir, optimization)]
@@ -213,13 +249,16 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
             written.append(Path(config.logging_dir))
         images = tracker.samples * world_size
         ranks = f"{world_size} rank{'s' * (world_size > 1)}"
-        print(f"done: {steps_run} optimizer steps ({images} images on {ranks}), "
-              f"epoch {epoch} of {config.epochs}, in {time.perf_counter() - started:.1f} s; "
-              f"wrote {', '.join(map(str, written))}", flush=True)  # fmt: skip
+        print(
+            f"done: {steps_run} optimizer steps ({images} images on {ranks}), "
+            f"epoch {epoch} of {config.epochs}, in {time.perf_counter() - started:.1f} s; "
+            f"wrote {', '.join(map(str, written))}",
+            flush=True,
+        )
     tracker.close()
     del ddp
     _close_distributed(world_size)
-    return {"rank": rank, "steps": steps_run, "losses": losses}
+    return {"rank": rank, "steps": steps_run}
 
 
 def _close_distributed(world_size: int) -> None:
@@ -250,20 +289,14 @@ def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
 
 
 def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> str | None:
-    """The prepare job's warning when an epoch leaves images out, with what batch size would
-    not; a UsageError when it has no batch at all."""
+    """The prepare job's warning when an epoch leaves images out (pipeline/plan.py's
+    `epoch_use_warning`); a UsageError when it has no batch at all."""
     if dropped == images and images:
         raise UsageError(
             f"an epoch at --batch-size {batch_size} x world size {world_size} needs at least "
             f"{batch_size * world_size} images; the data has {images}: give a smaller --batch-size"
         )
-    warning = epoch_use_warning(images, images - dropped, batch_size, world_size)
-    if warning is None:
-        return None
-    fits = [b for b in range(batch_size - 1, 0, -1) if epoch_use_warning(
-        images, images - images % (b * world_size), b, world_size) is None]  # fmt: skip
-    advice = f"--batch-size {fits[0]} would use {images - images % (fits[0] * world_size)}"
-    return f"{warning}: {advice}" if fits else warning
+    return epoch_use_warning(images, images - dropped, batch_size, world_size)
 
 
 def _bucket_counts(batches: EpochBatches, data) -> dict[str, int]:
