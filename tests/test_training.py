@@ -140,10 +140,15 @@ def test_accumulated_micro_batches_make_the_update_of_one_big_batch():
 
 def test_accumulation_groups_start_at_multiples_of_their_size_and_the_epochs_last_is_smaller():
     steps = [SimpleNamespace(step=step) for step in range(7)]
-    groups = [[batch.step for batch in group] for group in accumulation_groups(steps, 3)]
-    assert groups == [[0, 1, 2], [3, 4, 5], [6]]
-    resumed = accumulation_groups(steps[3:], 3)  # a resume begins at a group's first step
-    assert [[batch.step for batch in group] for group in resumed] == [[3, 4, 5], [6]]
+
+    def grouped(batches, size, start):
+        groups = accumulation_groups(batches, size, start, len(steps))
+        return [(count, [batch.step for batch in group]) for count, group in groups]
+
+    assert grouped(steps, 3, 0) == [(3, [0, 1, 2]), (3, [3, 4, 5]), (1, [6])]
+    assert grouped(steps[3:], 3, 3) == [(3, [3, 4, 5]), (1, [6])]  # a resume at a group's start
+    assert grouped(steps[4:], 3, 4) == [(2, [4, 5]), (1, [6])]  # one with another --gradient-
+    # accumulation-steps: its first group is what is left of it
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ for epoch in range(epochs):
     batches.set_epoch(epoch)
     for batch in loader:            # batch.pixels: float [B, 3, H, W] in [-1, 1]
         ...                         # batch.captions, batch.keys, SDXL's batch.original_size...
-    for group in accumulation_groups(loader, 4):    # or lists of 4 batches (the last smaller)
-        ...
+    for count, group in accumulation_groups(loader, 4, 0, len(batches.plan()[0])):
+        ...                         # groups of 4 batches as they load (the last smaller)
 """
 
 from __future__ import annotations
@@ -147,15 +147,15 @@ class Loader:
             yield to_batch(batch, pixels, self.device)
 
 
-def accumulation_groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
-    """An epoch's batches in gradient accumulation groups of `size`: steps 0..size-1, then
-    size..2*size-1, ...; the epoch's last group smaller where its batches do not fill one.
-
-    A group's batches are loaded before its first micro-step and held until its last: the
-    inputs of `size` batches, small next to what one forward pass holds.
-    """
-    for _, group in itertools.groupby(batches, key=lambda batch: batch.step // size):
-        yield list(group)
+def accumulation_groups(
+    batches: Iterable[Batch], size: int, start: int, end: int
+) -> Iterator[tuple[int, Iterator[Batch]]]:
+    """An epoch's batches (steps `start`..`end` - 1) in gradient accumulation groups of `size`:
+    steps 0..size-1, then size..2*size-1, ...; each as (its number of batches, its batches as
+    they load). The epoch's last group is smaller where its batches do not fill one, and so is a
+    first group that a resume with another `size` enters midway. One batch is held at a time."""
+    for index, group in itertools.groupby(batches, key=lambda batch: batch.step // size):
+        yield min((index + 1) * size, end) - max(index * size, start), group
 
 
 def _as_loaded(loaded: tuple[LoadedBatch, PixelLayout]) -> tuple[LoadedBatch, PixelLayout]:

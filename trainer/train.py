@@ -212,22 +212,24 @@ def train(config: Config) -> dict:
     while epoch < config.epochs and steps_run < max_steps:
         batches.set_epoch(epoch, step)
         tracker.buckets(epoch, _bucket_counts(batches, data))
-        for group in accumulation_groups(loader, config.gradient_accumulation_steps):
+        steps = len(batches.plan()[0])  # this epoch's (the shard-aware plan's vary)
+        groups = accumulation_groups(loader, config.gradient_accumulation_steps, step, steps)
+        for count, group in groups:
             # micro-steps: forward and backward; DDP syncs the gradients on the group's last
             for number, batch in enumerate(group, start=1):
                 loss = optimization.micro_step(
-                    ddp, batch, generator, last=number == len(group), group=len(group)
+                    ddp, batch, generator, last=number == count, group=count
                 )
             # the optimizer step: the group's gradient applied
             optimization.step()
-            step, steps_run = group[-1].step + 1, steps_run + 1
+            step, steps_run = batch.step + 1, steps_run + 1
             # log: the group's last loss
             tracker.step(
                 optimization.steps,
                 epoch=epoch,
                 loss=loss,
                 lr=optimization.lr,
-                samples=sum(len(batch.keys) for batch in group),
+                samples=count * len(batch.keys),
             )
             # checkpoint, validate
             if optimization.steps % config.checkpoint_every == 0:
