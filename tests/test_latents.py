@@ -257,7 +257,7 @@ def test_two_ranks_train_from_latents_with_the_losses_of_pixels(images, checkpoi
     for mode in ("on", "off"):
         log = tmp_path / f"{mode}.jsonl"
         done = torchrun(
-            2, "tests/logged_train.py", str(log), f"--data={output}", "--model=sd",
+            2, "tests/support/logged_train.py", str(log), f"--data={output}", "--model=sd",
             f"--pretrained={checkpoint}", f"--latents={mode}", "--epochs=2", "--batch-size=2",
             "--num-workers=1", f"--out-dir={tmp_path / mode}", "--caption-dropout=0",
         )  # fmt: skip

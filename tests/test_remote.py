@@ -201,7 +201,7 @@ def test_two_ranks_train_from_s3_with_the_batches_of_a_local_copy(datasets, tmp_
     for name, data in (("local", str(local)), ("remote", uri)):
         log = tmp_path / f"{name}.jsonl"
         done = run_torchrun(
-            2, "tests/logged_train.py", str(log), f"--data={data}", "--shuffle=shards",
+            2, "tests/support/logged_train.py", str(log), f"--data={data}", "--shuffle=shards",
             "--shuffle-window=2", f"--cache-dir={tmp_path / 'cache'}", f"--cache-limit={limit}",
             f"--out-dir={tmp_path / name}", "--num-workers=1", "--channels=8", "--epochs=2",
             "--batch-size=2", timeout=240,
@@ -248,7 +248,7 @@ def test_processes_mapping_the_index_hold_about_one_copy(tmp_path):
 
     def started(*args: str) -> subprocess.Popen:
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
-        child = subprocess.Popen([sys.executable, "tests/map_index.py", *args], cwd=REPO,
+        child = subprocess.Popen([sys.executable, "tests/support/map_index.py", *args], cwd=REPO,
                                  text=True, **pipes)  # fmt: skip
         assert child.stdout.readline().strip() in ("mapped", "ready")
         return child

@@ -1,6 +1,6 @@
 """trainer/train.py with a log of every step, for the tests (run under torchrun like it):
 
-    torchrun ... tests/logged_train.py LOG.jsonl --data OUT ...
+    torchrun ... tests/support/logged_train.py LOG.jsonl --data OUT ...
 
 Each rank appends one JSON line a step: its batch's keys, shape and pixel checksum, the loss,
 and the sum of the trained weights (equal on every rank when DDP keeps them in step).

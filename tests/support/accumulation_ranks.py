@@ -1,12 +1,14 @@
-"""Run by tests/test_training.py under torchrun with 2 ranks (gloo): four micro-batches of 2 on
-each rank, DDP synchronising once, against one batch of all 16 rows on one model."""
+"""Run by tests/test_training_options.py under torchrun with 2 ranks (gloo): four micro-batches
+of 2 on each rank, DDP synchronising once, against one batch of all 16 rows on one model."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from test_training import Line, Optimization, batch_of
+from line import Line, batch_of
 from torch.nn.parallel import DistributedDataParallel
+
+from trainer.optimization import Optimization
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """A process that maps a dataset's index and reads every page of it, then waits on stdin (for
 tests/test_remote.py to measure its memory):
 
-    python tests/map_index.py OUT CACHE      # prints "mapped"
-    python tests/map_index.py                # the same imports, nothing mapped: "ready"
+    python tests/support/map_index.py OUT CACHE      # prints "mapped"
+    python tests/support/map_index.py                # the same imports, nothing mapped: "ready"
 """
 
 import sys

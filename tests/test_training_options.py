@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
+from line import Line, batch_of
 from recorded import train
 from torch import nn
 from torchrun import torchrun
@@ -102,24 +103,6 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_training(prepared,
         assert torch.allclose(weights[True]["model"][name], value, atol=1e-6), name
 
 
-class Line(nn.Module):
-    """A toy model: the mean squared error of a linear map; forward(batch, generator)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = nn.Linear(3, 2)
-
-    def forward(self, batch, generator):
-        return nn.functional.mse_loss(self.layer(batch.pixels), batch.target)
-
-
-def batch_of(rows: slice) -> SimpleNamespace:
-    generator = torch.Generator().manual_seed(1)
-    inputs, targets = torch.randn(8, 3, generator=generator), torch.randn(8, 2, generator=generator)
-    return SimpleNamespace(pixels=inputs[rows], target=targets[rows])
-
-
 def updated(groups: list[list[slice]]) -> torch.Tensor:
     model = Line()
     optimization = Optimization.build(model, torch.device("cpu"), 0.1, "constant", 0, 10)
@@ -153,7 +136,7 @@ def test_accumulation_groups_start_at_multiples_of_their_size_and_the_epochs_las
 
 @pytest.mark.slow
 def test_accumulation_on_two_ranks_syncs_once_and_matches_one_big_batch():
-    done = torchrun(2, "tests/accumulation_ranks.py", timeout=240)
+    done = torchrun(2, "tests/support/accumulation_ranks.py", timeout=240)
     assert done.returncode == 0 and "same update" in done.stdout, done.stderr[-3000:]
 
 
