@@ -55,12 +55,16 @@ class WriteOptions:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check(self, {
-            "quality": (1 <= self.quality <= 100, "must be in 1..100"),
-            "background": (len(self.background) == 3
-                           and all(0 <= c <= 255 for c in self.background),
-                           "must be R,G,B, each in 0..255"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "quality": (1 <= self.quality <= 100, "must be in 1..100"),
+                "background": (
+                    len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
+                    "must be R,G,B, each in 0..255",
+                ),
+            },
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,13 +108,15 @@ class PrepareConfig:
         group=IMAGES,
     )
     image_column: str = option(
-        "image", "the image column of Parquet inputs (a datasets.Image struct or binary)",
+        "image",
+        "the image column of Parquet inputs (a datasets.Image struct or binary)",
         group=IMAGES,
-    )  # fmt: skip
+    )
     caption_column: str = option(
-        "", "the caption column of Parquet inputs; empty: the first of text, caption",
+        "",
+        "the caption column of Parquet inputs; empty: the first of text, caption",
         group=IMAGES,
-    )  # fmt: skip
+    )
     samples_per_shard: int = option(1000, "images per tar (one bucket per tar)", group=OUTPUT)
     batch_size: int = option(  # for the trainer and the epoch report; not part of the output
         32, "per-rank batch size you will train with: shapes the epoch report", group=OUTPUT
@@ -138,21 +144,30 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check(self, {
-            "input": (bool(self.input or self.vae),
-                      "is required (only adding latents with --vae goes without)"),
-            "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
-            "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),
-            "max_pixels": (self.max_pixels >= 1, "must be >= 1"),
-            "samples_per_shard": (self.samples_per_shard >= 1, "must be >= 1"),
-            "batch_size": (self.batch_size >= 1, "must be >= 1"),
-            "world_size": (self.world_size >= 1, "must be >= 1"),
-            "files_per_scan_task": (self.files_per_scan_task >= 1, "must be >= 1"),
-            "max_in_flight": (self.max_in_flight is None or self.max_in_flight >= 1,
-                              "must be >= 1"),
-            "incremental": (not (self.incremental and self.overwrite),
-                            "and --overwrite exclude each other"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "input": (
+                    bool(self.input or self.vae),
+                    "is required (only adding latents with --vae goes without)",
+                ),
+                "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
+                "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),
+                "max_pixels": (self.max_pixels >= 1, "must be >= 1"),
+                "samples_per_shard": (self.samples_per_shard >= 1, "must be >= 1"),
+                "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                "world_size": (self.world_size >= 1, "must be >= 1"),
+                "files_per_scan_task": (self.files_per_scan_task >= 1, "must be >= 1"),
+                "max_in_flight": (
+                    self.max_in_flight is None or self.max_in_flight >= 1,
+                    "must be >= 1",
+                ),
+                "incremental": (
+                    not (self.incremental and self.overwrite),
+                    "and --overwrite exclude each other",
+                ),
+            },
+        )
 
     def settings(self) -> dict:
         """The settings that shape the output: OUT is rebuilt when one of them changes."""

@@ -106,12 +106,30 @@ LATENT_INDEX_SCHEMA = pa.schema(  # a latent shard's part, and the latents' inde
         ("latent_width", pa.int32()),
     ]
 )
-JSON_MEMBER_FIELDS = ("source", "width", "height", "bucket", "bucket_width", "bucket_height",
-                      "stored_width", "stored_height")  # fmt: skip
+JSON_MEMBER_FIELDS = (
+    "source",
+    "width",
+    "height",
+    "bucket",
+    "bucket_width",
+    "bucket_height",
+    "stored_width",
+    "stored_height",
+)
 
 # The index columns the trainer's loader reads (lists: pyarrow's read_table takes no tuple).
-INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket", "width",
-                 "height", "stored_width", "stored_height"]  # fmt: skip
+INDEX_COLUMNS = [
+    "key",
+    "shard",
+    "image_offset",
+    "image_size",
+    "caption",
+    "bucket",
+    "width",
+    "height",
+    "stored_width",
+    "stored_height",
+]
 CROP_COLUMNS = ["crop_left", "crop_top"]  # format 2: where --crop cut the stored image
 
 

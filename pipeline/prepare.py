@@ -294,10 +294,13 @@ def _finish(
         buckets=buckets.tolist(),
         counts={"images": stats["images"], "rejected": stats["rejected"], "shards": len(names)},
         shards=[shard_path(name) for name in names],
-        trainer={"batch_size": config.batch_size, "world_size": config.world_size,
-                 "seed": config.write.seed},
+        trainer={
+            "batch_size": config.batch_size,
+            "world_size": config.world_size,
+            "seed": config.write.seed,
+        },
         input={"uri": config.input, "fingerprint": input_fingerprint},
         latents=current_latents(out, set(names)),
-    )  # fmt: skip
+    )
     manifest.write(out)
     return manifest

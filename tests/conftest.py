@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -31,20 +32,36 @@ from pipeline.buckets import BucketConfig  # noqa: E402
 from pipeline.config import PrepareConfig, WriteOptions  # noqa: E402
 from pipeline.prepare import run  # noqa: E402
 
+# Modules that run Ray clusters of their own: they stop the session's Ray, so they run last.
+OWN_CLUSTERS = ("test_cluster.py", "test_cluster_launcher.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: item.path.name in OWN_CLUSTERS)  # stable: otherwise as collected
+
 
 @contextlib.contextmanager
 def ray_started():
-    """A real local Ray with 2 CPUs (this machine has 2 cores), unless one is running already."""
+    """The session's local Ray with 2 CPUs (this machine has 2 cores): started on first use and
+    shut down once, when the session ends (`stop_ray`). Ray is not restarted within a process:
+    its core worker's native threads outlive `ray.shutdown()`, and a process that started Ray
+    again and again has crashed at interpreter exit; a start also costs seconds."""
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+def stop_ray() -> None:
+    """Shut the session's Ray down, if it runs: before a test starts a cluster of its own."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    stop_ray()
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +141,19 @@ def s3_server():
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     saved = {name: os.environ.get(name) for name in credentials}
     os.environ.update(credentials)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
     try:
-        yield S3Server(client, f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-                               "&allow_delayed_open=true")  # fmt: skip
+        yield S3Server(
+            client,
+            f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+            "&allow_delayed_open=true",
+        )
     finally:
         server.stop()
         for name, value in saved.items():

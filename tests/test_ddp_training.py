@@ -21,10 +21,16 @@ def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[d
     """Run the trainer under torchrun; each rank's logged batches, in order."""
     log = work / "batches.jsonl"
     done = run_torchrun(
-        nproc, "tests/support/logged_train.py", str(log), f"--data={data}",
-        f"--out-dir={work / 'checkpoints'}", "--num-workers=1", "--channels=8", *args,
+        nproc,
+        "tests/support/logged_train.py",
+        str(log),
+        f"--data={data}",
+        f"--out-dir={work / 'checkpoints'}",
+        "--num-workers=1",
+        "--channels=8",
+        *args,
         timeout=240,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     by_rank = defaultdict(list)
     for line in log.read_text().splitlines():
@@ -109,9 +115,15 @@ def test_same_seed_same_batches_and_each_epoch_a_new_order(prepared, reference_r
 def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
     """The source's use: hypernetworks on a frozen U-Net, DDP over 2 ranks, loss falls."""
     runs = torchrun(
-        2, prepared, tmp_path, "--model=sd", "--epochs=12", "--batch-size=4", "--lr=1e-2",
+        2,
+        prepared,
+        tmp_path,
+        "--model=sd",
+        "--epochs=12",
+        "--batch-size=4",
+        "--lr=1e-2",
         "--caption-dropout=0",
-    )  # fmt: skip
+    )
     first, second = runs[0], runs[1]
     assert len(first) == len(second) >= 36
     for a, b in zip(first, second, strict=True):
@@ -125,9 +137,17 @@ def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
 def test_two_ranks_train_sdxl_with_each_batchs_conditioning(prepared, tmp_path):
     """A tiny SDXL, hypernetwork per depth, flips and shuffled tags, 2 ranks in step."""
     runs = torchrun(
-        2, prepared, tmp_path, "--model=sdxl", "--epochs=2", "--batch-size=3", "--lr=1e-2",
-        "--flip=0.5", "--shuffle-tags", "--caption-dropout=0",
-    )  # fmt: skip
+        2,
+        prepared,
+        tmp_path,
+        "--model=sdxl",
+        "--epochs=2",
+        "--batch-size=3",
+        "--lr=1e-2",
+        "--flip=0.5",
+        "--shuffle-tags",
+        "--caption-dropout=0",
+    )
     first, second = runs[0], runs[1]
     assert len(first) == len(second) > 4
     rows = {row["key"]: row for row in pq.read_table(prepared / "index.parquet").to_pylist()}
@@ -135,8 +155,9 @@ def test_two_ranks_train_sdxl_with_each_batchs_conditioning(prepared, tmp_path):
         assert a["weights"] == b["weights"], "the ranks' hypernetworks agree after every step"
         for entry in (a, b):
             assert np.isfinite(entry["loss"])
-            for key, size, target in zip(entry["keys"], entry["original_size"],
-                                         entry["target_size"], strict=True):  # fmt: skip
+            for key, size, target in zip(
+                entry["keys"], entry["original_size"], entry["target_size"], strict=True
+            ):
                 assert size == [rows[key]["height"], rows[key]["width"]]
                 assert target == entry["shape"][2:]
     assert (tmp_path / "checkpoints" / "hypernetwork.safetensors").exists()

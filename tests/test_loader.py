@@ -193,8 +193,9 @@ def test_spawned_workers_deliver_the_same_batches(prepared):
     assert_same_batches(*delivered.values())
     # what a spawned worker is sent: how to open the dataset, not a copy of its index
     assert len(pickle.dumps(data)) < 2000
-    assert np.array_equal(pickle.loads(pickle.dumps(data)).columns.image_offset,
-                          data.columns.image_offset)  # fmt: skip
+    assert np.array_equal(
+        pickle.loads(pickle.dumps(data)).columns.image_offset, data.columns.image_offset
+    )
 
 
 def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):
@@ -254,8 +255,14 @@ def test_more_shards_than_open_files_allowed(tmp_path):
         pixels[..., 1] = i // 256  # 400 distinct images: no two the same bytes (duplicates)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i:03d}.png")
     with ray_started():
-        run(PrepareConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
-                          buckets=SMALL_BUCKETS, samples_per_shard=1))  # fmt: skip
+        run(
+            PrepareConfig(
+                input=str(tmp_path / "images"),
+                output=str(tmp_path / "out"),
+                buckets=SMALL_BUCKETS,
+                samples_per_shard=1,
+            )
+        )
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"

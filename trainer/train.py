@@ -277,8 +277,9 @@ def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
     columns = data.columns
     if not any(file.files.remote for file in columns.shard_paths):
         return None
-    sizes = np.bincount(columns.shard, weights=columns.image_size,
-                        minlength=len(columns.shard_paths))  # fmt: skip
+    sizes = np.bincount(
+        columns.shard, weights=columns.image_size, minlength=len(columns.shard_paths)
+    )
     if shuffle == "global":
         needed, what = sizes.sum(), "the dataset's shards (--shuffle global reads them all along)"
     else:
@@ -286,8 +287,10 @@ def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
         what = f"two windows of --shuffle-window {window} shards"
     if limit >= needed:
         return None
-    return (f"--cache-limit {limit:,} bytes holds less than {what}, ~{needed:,.0f} bytes: shards "
-            "will be downloaded more than once an epoch")  # fmt: skip
+    return (
+        f"--cache-limit {limit:,} bytes holds less than {what}, ~{needed:,.0f} bytes: shards "
+        "will be downloaded more than once an epoch"
+    )
 
 
 def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> str | None:
