@@ -35,6 +35,7 @@ from pipeline.inputs import (
     resolve_input,
 )
 from pipeline.latents import add_latents
+from pipeline.text_cache import add_text, current_text, recipe_settings
 from pipeline.output import (
     begin,
     current_latents,
@@ -127,8 +128,21 @@ def run(config: PrepareConfig, source: Input | None = None) -> dict:
     manifest = _finish(
         out, config, shards, assign_rejects, buckets, input_fingerprint, stages.timings
     )
-    if config.vae:  # latents after the images: the dataset is complete, its latents added
-        manifest = add_latents(out, config.vae, config.max_in_flight)
+    if config.vae or config.pretrained:  # after the images: the dataset is complete
+        manifest = add_companions(out, config)
+    return manifest
+
+
+def add_companions(out: OutputDir, config: PrepareConfig) -> Manifest:
+    """The latents of --vae, or the latents and the text cache of --pretrained, added to the
+    complete OUT."""
+    manifest = add_latents(out, config.vae or config.pretrained, config.max_in_flight)
+    if config.pretrained:
+        settings = recipe_settings(
+            config.model, config.max_sequence_length, config.caption_variants, config.tags,
+            config.write.seed, config.text_dtype,
+        )  # fmt: skip
+        manifest = add_text(out, config.pretrained, settings, config.max_in_flight)
     return manifest
 
 
@@ -298,6 +312,7 @@ def _finish(
                  "seed": config.write.seed},
         input={"uri": config.input, "fingerprint": input_fingerprint},
         latents=current_latents(out, set(names)),
+        text=current_text(out),
     )  # fmt: skip
     manifest.write(out)
     return manifest
