@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -32,6 +33,7 @@ CAPTIONS = [
     "dog, red shirt, sitting, looking at viewer",
 ]
 TAGS = CaptionOptions(shuffle_tags=True, keep_tokens=1, tag_dropout=0.2)
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the module
 
 
 def write_images(folder: Path, captions: list[str | None], start: int = 0) -> None:
@@ -251,3 +253,40 @@ def test_text_options_are_validated():
     with pytest.raises(ValueError, match="--vae and --pretrained"):
         PrepareConfig(output="o", pretrained="c", vae="v")
     PrepareConfig(output="o", pretrained="c", caption_variants=2, tags=TAGS)
+
+
+@pytest.mark.parametrize("name", ["AutoencoderKLFlux2", "AutoencoderKLQwenImage"])
+def test_vaes_of_other_classes_encode_the_stored_images(four_caches, tmp_path, name):
+    import diffusers
+    from checkpoints import other_vae
+
+    from pipeline.latents import LatentEncoder, add_latents, vae_folder
+
+    folder = other_vae(name, tmp_path / "ckpt" / "vae")
+    assert vae_folder(tmp_path / "ckpt") == folder
+    out = tmp_path / "out"
+    shutil.copytree(four_caches, out)
+    manifest = add_latents(OutputDir(str(out)), str(tmp_path / "ckpt"))
+    ((key, entry),) = [(k, e) for k, e in manifest.latents.items() if e["class"] == name]
+    assert entry["factor"] == 2 and entry["channels"] == 4
+    row = pq.read_table(out / entry["path"] / "index.parquet").to_pylist()[0]
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    (image_row,) = [r for r in index if r["key"] == row["key"]]
+    with open(out / image_row["shard"], "rb") as tar:
+        tar.seek(image_row["image_offset"])
+        from io import BytesIO
+
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(BytesIO(tar.read(image_row["image_size"]))).convert("RGB"))
+    with open(out / row["latent_shard"], "rb") as tar:
+        tar.seek(row["latent_offset"])
+        shape = (2, row["latent_channels"], row["latent_height"], row["latent_width"])
+        cached = np.frombuffer(tar.read(row["latent_size"]), np.float16).reshape(shape)
+    vae = getattr(diffusers, name).from_pretrained(folder)
+    batch = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        latent = vae.encode(batch[:, :, None] if "Qwen" in name else batch).latent_dist.mean
+    latent = latent[:, :, 0] if "Qwen" in name else latent
+    assert LatentEncoder(str(folder)).fingerprint == key
+    np.testing.assert_allclose(cached[0], latent[0].numpy(), rtol=2e-2, atol=2e-2)
