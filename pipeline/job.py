@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
     config, where = parse(build_parser(description, argv), argv, PrepareConfig, RayOptions)
     from pipeline.format import OutputDir  # here: --help answers at once
     from pipeline.inputs import absolute, check_separate, resolve_input
-    from pipeline.latents import add_latents, vae_folder
+    from pipeline.latents import vae_folder
     from pipeline.text_cache import text_parts
 
     try:  # local mistakes are answered before Ray starts
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
         ray.init(num_cpus=where.num_cpus, include_dashboard=False, log_to_driver=False)
     out = OutputDir(absolute(config.output))
     try:
-        if config.input:
-            manifest = run(config, source)
-        else:
-            manifest = add_companions(out, config)
+        manifest = run(config, source) if config.input else add_companions(out, config)
     except UsageError as error:  # a refused OUT, an input with nothing to prepare
         print(f"prepare: {error}", file=sys.stderr)
         return 2

@@ -35,7 +35,6 @@ from pipeline.inputs import (
     resolve_input,
 )
 from pipeline.latents import add_latents
-from pipeline.text_cache import add_text, current_text, recipe_settings
 from pipeline.output import (
     begin,
     current_latents,
@@ -50,6 +49,7 @@ from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, plan_shards
 from pipeline.shard_writer import write_shard
 from pipeline.sources import list_folders, list_level
+from pipeline.text_cache import add_text, current_text, recipe_settings
 from pipeline.work_plan import (
     FIRST_TASK_MS,
     WorkPlan,

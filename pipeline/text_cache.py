@@ -47,12 +47,22 @@ from pipeline.format import (
 FAMILY_PARTS = {
     "sd": ("text_encoder", "tokenizer"),
     "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-    "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-            "tokenizer_3"),
+    "sd3": (
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+    ),
     "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-}  # fmt: skip
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}  # fmt: skip
+}
+PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # diffusers' pipelines' defaults
 CHUNKED = {"max_tokens": 225, "clip_skip": 2, "layout": "full"}  # as pipeline/text_encoders.py
 CAPTIONS_PER_SHARD = 1000  # new captions a text shard (and an actor's task) holds
@@ -70,7 +80,9 @@ def text_parts(pretrained: str | Path, family: str) -> Path:
             f"{', '.join(p + '/' for p in missing)} there (a diffusers checkpoint folder)"
         )
     index = folder / "model_index.json"
-    named = PIPELINES.get(json.loads(index.read_text()).get("_class_name")) if index.exists() else None
+    named = None
+    if index.exists():
+        named = PIPELINES.get(json.loads(index.read_text()).get("_class_name"))
     if named is not None and named != family:
         raise UsageError(f"--pretrained {folder} is a {named} checkpoint: pass --model {named}")
     return folder
@@ -101,8 +113,10 @@ def variant_texts(text: str, settings: dict) -> list[str]:
     names = [item.name for item in dataclasses.fields(CaptionOptions)]
     options = CaptionOptions(**{name: settings[name] for name in names})
     digest = caption_digest(text)
-    return [caption(text, options, settings["seed"], epoch=v, key=digest)
-            for v in range(settings["variants"])]  # fmt: skip
+    return [
+        caption(text, options, settings["seed"], epoch=v, key=digest)
+        for v in range(settings["variants"])
+    ]
 
 
 class TextEncoder:
@@ -118,9 +132,11 @@ class TextEncoder:
         text encoded once. Returns the captions and the texts encoded."""
         from pipeline.text_encoders import serialized
 
-        rows = [(caption_digest(text), v, variant)
-                for text in captions
-                for v, variant in enumerate(variant_texts(text, self.settings))]  # fmt: skip
+        rows = [
+            (caption_digest(text), v, variant)
+            for text in captions
+            for v, variant in enumerate(variant_texts(text, self.settings))
+        ]
         texts = list(dict.fromkeys(variant for _, _, variant in rows))
         encoded: dict[str, tuple[bytes, int, int]] = {}
         for start in range(0, len(texts), ENCODE_BATCH):
@@ -135,16 +151,23 @@ class TextEncoder:
             records = []
             for digest, v, text in rows:
                 offset, size = offsets[f"{keys[text]}.safetensors"]
-                records.append({
-                    "caption_digest": digest, "variant": v, "text": text,
-                    "text_shard": f"{folder}/{name}.tar", "text_offset": offset,
-                    "text_size": size, "tokens": encoded[text][1],
-                    "sequence_length": encoded[text][2],
-                })  # fmt: skip
+                records.append(
+                    {
+                        "caption_digest": digest,
+                        "variant": v,
+                        "text": text,
+                        "text_shard": f"{folder}/{name}.tar",
+                        "text_offset": offset,
+                        "text_size": size,
+                        "tokens": encoded[text][1],
+                        "sequence_length": encoded[text][2],
+                    }
+                )
             return pa.Table.from_pylist(records, schema=TEXT_INDEX_SCHEMA)
 
-        out.write_shard(out.latent_shard(folder, name), out.latent_part(folder, name), samples,
-                        part_of)  # fmt: skip
+        out.write_shard(
+            out.latent_shard(folder, name), out.latent_part(folder, name), samples, part_of
+        )
         return {"name": name, "captions": len(captions), "encoded": len(texts)}
 
 
@@ -188,13 +211,23 @@ def add_text(
     todo = sorted((caption_digest(text), text) for text in captions)
     todo = [text for digest, text in todo if digest not in known]
     groups = [todo[i : i + CAPTIONS_PER_SHARD] for i in range(0, len(todo), CAPTIONS_PER_SHARD)]
-    tasks = [(out, folder, fingerprint([caption_digest(t) for t in group]), group)
-             for group in groups]  # fmt: skip
-    results = map_on_actors(
-        TextEncoder, (str(checkpoint), settings), "encode_group", tasks,
-        description="text", total_items=len(todo), items_of=lambda result: result["captions"],
-        max_in_flight=max_in_flight,
-    ) if tasks else []  # fmt: skip
+    tasks = [
+        (out, folder, fingerprint([caption_digest(t) for t in group]), group) for group in groups
+    ]
+    results = (
+        map_on_actors(
+            TextEncoder,
+            (str(checkpoint), settings),
+            "encode_group",
+            tasks,
+            description="text",
+            total_items=len(todo),
+            items_of=lambda result: result["captions"],
+            max_in_flight=max_in_flight,
+        )
+        if tasks
+        else []
+    )
     names = out.list_names(folder, ".tar")
     index = pa.concat_tables(
         [TEXT_INDEX_SCHEMA.empty_table()]
@@ -202,13 +235,21 @@ def add_text(
     )
     out.write_table(out.path(folder, "index.parquet"), index)
     encoded = sum(result["encoded"] for result in results)
-    info = {"fingerprint": key, "settings": settings, "pretrained": str(checkpoint),
-            "captions": len(pc.unique(index["caption_digest"])), "entries": len(index),
-            "path": folder}  # fmt: skip
+    info = {
+        "fingerprint": key,
+        "settings": settings,
+        "pretrained": str(checkpoint),
+        "captions": len(pc.unique(index["caption_digest"])),
+        "entries": len(index),
+        "path": folder,
+    }
     out.write_json(out.path(folder, "text.json"), info)
     stats = out.read_json(out.path("stats.json")) or {}
-    stats.setdefault("text", {})[key] = {"entries": len(index), "encoded": encoded,
-                                         "captions_encoded": len(todo)}  # fmt: skip
+    stats.setdefault("text", {})[key] = {
+        "entries": len(index),
+        "encoded": encoded,
+        "captions_encoded": len(todo),
+    }
     out.write_json(out.path("stats.json"), stats)
     entry = {name: value for name, value in info.items() if name != "fingerprint"}
     updated = dataclasses.replace(manifest, text=manifest.text | {key: entry})

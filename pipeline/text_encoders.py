@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+
 class ChunkedRecipe:
     """sd and sdxl: trainer/prompts.py's encoders, a batch per chunk count."""
 
@@ -70,8 +71,9 @@ class PipelineRecipe:
         kind = StableDiffusion3Pipeline if self.family == "sd3" else FluxPipeline
         unused = dict.fromkeys(("transformer", "vae", "scheduler"))
         self.pipeline = kind.from_pretrained(folder, **unused, local_files_only=True).to(device)
-        self.t5_tokenizer = self.pipeline.tokenizer_3 if self.family == "sd3" else (
-            self.pipeline.tokenizer_2)  # fmt: skip
+        self.t5_tokenizer = (
+            self.pipeline.tokenizer_3 if self.family == "sd3" else self.pipeline.tokenizer_2
+        )
 
     def real_tokens(self, texts: list[str]) -> list[int]:
         """The T5 tokens encode_prompt keeps of each text (</s> included): its attention mask."""
@@ -86,9 +88,13 @@ class PipelineRecipe:
         pipeline, lengths = self.pipeline, self.real_tokens(texts)
         if self.family == "sd3":
             embeds, _, pooled, _ = pipeline.encode_prompt(
-                texts, None, None, device=self.device, do_classifier_free_guidance=False,
+                texts,
+                None,
+                None,
+                device=self.device,
+                do_classifier_free_guidance=False,
                 max_sequence_length=self.length,
-            )  # fmt: skip
+            )
             clip_rows = pipeline.tokenizer_max_length
             width = pipeline.text_encoder.config.hidden_size
             width += pipeline.text_encoder_2.config.hidden_size
@@ -107,8 +113,12 @@ class PipelineRecipe:
         return results
 
 
-RECIPES = {"sd": ChunkedRecipe, "sdxl": ChunkedRecipe, "sd3": PipelineRecipe,
-           "flux": PipelineRecipe}  # fmt: skip
+RECIPES = {
+    "sd": ChunkedRecipe,
+    "sdxl": ChunkedRecipe,
+    "sd3": PipelineRecipe,
+    "flux": PipelineRecipe,
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

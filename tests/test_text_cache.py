@@ -44,21 +44,29 @@ def write_images(folder: Path, captions: list[str | None], start: int = 0) -> No
 
 
 def prepare(images: Path, output: Path, **settings) -> dict:
-    config = PrepareConfig(input=str(images), output=str(output), buckets=SMALL_BUCKETS,
-                           samples_per_shard=4, **settings)  # fmt: skip
+    config = PrepareConfig(
+        input=str(images),
+        output=str(output),
+        buckets=SMALL_BUCKETS,
+        samples_per_shard=4,
+        **settings,
+    )
     with ray_started():
         return run(config)
 
 
-def settings(family: str, variants: int = 0, tags: CaptionOptions = CaptionOptions()) -> dict:
-    return recipe_settings(family, None, variants, tags, 0, "bf16")
+def settings(family: str, variants: int = 0, tags: CaptionOptions | None = None) -> dict:
+    return recipe_settings(family, None, variants, tags or CaptionOptions(), 0, "bf16")
 
 
 def cached(out: Path, family_settings: dict, checkpoint: Path) -> dict[tuple[str, int], dict]:
     """(caption digest, variant) -> the row of the text index, with its tensors."""
     manifest = json.loads((out / "manifest.json").read_text())
-    (path,) = [e["path"] for e in manifest["text"].values()
-               if e["settings"] == family_settings and e["pretrained"] == str(checkpoint)]  # fmt: skip
+    (path,) = [
+        e["path"]
+        for e in manifest["text"].values()
+        if e["settings"] == family_settings and e["pretrained"] == str(checkpoint)
+    ]
     rows = {}
     for row in pq.read_table(out / path / "index.parquet").to_pylist():
         with open(out / row["text_shard"], "rb") as tar:
@@ -89,8 +97,12 @@ def four_caches(images, tiny_checkpoints, tmp_path_factory) -> Path:
 def test_the_tiny_checkpoints_load_as_their_pipelines(tiny_checkpoints):
     from diffusers import DiffusionPipeline
 
-    classes = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-               "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+    classes = {
+        "sd": "StableDiffusionPipeline",
+        "sdxl": "StableDiffusionXLPipeline",
+        "sd3": "StableDiffusion3Pipeline",
+        "flux": "FluxPipeline",
+    }
     for family, folder in tiny_checkpoints.items():
         pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
         assert type(pipeline).__name__ == classes[family]
@@ -106,8 +118,7 @@ def unique_captions() -> list[str]:
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_chunked_families_equal_the_trainers_prompt_encoders(four_caches, tiny_checkpoints,
-                                                             family):  # fmt: skip
+def test_chunked_families_equal_the_trainers_prompt_encoders(four_caches, tiny_checkpoints, family):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from trainer.prompts import PromptEncoder, SDXLPromptEncoder, Tokenizer
@@ -116,8 +127,9 @@ def test_chunked_families_equal_the_trainers_prompt_encoders(four_caches, tiny_c
     first = CLIPTextModel.from_pretrained(folder / "text_encoder")
     if family == "sdxl":
         second = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
-        encoder = SDXLPromptEncoder((Tokenizer(folder), Tokenizer(folder, "tokenizer_2")),
-                                    (first, second), 225, 2, "full")  # fmt: skip
+        encoder = SDXLPromptEncoder(
+            (Tokenizer(folder), Tokenizer(folder, "tokenizer_2")), (first, second), 225, 2, "full"
+        )
     else:
         encoder = PromptEncoder(Tokenizer(folder), first, 225, 2, "full")
     rows = cached(four_caches, settings(family), folder)
@@ -242,8 +254,14 @@ def test_missing_text_parts_are_refused_before_ray_starts(four_caches, tiny_chec
         text_parts(tiny_checkpoints["sdxl"], "sd3")
     with pytest.raises(UsageError, match="--model flux"):
         text_parts(tiny_checkpoints["flux"], "sd")
-    argv = ["--output", str(four_caches), "--model", "sd3", "--pretrained",
-            str(tiny_checkpoints["sdxl"])]  # fmt: skip
+    argv = [
+        "--output",
+        str(four_caches),
+        "--model",
+        "sd3",
+        "--pretrained",
+        str(tiny_checkpoints["sdxl"]),
+    ]
     assert main(argv) == 2
 
 
