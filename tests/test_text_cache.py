@@ -221,6 +221,7 @@ def text_stats(out: Path) -> dict:
     return entry
 
 
+@pytest.mark.slow  # ~35 s: two prepare runs with latents and text, two resumed text stages
 def test_new_captions_alone_are_encoded_and_a_resumed_run_encodes_nothing_again(
     images, tiny_checkpoints, tmp_path, monkeypatch
 ):
