@@ -55,31 +55,44 @@ def hypernetwork_overhead(latent: int, repeats: int) -> None:
         hypernetwork.zero_grad(set_to_none=True)
         unet(latents, timestep, encoder_hidden_states=context).sample.square().mean().backward()
 
-    print(f"1. U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters, "
-          f"{latent}x{latent} latents, 231-state context; hypernetwork "
-          f"{sum(p.numel() for p in hypernetwork.parameters()) / 1e6:.1f}M:")  # fmt: skip
+    print(
+        f"1. U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters, "
+        f"{latent}x{latent} latents, 231-state context; hypernetwork "
+        f"{sum(p.numel() for p in hypernetwork.parameters()) / 1e6:.1f}M:"
+    )
     for name, run in (("forward", forward), ("forward+backward", forward_backward)):
         bare = median_seconds(run, repeats)
         handles = hypernetwork.attach(unet)
         hooked = median_seconds(run, repeats)
         for handle in handles:
             handle.remove()
-        print(f"   {name:17s} bare {bare:6.3f} s, with hypernetwork {hooked:6.3f} s: "
-              f"overhead {100 * (hooked / bare - 1):+.1f}%")  # fmt: skip
+        print(
+            f"   {name:17s} bare {bare:6.3f} s, with hypernetwork {hooked:6.3f} s: "
+            f"overhead {100 * (hooked / bare - 1):+.1f}%"
+        )
 
 
 def long_prompt_cost(repeats: int, batch: int) -> None:
     torch.manual_seed(0)
     config = CLIPTextConfig(  # CLIP ViT-L/14's text tower, as in SD 1.x
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=START, eos_token_id=END, pad_token_id=END,
-    )  # fmt: skip
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=START,
+        eos_token_id=END,
+        pad_token_id=END,
+    )
     encoder = PromptEncoder(Tokenizer(), CLIPTextModel(config).eval(), 225, 2, "full")
     prompts = {n: [" ".join(["cat"] * n)] * batch for n in (75, 225)}
     seconds = {n: median_seconds(lambda p=p: encoder(p), repeats) for n, p in prompts.items()}
-    print(f"\n2. encoding {batch} prompts, penultimate layer: 75 tokens {seconds[75]:.3f} s, "
-          f"225 tokens {seconds[225]:.3f} s = {seconds[225] / seconds[75]:.2f}x")  # fmt: skip
+    print(
+        f"\n2. encoding {batch} prompts, penultimate layer: 75 tokens {seconds[75]:.3f} s, "
+        f"225 tokens {seconds[225]:.3f} s = {seconds[225] / seconds[75]:.2f}x"
+    )
 
 
 def main() -> None:

@@ -124,8 +124,10 @@ def _save_big_png(args: tuple[Path, int, tuple[int, int]]) -> Path:
     path = folder / f"big-{width}x{height}-{seed:02d}{'-rgba' if alpha else ''}.png"
     if path.exists():
         return path
-    fields = [pyvips.Image.perlin(width // 8, height // 8, cell_size=64, seed=seed * 4 + b)
-              for b in range(4 if alpha else 3)]  # fmt: skip
+    fields = [
+        pyvips.Image.perlin(width // 8, height // 8, cell_size=64, seed=seed * 4 + b)
+        for b in range(4 if alpha else 3)
+    ]
     base = (fields[0].bandjoin(fields[1:]) * 120 + 128).resize(8, kernel="linear")
     grain = pyvips.Image.gaussnoise(base.width, base.height, sigma=1, mean=0, seed=seed)
     image = (base + grain).cast("uchar").copy(interpretation="srgb")

@@ -34,8 +34,12 @@ from pipeline.inputs import resolve_input
 from pipeline.scan import scan_batch
 from pipeline.sources import list_input
 
-ASPECTS = [(1024, 768)] * 4 + [(768, 1024)] * 3 + [(1024, 1024)] * 2 + [(1216, 832), (832, 1216),
-                                                                      (1344, 768)]  # fmt: skip
+ASPECTS = (
+    [(1024, 768)] * 4
+    + [(768, 1024)] * 3
+    + [(1024, 1024)] * 2
+    + [(1216, 832), (832, 1216), (1344, 768)]
+)
 
 
 def photos(folder: Path, count: int) -> Path:
@@ -81,8 +85,13 @@ def tars_against_files(folder: Path, workdir: Path, per_tar: int = 500) -> None:
         for first in range(0, len(files), per_tar):
             with webdataset.TarWriter(str(tars / f"{first // per_tar:05d}.tar")) as sink:
                 for path in files[first : first + per_tar]:
-                    sink.write({"__key__": path.stem, "jpg": path.read_bytes(),
-                                "txt": f"a caption for {path.stem}"})  # fmt: skip
+                    sink.write(
+                        {
+                            "__key__": path.stem,
+                            "jpg": path.read_bytes(),
+                            "txt": f"a caption for {path.stem}",
+                        }
+                    )
     if not parquets.exists():  # as datasets writes images: row groups of 100
         parquets.mkdir()
         image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -96,8 +105,10 @@ def tars_against_files(folder: Path, workdir: Path, per_tar: int = 500) -> None:
     shapes = (("files", loose), ("tars", tars), ("parquet", parquets))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        rates = {name: max(job_rate(source, workdir / f"out-{name}") for _ in range(2))
-                 for name, source in shapes}  # fmt: skip
+        rates = {
+            name: max(job_rate(source, workdir / f"out-{name}") for _ in range(2))
+            for name, source in shapes
+        }
     finally:
         ray.shutdown()
     files_rate = rates["files"]

@@ -62,28 +62,42 @@ def main() -> None:
     ray.shutdown()
     (fingerprint,) = manifest.latents
     images = manifest.counts["images"]
-    print(f"1. VAE stage, one CPU actor: {images / seconds:.1f} images/s "
-          f"({images} images in {seconds:.1f} s, loading the VAE included)")  # fmt: skip
+    print(
+        f"1. VAE stage, one CPU actor: {images / seconds:.1f} images/s "
+        f"({images} images in {seconds:.1f} s, loading the VAE included)"
+    )
 
     data = PreparedData(output, latents=fingerprint)
     columns = data.columns
     jpeg, latent = float(np.mean(columns.image_size)), float(np.mean(columns.latents.size))
-    print(f"2. bytes read a sample: JPEG {jpeg / 1024:.0f} KiB, latents {latent / 1024:.0f} KiB "
-          f"({latent / jpeg:.2f}x)")  # fmt: skip
+    print(
+        f"2. bytes read a sample: JPEG {jpeg / 1024:.0f} KiB, latents {latent / 1024:.0f} KiB "
+        f"({latent / jpeg:.2f}x)"
+    )
 
     rates = {}
     for mode in ("off", "on"):
         config = Config(
-            data=(str(output),), model="sd", pretrained=str(checkpoint), latents=mode,
-            batch_size=4, max_steps=args.steps, epochs=100, num_workers=1, log_every=10**6,
-            out_dir=str(args.workdir / f"latents-ckpt-{mode}"), checkpoint_every=10**6,
+            data=(str(output),),
+            model="sd",
+            pretrained=str(checkpoint),
+            latents=mode,
+            batch_size=4,
+            max_steps=args.steps,
+            epochs=100,
+            num_workers=1,
+            log_every=10**6,
+            out_dir=str(args.workdir / f"latents-ckpt-{mode}"),
+            checkpoint_every=10**6,
             overwrite=True,
-        )  # fmt: skip
+        )
         start = time.perf_counter()
         steps = train(config)["steps"]
         rates[mode] = steps / (time.perf_counter() - start)
-    print(f"3. training steps/s, same model and data: from pixels {rates['off']:.2f}, "
-          f"from latents {rates['on']:.2f} ({rates['on'] / rates['off']:.2f}x)")  # fmt: skip
+    print(
+        f"3. training steps/s, same model and data: from pixels {rates['off']:.2f}, "
+        f"from latents {rates['on']:.2f} ({rates['on'] / rates['off']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

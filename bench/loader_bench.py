@@ -110,8 +110,10 @@ class Epoch(NamedTuple):
     trainer_cpu: float  # CPU seconds a sample in the process iterating the loader
 
 
-AUGMENTED = {"flip": 0.5, "captions": CaptionOptions(shuffle_tags=True, keep_tokens=1,
-                                                       tag_dropout=0.1)}  # fmt: skip
+AUGMENTED = {
+    "flip": 0.5,
+    "captions": CaptionOptions(shuffle_tags=True, keep_tokens=1, tag_dropout=0.1),
+}
 
 
 def loader_epochs(
@@ -229,8 +231,10 @@ def main() -> None:
                 "the loader without them"
             )
     print("   (the trainer process converts to float on the CPU here, on the GPU in training)")
-    sampler_costs = {name: sampler_seconds(data, args.batch_size, options)
-                     for name, options in (("plain", {}), ("augmented", AUGMENTED))}  # fmt: skip
+    sampler_costs = {
+        name: sampler_seconds(data, args.batch_size, options)
+        for name, options in (("plain", {}), ("augmented", AUGMENTED))
+    }
     print(
         f"   the sampler alone (plan, keys, captions, crops, SDXL's conditioning): "
         f"{sampler_costs['plain'] * 1e6:.1f} us a sample, with flips and tag augmentation "

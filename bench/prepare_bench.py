@@ -98,8 +98,10 @@ def psnr(encoded: bytes, expected: np.ndarray) -> float:
 def per_class(corpus: dict[str, list[Path]]) -> float:
     """Section 1; returns the naive loop's seconds over the whole corpus."""
     print("\n1. fit and encode, one core, per class: img/s, x naive, PSNR against the reference")
-    print(f"   {'class':12s} {'files':>5s}  {'naive':>18s}  {'ours (libvips)':>24s}  "
-          f"{'Pillow engine':>24s}")  # fmt: skip
+    print(
+        f"   {'class':12s} {'files':>5s}  {'naive':>18s}  {'ours (libvips)':>24s}  "
+        f"{'Pillow engine':>24s}"
+    )
     naive_total = 0.0
     for name, files in corpus.items():
         buckets = [bucket_of(path) for path in files]
@@ -145,8 +147,10 @@ def scan_speed(folder: Path, repeats: int = 3) -> None:
     n = len(paths)
     print(f"\n2. scan, one process, {n} files (best of {repeats}):")
     print(f"   bare Image.open(p).size  {n / min(bare):8.0f} files/s")
-    print(f"   scan.scan_batch          {n / min(scanned):8.0f} files/s  "
-          f"{min(bare) / min(scanned):5.2f}x of bare")  # fmt: skip
+    print(
+        f"   scan.scan_batch          {n / min(scanned):8.0f} files/s  "
+        f"{min(bare) / min(scanned):5.2f}x of bare"
+    )
 
 
 def job_once(input_folder: Path, cpus: int, tiny: bool = False) -> dict:
@@ -157,8 +161,11 @@ def job_once(input_folder: Path, cpus: int, tiny: bool = False) -> dict:
     if watched.returncode:
         raise RuntimeError(f"job failed with {watched.returncode}: {watched.stderr[-2000:]}")
     result = json.loads(watched.stdout.strip().splitlines()[-1])
-    return result | {"rss": watched.peak_rss, "pss": watched.peak_pss,
-                     "driver_rss": watched.driver_rss}  # fmt: skip
+    return result | {
+        "rss": watched.peak_rss,
+        "pss": watched.peak_pss,
+        "driver_rss": watched.driver_rss,
+    }
 
 
 def job_child(input_folder: str, output: str, cpus: int, tiny: bool) -> None:
@@ -188,8 +195,10 @@ def whole_job(folder: Path, naive_seconds: float) -> None:
     for cpus, result in ((1, one), (2, two)):
         rss, pss = result["rss"] / 2**30, result["pss"] / 2**30
         ratio = f"{naive_seconds / result['seconds']:5.2f}x naive  " if measured else ""
-        print(f"   {cpus} CPU{'s' if cpus > 1 else ' '} {result['seconds']:6.1f} s  {ratio}peak "
-              f"memory of the job's processes: RSS {rss:.2f} GiB, PSS {pss:.2f} GiB")  # fmt: skip
+        print(
+            f"   {cpus} CPU{'s' if cpus > 1 else ' '} {result['seconds']:6.1f} s  {ratio}peak "
+            f"memory of the job's processes: RSS {rss:.2f} GiB, PSS {pss:.2f} GiB"
+        )
     print(f"   2 CPUs against 1: {one['seconds'] / two['seconds']:.2f}x")
 
 
@@ -212,8 +221,10 @@ def driver_memory(workdir: Path, counts: list[int]) -> None:
     slope = (large["driver_rss"] - small["driver_rss"]) / (counts[1] - counts[0])
     print("\n4. driver peak memory (RSS of the driver process, sampled every 0.2 s):")
     for n, result in zip(counts, (small, large), strict=True):
-        print(f"   {n:>7,d} files  {result['driver_rss'] / 2**20:7.1f} MiB  "
-              f"({result['images']:,} kept)")  # fmt: skip
+        print(
+            f"   {n:>7,d} files  {result['driver_rss'] / 2**20:7.1f} MiB  "
+            f"({result['images']:,} kept)"
+        )
     print(f"   per extra image scanned: {slope:.0f} bytes")
 
 

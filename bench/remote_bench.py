@@ -55,8 +55,13 @@ def moto_server(port: int) -> subprocess.Popen:
 def upload(folder: Path, port: int) -> str:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="bench", aws_secret_access_key="bench")  # fmt: skip
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
     client.create_bucket(Bucket="bench")
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -66,8 +71,9 @@ def upload(folder: Path, port: int) -> str:
 
 def epoch(data, shuffle: str, window: int, workers: int, batch_size: int) -> tuple[float, float]:
     """(samples/s of one epoch, seconds to its first batch)."""
-    batches = EpochBatches(data, batch_size, world_size=1, rank=0, seed=0, shuffle=shuffle,
-                           window=window)  # fmt: skip
+    batches = EpochBatches(
+        data, batch_size, world_size=1, rank=0, seed=0, shuffle=shuffle, window=window
+    )
     start = time.perf_counter()
     loader, first, samples = make_loader(data, batches, num_workers=workers), None, 0
     for batch in loader:
@@ -90,11 +96,15 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
     try:
         uri = upload(local, port)
         limit = total // 3
-        print(f"\n1. {images} images in {len(tars)} shards ({total / 2**20:.0f} MiB), cache limit "
-              f"{limit / 2**20:.0f} MiB, batch {batch_size}, --shuffle-window {window}, "
-              f"{workers} workers")  # fmt: skip
-        print(f"{'source':<26}{'shuffle':<9}{'samples/s':>10}{'x local':>9}{'first batch':>13}"
-              f"{'hits':>7}{'downloads':>11}")  # fmt: skip
+        print(
+            f"\n1. {images} images in {len(tars)} shards ({total / 2**20:.0f} MiB), cache limit "
+            f"{limit / 2**20:.0f} MiB, batch {batch_size}, --shuffle-window {window}, "
+            f"{workers} workers"
+        )
+        print(
+            f"{'source':<26}{'shuffle':<9}{'samples/s':>10}{'x local':>9}{'first batch':>13}"
+            f"{'hits':>7}{'downloads':>11}"
+        )
         for shuffle in ("global", "shards"):
             rate, first = epoch(PreparedData(local), shuffle, window, workers, batch_size)
             print(f"{'local disk':<26}{shuffle:<9}{rate:>10.0f}{1:>9.2f}{first:>12.2f}s")
@@ -107,9 +117,11 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
                 cache = NodeCache(cache_dir, size)
                 data = PreparedData(uri, cache=cache)
                 remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate)
-        print(f"randomness: two images of one shard lie {spread(local, 'global', window):.3f} "
-              f"of an epoch apart under the global shuffle, {spread(local, 'shards', window):.3f} "
-              "under the shard-aware one")  # fmt: skip
+        print(
+            f"randomness: two images of one shard lie {spread(local, 'global', window):.3f} "
+            f"of an epoch apart under the global shuffle, {spread(local, 'shards', window):.3f} "
+            "under the shard-aware one"
+        )
         ranged_reads(local, uri)
     finally:
         server.terminate()
@@ -123,8 +135,10 @@ def remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rat
         remote_rate, first = epoch(data, shuffle, window, workers, batch_size)
         hits, downloads = (a - b for a, b in zip(cache.counts(), before, strict=True))
         ratio = remote_rate / rate
-        print(f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
-                      f"{first:>12.2f}s{hits:>7}{downloads:>11}")  # fmt: skip
+        print(
+            f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
+            f"{first:>12.2f}s{hits:>7}{downloads:>11}"
+        )
 
 
 def spread(local: Path, shuffle: str, window: int) -> float:
@@ -174,13 +188,20 @@ def synthetic_index(path: Path, rows: int) -> None:
         captions = pa.LargeStringArray.from_buffers(count, *buffers).cast(pa.string())
         ids = np.arange(begin, begin + count)
         zeros = np.zeros(count, np.int32)
-        table = pa.table({
-            "key": pa.array(np.char.mod("%09d", ids)), "caption": captions,
-            "shard": pa.array(np.char.mod("shards/%06d.tar", ids // 1000)),
-            "image_offset": ids * 100_000, "image_size": np.full(count, 90_000),
-            "bucket": zeros, "width": zeros + 768, "height": zeros + 512,
-            "stored_width": zeros + 768, "stored_height": zeros + 512,
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "key": pa.array(np.char.mod("%09d", ids)),
+                "caption": captions,
+                "shard": pa.array(np.char.mod("shards/%06d.tar", ids // 1000)),
+                "image_offset": ids * 100_000,
+                "image_size": np.full(count, 90_000),
+                "bucket": zeros,
+                "width": zeros + 768,
+                "height": zeros + 512,
+                "stored_width": zeros + 768,
+                "stored_height": zeros + 512,
+            }
+        )
         writer = writer or pq.ParquetWriter(path, table.schema)
         writer.write_table(table)
     writer.close()
@@ -227,24 +248,35 @@ def index_memory(workdir: Path, rows: int) -> None:
         print(f"(built {rows:,} rows in {time.perf_counter() - started:.0f} s)")
     shutil.rmtree(folder / "cache", ignore_errors=True)
     parquet_mib = (folder / "index.parquet").stat().st_size / 2**20
-    print(f"\n2. index of {rows:,} rows (index.parquet {parquet_mib:.0f} MiB), "
-          f"{PROCESSES} processes")  # fmt: skip
-    baseline = subprocess.Popen([sys.executable, "-c", CHILD.format(open=""), str(folder)],
-                                cwd=REPO, text=True, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE)  # fmt: skip
+    print(
+        f"\n2. index of {rows:,} rows (index.parquet {parquet_mib:.0f} MiB), {PROCESSES} processes"
+    )
+    baseline = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(open=""), str(folder)],
+        cwd=REPO,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     baseline.stdout.readline()
     for name, code in OPEN.items():
         if name == "mapped":  # the first process of the node converts; time it alone
-            first = subprocess.run([sys.executable, "-c", CHILD.format(open=code), str(folder)],
-                                   cwd=REPO, input="", text=True, capture_output=True)  # fmt: skip
+            first = subprocess.run(
+                [sys.executable, "-c", CHILD.format(open=code), str(folder)],
+                cwd=REPO,
+                input="",
+                text=True,
+                capture_output=True,
+            )
             print(f"  first open of the node (converts to Arrow IPC): {float(first.stdout):.1f} s")
         command = [sys.executable, "-c", CHILD.format(open=code), str(folder)]
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
         # Parquet readers that would not fit in this machine's memory together: one, times 8
         fits = name == "mapped" or rows * 900 * PROCESSES < 0.6 * available_bytes()
         processes = PROCESSES if fits else 1
-        children = [subprocess.Popen(command, cwd=REPO, text=True, **pipes)
-                    for _ in range(processes)]  # fmt: skip
+        children = [
+            subprocess.Popen(command, cwd=REPO, text=True, **pipes) for _ in range(processes)
+        ]
         try:
             seconds = [float(child.stdout.readline()) for child in children]
             empty = pss_kib(baseline.pid)  # now: the libraries' pages shared as the children's

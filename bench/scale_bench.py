@@ -53,8 +53,16 @@ from pipeline.fit import crop_box, fit
 from pipeline.imaging import encode
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_SIZES = [(512, 384), (384, 512), (640, 480), (480, 640), (600, 600), (768, 512),
-               (512, 768), (800, 600)]  # fmt: skip
+SMALL_SIZES = [
+    (512, 384),
+    (384, 512),
+    (640, 480),
+    (480, 640),
+    (600, 600),
+    (768, 512),
+    (512, 768),
+    (800, 600),
+]
 DISTINCT = 24
 TINY_BUCKETS = BucketConfig(max_area=96 * 128, max_side=256, min_side=64, step=32, square=96)
 BASELINE_SAMPLE = 480  # files timed for the one-core loops (the corpus repeats 24 files)
@@ -123,8 +131,13 @@ def packed_corpus(workdir: Path, count: int, tiny: bool, shape: str) -> Path:
         if shape == "tars":
             with webdataset.TarWriter(str(folder / f"{first // ROWS_PER_FILE:05d}.tar")) as sink:
                 for i in rows:
-                    sink.write({"__key__": f"{i:08d}", "jpg": images[i % DISTINCT],
-                                "txt": captions[i % DISTINCT]})  # fmt: skip
+                    sink.write(
+                        {
+                            "__key__": f"{i:08d}",
+                            "jpg": images[i % DISTINCT],
+                            "txt": captions[i % DISTINCT],
+                        }
+                    )
             continue
         schema = pa.schema([("image", image_type), ("text", pa.string())])
         name = folder / f"train-{first // ROWS_PER_FILE:05d}.parquet"
@@ -133,8 +146,9 @@ def packed_corpus(workdir: Path, count: int, tiny: bool, shape: str) -> Path:
                 numbers = range(group, min(rows.stop, group + ROW_GROUP))
                 structs = [{"bytes": images[i % DISTINCT], "path": f"{i:08d}.jpg"} for i in numbers]
                 texts = [captions[i % DISTINCT] for i in numbers]
-                writer.write_table(pa.table({"image": pa.array(structs, image_type),
-                                             "text": texts}, schema=schema))  # fmt: skip
+                writer.write_table(
+                    pa.table({"image": pa.array(structs, image_type), "text": texts}, schema=schema)
+                )
     marker.touch()
     print(f"made {folder} ({count:,} images) in {time.perf_counter() - start:.0f} s", flush=True)
     return folder
@@ -174,17 +188,31 @@ def per_image_ms(function, files: list[Path], buckets: list[tuple[int, int]]) ->
 
 
 def bucket_flags(config: BucketConfig) -> list[str]:
-    return [f"--max-area={config.max_area}", f"--max-side={config.max_side}",
-            f"--min-side={config.min_side}", f"--step={config.step}",
-            f"--square={config.square}"]  # fmt: skip
+    return [
+        f"--max-area={config.max_area}",
+        f"--max-side={config.max_side}",
+        f"--min-side={config.min_side}",
+        f"--step={config.step}",
+        f"--square={config.square}",
+    ]
 
 
 def run_job(folder: Path, cpus: int, tiny: bool) -> dict:
     output = folder.parent / f"out-{folder.name}"
-    command = [sys.executable, str(ROOT / "jobs" / "prepare.py"), "--input", str(folder),
-               "--output", str(output), "--overwrite", f"--num-cpus={cpus}",
-               "--batch-size=32", "--world-size=8", "--no-dedup",
-               *bucket_flags(bucket_config(tiny))]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "prepare.py"),
+        "--input",
+        str(folder),
+        "--output",
+        str(output),
+        "--overwrite",
+        f"--num-cpus={cpus}",
+        "--batch-size=32",
+        "--world-size=8",
+        "--no-dedup",
+        *bucket_flags(bucket_config(tiny)),
+    ]
     watched = watch(command)
     if watched.returncode:
         raise RuntimeError(f"the job failed ({watched.returncode}): {watched.stderr[-3000:]}")
@@ -226,16 +254,21 @@ def ray_data_child(folder: str, output: str, cpus: int, tiny: bool) -> None:
         scaled = image.resize(fit(*image.size, *bucket), Image.Resampling.LANCZOS)
         jpeg = encode(scaled.crop(crop_box(*scaled.size, *bucket)))
         caption = Path(row["path"]).with_suffix(".txt").read_text()
-        return {"key": Path(row["path"]).stem, "bucket": f"{bucket[0]}x{bucket[1]}",
-                "jpg": jpeg, "txt": caption}  # fmt: skip
+        return {
+            "key": Path(row["path"]).stem,
+            "bucket": f"{bucket[0]}x{bucket[1]}",
+            "jpg": jpeg,
+            "txt": caption,
+        }
 
     def write_group(group: dict) -> dict:
         name = group["bucket"][0]
         for start in range(0, len(group["key"]), 1000):
             with webdataset.TarWriter(f"{output}/{name}-{start // 1000:05d}.tar") as sink:
                 for i in range(start, min(start + 1000, len(group["key"]))):
-                    sink.write({"__key__": group["key"][i], "jpg": group["jpg"][i],
-                                "txt": group["txt"][i]})  # fmt: skip
+                    sink.write(
+                        {"__key__": group["key"][i], "jpg": group["jpg"][i], "txt": group["txt"][i]}
+                    )
         return {"bucket": [name], "images": [len(group["key"])]}
 
     os.makedirs(output, exist_ok=True)
@@ -253,8 +286,11 @@ def run_ray_data(folder: Path, cpus: int, tiny: bool) -> dict:
     if watched.returncode:
         raise RuntimeError(f"Ray Data failed ({watched.returncode}): {watched.stderr[-3000:]}")
     result = json.loads(watched.stdout.strip().splitlines()[-1])
-    return result | {"seconds": watched.seconds, "driver_rss": watched.driver_rss,
-                     "worker_rss": watched.worker_rss}  # fmt: skip
+    return result | {
+        "seconds": watched.seconds,
+        "driver_rss": watched.driver_rss,
+        "worker_rss": watched.worker_rss,
+    }
 
 
 def listing_and_scan(args: argparse.Namespace, results: dict) -> None:
@@ -273,21 +309,27 @@ def listing_and_scan(args: argparse.Namespace, results: dict) -> None:
     alone = time.perf_counter() - start
     job = stages["list"]["seconds"]
     scan_rate = stages["scan"]["items"] / stages["scan"]["seconds"] / args.cpus
-    print(f"listing {count:,} images ({2 * count:,} files with their captions): the job "
-          f"{job:.1f} s ({entries / job:,.0f} images/s), one process alone {alone:.1f} s: "
-          f"{alone / job:.2f}x; scan {scan_rate:,.0f} files/s per CPU")  # fmt: skip
+    print(
+        f"listing {count:,} images ({2 * count:,} files with their captions): the job "
+        f"{job:.1f} s ({entries / job:,.0f} images/s), one process alone {alone:.1f} s: "
+        f"{alone / job:.2f}x; scan {scan_rate:,.0f} files/s per CPU"
+    )
 
 
-def print_result(label: str, result: dict, count: int, cpus: int, bare_ms: float,
-                 naive_ms: float) -> None:  # fmt: skip
+def print_result(
+    label: str, result: dict, count: int, cpus: int, bare_ms: float, naive_ms: float
+) -> None:
     rate = result["images"] / result["seconds"]
     per_core = rate / cpus / (1000 / bare_ms)
     naive_ratio = (count * naive_ms / 1000) / result["seconds"]
-    print(f"   {label:>16s} {result['seconds']:7.1f} {rate:7.0f} "
-          f"{result['images'] / result['fit_seconds']:9.0f} {result['busy']:8.0%} "
-          f"{per_core:7.2f}x {naive_ratio:6.2f}x {result['driver_rss'] / 2**20:6.0f} MiB "
-          f"{result['worker_rss'] / 2**20:6.0f}/{result['worker_pss'] / 2**20:.0f} MiB "
-          f"{result['peak_pss'] / 2**30:6.2f} GiB", flush=True)  # fmt: skip
+    print(
+        f"   {label:>16s} {result['seconds']:7.1f} {rate:7.0f} "
+        f"{result['images'] / result['fit_seconds']:9.0f} {result['busy']:8.0%} "
+        f"{per_core:7.2f}x {naive_ratio:6.2f}x {result['driver_rss'] / 2**20:6.0f} MiB "
+        f"{result['worker_rss'] / 2**20:6.0f}/{result['worker_pss'] / 2**20:.0f} MiB "
+        f"{result['peak_pss'] / 2**30:6.2f} GiB",
+        flush=True,
+    )
     ordered = sorted(result["stages"].items(), key=lambda item: item[1]["started"])
     stages = ", ".join(f"{name} {stage['seconds']:.1f} s" for name, stage in ordered)
     if stages:
@@ -325,17 +367,24 @@ def main() -> None:
     bare_ms = per_image_ms(bare_engine, files, buckets)
     naive_ms = per_image_ms(naive, files, buckets)
     kind = "128x96-class thumbnails" if args.tiny else "512x384-class JPEGs"
-    print(f"{DISTINCT} distinct {kind}; one core, {BASELINE_SAMPLE} files, best of 3: bare "
-          f"engine loop {bare_ms:.2f} ms an image, naive loop {naive_ms:.2f} ms")  # fmt: skip
+    print(
+        f"{DISTINCT} distinct {kind}; one core, {BASELINE_SAMPLE} files, best of 3: bare "
+        f"engine loop {bare_ms:.2f} ms an image, naive loop {naive_ms:.2f} ms"
+    )
     print(f"the job on a local Ray of {args.cpus} CPUs:")
-    print(f"   {'images':>16s} {'wall s':>7s} {'img/s':>7s} {'fit img/s':>9s} {'fit busy':>8s} "
-          f"{'per core':>8s} {'x naive':>7s} {'driver':>9s} {'worker RSS/PSS':>16s} "
-          f"{'all PSS':>10s}")  # fmt: skip
+    print(
+        f"   {'images':>16s} {'wall s':>7s} {'img/s':>7s} {'fit img/s':>9s} {'fit busy':>8s} "
+        f"{'per core':>8s} {'x naive':>7s} {'driver':>9s} {'worker RSS/PSS':>16s} "
+        f"{'all PSS':>10s}"
+    )
     results, by_shape = {}, {}
     for count in args.sizes:
         for shape in args.shapes:
-            folder = (corpus(args.workdir, count, args.tiny) if shape == "files"
-                      else packed_corpus(args.workdir, count, args.tiny, shape))  # fmt: skip
+            folder = (
+                corpus(args.workdir, count, args.tiny)
+                if shape == "files"
+                else packed_corpus(args.workdir, count, args.tiny, shape)
+            )
             result = by_shape[count, shape] = run_job(folder, args.cpus, args.tiny)
             if shape == "files":
                 results[count] = result
@@ -348,18 +397,22 @@ def main() -> None:
         small, large = min(results), max(results)
         rates = {n: results[n]["images"] / results[n]["seconds"] for n in (small, large)}
         slope = (results[large]["driver_rss"] - results[small]["driver_rss"]) / (large - small)
-        print(f"throughput at {large:,} against {small:,}: {rates[large] / rates[small]:.2f}x; "
-              f"driver peak grows {slope:.0f} bytes an image")  # fmt: skip
+        print(
+            f"throughput at {large:,} against {small:,}: {rates[large] / rates[small]:.2f}x; "
+            f"driver peak grows {slope:.0f} bytes an image"
+        )
     if args.ray_data:
         for count in args.sizes[:1]:
             folder = corpus(args.workdir, count, args.tiny)
             plain = run_ray_data(folder, args.cpus, args.tiny)
             ours = results[count]
-            print(f"plain Ray Data pipeline, {count:,} images: {plain['seconds']:.1f} s "
-                  f"({plain['images'] / plain['seconds']:.0f} img/s; driver "
-                  f"{plain['driver_rss'] / 2**20:.0f} MiB, largest worker "
-                  f"{plain['worker_rss'] / 2**20:.0f} MiB); the job is "
-                  f"{plain['seconds'] / ours['seconds']:.2f}x faster")  # fmt: skip
+            print(
+                f"plain Ray Data pipeline, {count:,} images: {plain['seconds']:.1f} s "
+                f"({plain['images'] / plain['seconds']:.0f} img/s; driver "
+                f"{plain['driver_rss'] / 2**20:.0f} MiB, largest worker "
+                f"{plain['worker_rss'] / 2**20:.0f} MiB); the job is "
+                f"{plain['seconds'] / ours['seconds']:.2f}x faster"
+            )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ def dataset(workdir: Path, images: int) -> Path:
             photo(i, [(150, 100), (100, 150), (120, 120)][i % 3]).save(path, quality=90)
             path.with_suffix(".txt").write_text(f"a photo number {i}")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    run(PrepareConfig(input=str(source), output=str(output), buckets=SMALL_BUCKETS,
-                      overwrite=True))  # fmt: skip
+    run(PrepareConfig(input=str(source), output=str(output), buckets=SMALL_BUCKETS, overwrite=True))
     ray.shutdown()
     return output
 
@@ -57,10 +56,19 @@ def steps_per_second(data: Path, workdir: Path, precision: str, steps: int, skip
     """Steps a second after the first `skip` of a run of `skip + steps`."""
     stamps = []
     config = Config(
-        data=(str(data),), model="sd", train_part="unet", mixed_precision=precision,
-        batch_size=8, max_steps=skip + steps, epochs=1000, num_workers=1, log_every=10**6,
-        checkpoint_every=10**6, out_dir=str(workdir / f"trainer-ckpt-{precision}"), overwrite=True,
-    )  # fmt: skip
+        data=(str(data),),
+        model="sd",
+        train_part="unet",
+        mixed_precision=precision,
+        batch_size=8,
+        max_steps=skip + steps,
+        epochs=1000,
+        num_workers=1,
+        log_every=10**6,
+        checkpoint_every=10**6,
+        out_dir=str(workdir / f"trainer-ckpt-{precision}"),
+        overwrite=True,
+    )
     train(config, on_step=lambda step: stamps.append(time.perf_counter()))
     return steps / (stamps[-1] - stamps[skip - 1])
 
@@ -138,8 +146,18 @@ class _CudaMemory:
 
 
 def in_fresh_process(checkpointing: bool, device: str, batch: int, precision: str = "no") -> dict:
-    command = [sys.executable, __file__, "--unet-memory", str(int(checkpointing)),
-               "--device", device, "--batch", str(batch), "--precision", precision]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--unet-memory",
+        str(int(checkpointing)),
+        "--device",
+        device,
+        "--batch",
+        str(batch),
+        "--precision",
+        precision,
+    ]
     # glibc maps every block over 128 KiB on its own and unmaps it when freed: the resident
     # set is then what tensors hold, not what malloc kept of an earlier step
     environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
@@ -175,26 +193,34 @@ def main() -> None:
                 rates[precision].append(rate)
         fp32, bf16 = (statistics.median(rates[p]) for p in ("no", "bf16"))
         runs = " / ".join(str(np.round(rates[p], 2).tolist()) for p in rates)
-        print(f"1. tiny SD, U-Net trained, batch 8, {args.device}: fp32 {fp32:.2f} steps/s, "
-              f"bf16 autocast {bf16:.2f} steps/s ({bf16 / fp32:.2f}x); runs {runs}")  # fmt: skip
+        print(
+            f"1. tiny SD, U-Net trained, batch 8, {args.device}: fp32 {fp32:.2f} steps/s, "
+            f"bf16 autocast {bf16:.2f} steps/s ({bf16 / fp32:.2f}x); runs {runs}"
+        )
 
     plain, checkpointed = (in_fresh_process(c, args.device, args.batch) for c in (False, True))
     gib, grads = 2**30, plain["params"] * 4 / 2**30
-    print(f"2. SD 1.x U-Net ({plain['params'] / 1e6:.0f}M parameters), fp32, batch {args.batch}, "
-          f"64x64 latents, forward + backward on {args.device}, without -> with gradient "
-          "checkpointing, over what the model held before:")  # fmt: skip
+    print(
+        f"2. SD 1.x U-Net ({plain['params'] / 1e6:.0f}M parameters), fp32, batch {args.batch}, "
+        f"64x64 latents, forward + backward on {args.device}, without -> with gradient "
+        "checkpointing, over what the model held before:"
+    )
     for name, key in (("held after the forward", "held"), ("peak in the backward", "peak")):
         a, b = plain[key] / gib, checkpointed[key] / gib
         print(f"   {name}: {a:.2f} -> {b:.2f} GiB ({b / a:.2f}x, {a - b:.2f} GiB saved)")
-    print(f"   (the peak includes {grads:.2f} GiB of fp32 gradients); time a step "
-          f"{plain['seconds']:.1f} -> {checkpointed['seconds']:.1f} s "
-          f"({checkpointed['seconds'] / plain['seconds']:.2f}x)")  # fmt: skip
+    print(
+        f"   (the peak includes {grads:.2f} GiB of fp32 gradients); time a step "
+        f"{plain['seconds']:.1f} -> {checkpointed['seconds']:.1f} s "
+        f"({checkpointed['seconds'] / plain['seconds']:.2f}x)"
+    )
 
     bf16 = in_fresh_process(False, args.device, args.batch, "bf16")
     time_ratio = bf16["seconds"] / plain["seconds"]
-    print(f"3. the same U-Net step under bf16 autocast against fp32 (no checkpointing): time "
-          f"{plain['seconds']:.1f} -> {bf16['seconds']:.1f} s ({time_ratio:.2f}x), held after "
-          f"the forward {plain['held'] / gib:.2f} -> {bf16['held'] / gib:.2f} GiB")  # fmt: skip
+    print(
+        f"3. the same U-Net step under bf16 autocast against fp32 (no checkpointing): time "
+        f"{plain['seconds']:.1f} -> {bf16['seconds']:.1f} s ({time_ratio:.2f}x), held after "
+        f"the forward {plain['held'] / gib:.2f} -> {bf16['held'] / gib:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -43,17 +43,36 @@ def assign(
     messages = np.full(len(width), None, dtype=object)
     checks = [  # the first failed check names the reason; a bucket must exist to fit to it
         (Reason.DUPLICATE, duplicate, lambda i: "the same file is listed more than once"),
-        (Reason.DUPLICATE_CONTENT, copy_of != None,  # noqa: E711 (element-wise)
-         lambda i: f"the same bytes as {copy_of[i]}, which is kept"),
-        (Reason.ASPECT, index == REJECT_ASPECT,
-         lambda i: f"aspect {width[i] / height[i]:.3f} is too far from every bucket"),
-        (Reason.TOO_SMALL, index < 0,
-         lambda i: f"{width[i]}x{height[i]} is under every bucket it could use without upscaling"),
-        (Reason.UPSCALE, upscale > config.max_upscale,
-         lambda i: f"needs {upscale[i]:.2f}x upscaling, over max_upscale={config.max_upscale}"),
-        (Reason.CROP, cropped > config.max_crop,
-         lambda i: f"fit crops {cropped[i]:.0%} of the area, over max_crop={config.max_crop:.0%}"),
-    ]  # fmt: skip
+        (
+            Reason.DUPLICATE_CONTENT,
+            copy_of != None,  # noqa: E711 (element-wise)
+            lambda i: f"the same bytes as {copy_of[i]}, which is kept",
+        ),
+        (
+            Reason.ASPECT,
+            index == REJECT_ASPECT,
+            lambda i: f"aspect {width[i] / height[i]:.3f} is too far from every bucket",
+        ),
+        (
+            Reason.TOO_SMALL,
+            index < 0,
+            lambda i: (
+                f"{width[i]}x{height[i]} is under every bucket it could use without upscaling"
+            ),
+        ),
+        (
+            Reason.UPSCALE,
+            upscale > config.max_upscale,
+            lambda i: f"needs {upscale[i]:.2f}x upscaling, over max_upscale={config.max_upscale}",
+        ),
+        (
+            Reason.CROP,
+            cropped > config.max_crop,
+            lambda i: (
+                f"fit crops {cropped[i]:.0%} of the area, over max_crop={config.max_crop:.0%}"
+            ),
+        ),
+    ]
     for reason, failed_check, message in reversed(checks):
         for i in np.flatnonzero(failed_check):
             reasons[i], messages[i] = reason.value, message(i)

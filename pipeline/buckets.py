@@ -79,19 +79,42 @@ class BucketConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         sides = ("max_area", "max_side", "min_side", "step", "square")
-        check(self, {name: (_positive_integer(getattr(self, name)), "must be a positive integer")
-                     for name in sides})  # fmt: skip
-        check(self, {name: (getattr(self, name) % self.step == 0,
-                            f"must be a multiple of --step ({self.step})")
-                     for name in ("max_side", "min_side", "square")})  # fmt: skip
-        check(self, {
-            "min_side": (self.min_side <= self.max_side, f"exceeds --max-side ({self.max_side})"),
-            "max_area": (self.min_side**2 <= self.max_area,
-                         f"is below --min-side squared ({self.min_side**2}): no bucket fits"),
-            "square": (self.min_side <= self.square <= self.max_side
-                       and self.square**2 <= self.max_area, "is outside the side or area limits"),
-            "max_log_aspect_error": (self.max_log_aspect_error >= 0, "must be >= 0"),  # NaN too
-        })  # fmt: skip
+        check(
+            self,
+            {
+                name: (_positive_integer(getattr(self, name)), "must be a positive integer")
+                for name in sides
+            },
+        )
+        check(
+            self,
+            {
+                name: (
+                    getattr(self, name) % self.step == 0,
+                    f"must be a multiple of --step ({self.step})",
+                )
+                for name in ("max_side", "min_side", "square")
+            },
+        )
+        check(
+            self,
+            {
+                "min_side": (
+                    self.min_side <= self.max_side,
+                    f"exceeds --max-side ({self.max_side})",
+                ),
+                "max_area": (
+                    self.min_side**2 <= self.max_area,
+                    f"is below --min-side squared ({self.min_side**2}): no bucket fits",
+                ),
+                "square": (
+                    self.min_side <= self.square <= self.max_side
+                    and self.square**2 <= self.max_area,
+                    "is outside the side or area limits",
+                ),
+                "max_log_aspect_error": (self.max_log_aspect_error >= 0, "must be >= 0"),  # NaN too
+            },
+        )
 
 
 # Each model family's grid: the bucket step is the VAE's downscale times the denoiser's patch,

@@ -83,8 +83,13 @@ def _numbers(kind: type):
     return parse
 
 
-_PARSERS = {int: int, float: float, str: str, tuple[float, ...]: _numbers(float),
-            tuple[int, ...]: _numbers(int)}  # fmt: skip
+_PARSERS = {
+    int: int,
+    float: float,
+    str: str,
+    tuple[float, ...]: _numbers(float),
+    tuple[int, ...]: _numbers(int),
+}
 
 
 def _dataclass(kind: object) -> bool:
@@ -126,10 +131,15 @@ def _add_option(where, item: dataclasses.Field, kind: object, many: bool) -> Non
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     kind = _PARSERS[kind]
     where.add_argument(
-        name, type=kind, choices=choices, help=help, dest=item.name, required=default is MISSING,
+        name,
+        type=kind,
+        choices=choices,
+        help=help,
+        dest=item.name,
+        required=default is MISSING,
         default=None if default is MISSING else default,
         metavar=None if choices else {int: "N", float: "N", str: "TEXT"}.get(kind, "N,..."),
-    )  # fmt: skip
+    )
 
 
 def build(config: type, values: dict):

@@ -58,12 +58,16 @@ class WriteOptions:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check(self, {
-            "quality": (1 <= self.quality <= 100, "must be in 1..100"),
-            "background": (len(self.background) == 3
-                           and all(0 <= c <= 255 for c in self.background),
-                           "must be R,G,B, each in 0..255"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "quality": (1 <= self.quality <= 100, "must be in 1..100"),
+                "background": (
+                    len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
+                    "must be R,G,B, each in 0..255",
+                ),
+            },
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,13 +111,15 @@ class PrepareConfig:
         group=IMAGES,
     )
     image_column: str = option(
-        "image", "the image column of Parquet inputs (a datasets.Image struct or binary)",
+        "image",
+        "the image column of Parquet inputs (a datasets.Image struct or binary)",
         group=IMAGES,
-    )  # fmt: skip
+    )
     caption_column: str = option(
-        "", "the caption column of Parquet inputs; empty: the first of text, caption",
+        "",
+        "the caption column of Parquet inputs; empty: the first of text, caption",
         group=IMAGES,
-    )  # fmt: skip
+    )
     samples_per_shard: int = option(1000, "images per tar (one bucket per tar)", group=OUTPUT)
     batch_size: int = option(  # for the trainer and the epoch report; not part of the output
         32, "per-rank batch size you will train with: shapes the epoch report", group=OUTPUT
@@ -135,8 +141,9 @@ class PrepareConfig:
         "outputs of every caption by --model's recipe from its text_encoder*/ and tokenizer*/",
         group=TEXT,
     )
-    text_dtype: str = option("bf16", "how cached text-encoder outputs are stored", TEXT_DTYPES,
-                             group=TEXT)  # fmt: skip
+    text_dtype: str = option(
+        "bf16", "how cached text-encoder outputs are stored", TEXT_DTYPES, group=TEXT
+    )
     max_sequence_length: int | None = option(
         None, "T5 tokens encoded (sd3, flux; none: diffusers' default, 256 and 512)", group=TEXT
     )
@@ -159,28 +166,43 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check(self, {
-            "input": (bool(self.input or self.vae or self.pretrained),
-                      "is required (only adding latents or text with --vae, --pretrained goes "
-                      "without)"),
-            "vae": (not (self.vae and self.pretrained),
-                    "and --pretrained exclude each other (--pretrained takes CKPT/vae)"),
-            "max_sequence_length": (self.max_sequence_length is None
-                                    or self.max_sequence_length >= 1, "must be >= 1"),
-            "caption_variants": (self.caption_variants >= (1 if self.tags.active else 0),
-                                 "must be >= 1 with --shuffle-tags or --tag-dropout (and >= 0)"),
-            "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
-            "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),
-            "max_pixels": (self.max_pixels >= 1, "must be >= 1"),
-            "samples_per_shard": (self.samples_per_shard >= 1, "must be >= 1"),
-            "batch_size": (self.batch_size >= 1, "must be >= 1"),
-            "world_size": (self.world_size >= 1, "must be >= 1"),
-            "files_per_scan_task": (self.files_per_scan_task >= 1, "must be >= 1"),
-            "max_in_flight": (self.max_in_flight is None or self.max_in_flight >= 1,
-                              "must be >= 1"),
-            "incremental": (not (self.incremental and self.overwrite),
-                            "and --overwrite exclude each other"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "input": (
+                    bool(self.input or self.vae or self.pretrained),
+                    "is required (only adding latents or text with --vae, --pretrained goes "
+                    "without)",
+                ),
+                "vae": (
+                    not (self.vae and self.pretrained),
+                    "and --pretrained exclude each other (--pretrained takes CKPT/vae)",
+                ),
+                "max_sequence_length": (
+                    self.max_sequence_length is None or self.max_sequence_length >= 1,
+                    "must be >= 1",
+                ),
+                "caption_variants": (
+                    self.caption_variants >= (1 if self.tags.active else 0),
+                    "must be >= 1 with --shuffle-tags or --tag-dropout (and >= 0)",
+                ),
+                "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
+                "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),
+                "max_pixels": (self.max_pixels >= 1, "must be >= 1"),
+                "samples_per_shard": (self.samples_per_shard >= 1, "must be >= 1"),
+                "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                "world_size": (self.world_size >= 1, "must be >= 1"),
+                "files_per_scan_task": (self.files_per_scan_task >= 1, "must be >= 1"),
+                "max_in_flight": (
+                    self.max_in_flight is None or self.max_in_flight >= 1,
+                    "must be >= 1",
+                ),
+                "incremental": (
+                    not (self.incremental and self.overwrite),
+                    "and --overwrite exclude each other",
+                ),
+            },
+        )
 
     def settings(self) -> dict:
         """The settings that shape the output: OUT is rebuilt when one of them changes."""

@@ -120,12 +120,30 @@ TEXT_INDEX_SCHEMA = pa.schema(  # a text shard's part, and the text cache's inde
         ("sequence_length", pa.int32()),  # rows stored of the main sequence (context or t5)
     ]
 )
-JSON_MEMBER_FIELDS = ("source", "width", "height", "bucket", "bucket_width", "bucket_height",
-                      "stored_width", "stored_height")  # fmt: skip
+JSON_MEMBER_FIELDS = (
+    "source",
+    "width",
+    "height",
+    "bucket",
+    "bucket_width",
+    "bucket_height",
+    "stored_width",
+    "stored_height",
+)
 
 # The index columns the trainer's loader reads (lists: pyarrow's read_table takes no tuple).
-INDEX_COLUMNS = ["key", "shard", "image_offset", "image_size", "caption", "bucket", "width",
-                 "height", "stored_width", "stored_height"]  # fmt: skip
+INDEX_COLUMNS = [
+    "key",
+    "shard",
+    "image_offset",
+    "image_size",
+    "caption",
+    "bucket",
+    "width",
+    "height",
+    "stored_width",
+    "stored_height",
+]
 CROP_COLUMNS = ["crop_left", "crop_top"]  # format 2: where --crop cut the stored image
 
 

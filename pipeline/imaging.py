@@ -226,8 +226,9 @@ def fitted_image(
     return Fitted(np.ascontiguousarray(pixels), header, note, (left, top))
 
 
-Engine = Callable[[str | bytes, Header, tuple[int, int], tuple[int, int, int]],
-                  tuple[np.ndarray, str | None]]  # fmt: skip
+Engine = Callable[
+    [str | bytes, Header, tuple[int, int], tuple[int, int, int]], tuple[np.ndarray, str | None]
+]
 
 
 def _vips_pixels(
@@ -277,9 +278,12 @@ def _jpeg_pixels(
         data = source
     try:
         pixels = simplejpeg.decode_jpeg(
-            data, "RGB", min_width=-(-width // factor), min_height=-(-height // factor),
+            data,
+            "RGB",
+            min_width=-(-width // factor),
+            min_height=-(-height // factor),
             min_factor=factor,
-        )  # fmt: skip
+        )
     except ValueError:
         return _vips_pixels(source, header, stored, background)
     pixels = pixels[: height // factor, : width // factor]  # libvips drops a partial last pixel
@@ -298,8 +302,7 @@ def _as_stored(header: Header) -> tuple[int, int]:
 
 def _lanczos(image: pyvips.Image, stored: tuple[int, int]) -> pyvips.Image:
     """libvips' Lanczos-3 to `stored` (width, height): the resize of every image it shrinks."""
-    return image.resize(stored[0] / image.width, vscale=stored[1] / image.height,
-                        kernel="lanczos3")  # fmt: skip
+    return image.resize(stored[0] / image.width, vscale=stored[1] / image.height, kernel="lanczos3")
 
 
 def enlarge(pixels: np.ndarray, stored: tuple[int, int]) -> np.ndarray:
@@ -311,8 +314,9 @@ def enlarge(pixels: np.ndarray, stored: tuple[int, int]) -> np.ndarray:
 def _shrink_factor(size: tuple[int, int], stored: tuple[int, int]) -> int:
     """The largest of 1, 2, 4, 8 at which a decoder's ceil-divided size still covers `stored`."""
     factor = 1
-    while factor < 8 and all(-(-side // (2 * factor)) >= want
-                             for side, want in zip(size, stored, strict=True)):  # fmt: skip
+    while factor < 8 and all(
+        -(-side // (2 * factor)) >= want for side, want in zip(size, stored, strict=True)
+    ):
         factor *= 2
     return factor
 

@@ -100,8 +100,10 @@ class LatentEncoder:
             "factor": self.factor,
         }
         if self.video:  # per-channel normalisation
-            info |= {"latents_mean": list(config["latents_mean"]),
-                     "latents_std": list(config["latents_std"])}  # fmt: skip
+            info |= {
+                "latents_mean": list(config["latents_mean"]),
+                "latents_std": list(config["latents_std"]),
+            }
         return info
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
@@ -164,12 +166,17 @@ def _write_latent_shard(
 
     def part_of(offsets: dict[str, tuple[int, int]]) -> pa.Table:
         records = [
-            {"key": key, "latent_shard": f"{folder}/{name}.tar",
-             "latent_offset": offsets[f"{key}.latent.npy"][0] + len(data) - latent.nbytes,
-             "latent_size": latent.nbytes, "latent_channels": latent.shape[1],
-             "latent_height": latent.shape[2], "latent_width": latent.shape[3]}
+            {
+                "key": key,
+                "latent_shard": f"{folder}/{name}.tar",
+                "latent_offset": offsets[f"{key}.latent.npy"][0] + len(data) - latent.nbytes,
+                "latent_size": latent.nbytes,
+                "latent_channels": latent.shape[1],
+                "latent_height": latent.shape[2],
+                "latent_width": latent.shape[3],
+            }
             for key, latent, data in zip(keys, latents, members, strict=True)
-        ]  # fmt: skip
+        ]
         return pa.Table.from_pylist(records, schema=LATENT_INDEX_SCHEMA)
 
     samples = [(key, {"latent.npy": data}) for key, data in zip(keys, members, strict=True)]
@@ -199,11 +206,15 @@ def add_latents(out: OutputDir, vae: str, max_in_flight: int | None = None) -> M
     finished = set(out.list_names(latents, ".tar"))
     todo = [name for name in names if name not in finished]
     map_on_actors(
-        LatentEncoder, (folder,), "encode_shard",
+        LatentEncoder,
+        (folder,),
+        "encode_shard",
         [(out, name, latents) for name in todo],
-        description="encode", total_items=manifest.counts["images"],
-        items_of=lambda result: result["latents"], max_in_flight=max_in_flight,
-    )  # fmt: skip
+        description="encode",
+        total_items=manifest.counts["images"],
+        items_of=lambda result: result["latents"],
+        max_in_flight=max_in_flight,
+    )
     for name in set(out.list_names(latents, ".tar")) - set(names):  # replaced image shards
         out.delete(out.latent_shard(latents, name))
         out.delete(out.latent_part(latents, name))

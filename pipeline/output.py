@@ -27,8 +27,14 @@ from pipeline.rejects import rejects_table
 from pipeline.shard_plan import is_shard_name
 
 JOB_FOLDERS = (("shards", ".tar"), ("parts", ".parquet"))  # of files named by shard_name
-JOB_FILES = ("manifest.json", "config.json", "index.parquet", "rejects.parquet", "stats.json",
-             "buckets.png")  # fmt: skip
+JOB_FILES = (
+    "manifest.json",
+    "config.json",
+    "index.parquet",
+    "rejects.parquet",
+    "stats.json",
+    "buckets.png",
+)
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, for the report
 # OUTs a run resumes or adds to: version 2's parts have no source_row (`_read_part` adds it)
 RESUMABLE_FORMAT_VERSIONS = (2, FORMAT_VERSION)
@@ -127,8 +133,10 @@ def write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray]
             failed = part.filter(pc.is_valid(part["reject"]))
             rejected.append(rejects_table(failed, failed["reject"], failed["message"]))
     out.commit(temporary, index_path)
-    numbers = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
-               for name, parts in columns.items()}  # fmt: skip
+    numbers = {
+        name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        for name, parts in columns.items()
+    }
     return numbers, pa.concat_tables(rejected)
 
 

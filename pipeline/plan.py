@@ -276,8 +276,11 @@ def plan_epoch_by_shards(
     for number, count in enumerate(counts):
         members = grouped[first : first + count]
         first += count
-        window_seed = int(np.random.SeedSequence([seed, epoch, _WINDOW_SEED, number])
-                          .generate_state(1, np.uint32)[0])  # fmt: skip
+        window_seed = int(
+            np.random.SeedSequence([seed, epoch, _WINDOW_SEED, number]).generate_state(
+                1, np.uint32
+            )[0]
+        )
         part = plan_epoch(bucket_index[members], batch_size, world_size, rank, window_seed, epoch)
         plans.append((members[part.items], part))
     steps = [len(part) for _, part in plans]

@@ -139,9 +139,13 @@ def add_companions(out: OutputDir, config: PrepareConfig) -> Manifest:
     manifest = add_latents(out, config.vae or config.pretrained, config.max_in_flight)
     if config.pretrained:
         settings = recipe_settings(
-            config.model, config.max_sequence_length, config.caption_variants, config.tags,
-            config.write.seed, config.text_dtype,
-        )  # fmt: skip
+            config.model,
+            config.max_sequence_length,
+            config.caption_variants,
+            config.tags,
+            config.write.seed,
+            config.text_dtype,
+        )
         manifest = add_text(out, config.pretrained, settings, config.max_in_flight)
     return manifest
 
@@ -308,11 +312,14 @@ def _finish(
         buckets=buckets.tolist(),
         counts={"images": stats["images"], "rejected": stats["rejected"], "shards": len(names)},
         shards=[shard_path(name) for name in names],
-        trainer={"batch_size": config.batch_size, "world_size": config.world_size,
-                 "seed": config.write.seed},
+        trainer={
+            "batch_size": config.batch_size,
+            "world_size": config.world_size,
+            "seed": config.write.seed,
+        },
         input={"uri": config.input, "fingerprint": input_fingerprint},
         latents=current_latents(out, set(names)),
         text=current_text(out),
-    )  # fmt: skip
+    )
     manifest.write(out)
     return manifest

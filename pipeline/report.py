@@ -40,10 +40,18 @@ def epoch_report(
 ) -> dict:
     """Epoch 0 for every rank: items used and dropped, catch-all items and their aspect error."""
     plans = [
-        plan_epoch(bucket_index, batch_size, world_size, rank, seed, 0,
-                   item_aspects=item_aspects, bucket_aspects=bucket_aspects(buckets))
+        plan_epoch(
+            bucket_index,
+            batch_size,
+            world_size,
+            rank,
+            seed,
+            0,
+            item_aspects=item_aspects,
+            bucket_aspects=bucket_aspects(buckets),
+        )
         for rank in range(world_size)
-    ]  # fmt: skip
+    ]
     catch_all = sum(plan.catch_all_items for plan in plans)
     error_sum = sum(
         plan.catch_all_items * plan.catch_all_aspect_error for plan in plans if plan.catch_all_items
@@ -161,8 +169,10 @@ def _rejected_lines(stats: dict, output: str) -> list[str]:
         f"pq.read_table('{output}/rejects.parquet', columns=['source', 'reason', 'message']), "
         'sys.stdout.buffer)"'
     )
-    named = [f"  {r['source']} ({r['reason']}) {DESCRIPTIONS[Reason(r['reason'])]}{_said(r)}"
-             for r in first]  # fmt: skip
+    named = [
+        f"  {r['source']} ({r['reason']}) {DESCRIPTIONS[Reason(r['reason'])]}{_said(r)}"
+        for r in first
+    ]
     return [
         *named,
         *([f"  ... and {more} more"] if more else []),

@@ -119,8 +119,11 @@ def _scan_archive(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
                 data = tar.extractfile(member).read()
                 del entry["reading"]
                 if is_image:
-                    entry |= {"source": f"{archive}/{member.name}", "size": member.size,
-                              "member_offset": member.offset_data}  # fmt: skip
+                    entry |= {
+                        "source": f"{archive}/{member.name}",
+                        "size": member.size,
+                        "member_offset": member.offset_data,
+                    }
                     _image_member(entry, data, max_pixels, dedup)
                 else:  # a txt member wins over a json one, whichever comes first
                     entry.setdefault("captions", {})[extension] = _member_caption(
@@ -157,9 +160,15 @@ def _scan_parquet(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
     except (OSError, pa.ArrowException) as error:
         return [row | reject(Reason.CORRUPT, f"not a readable Parquet file: {error}")]
     if source.image_column not in names:
-        return [row | reject(Reason.UNSUPPORTED_FORMAT, f"a Parquet file without an image "
-                             f"column {source.image_column!r} (--image-column; it has: "
-                             f"{', '.join(names)})")]  # fmt: skip
+        return [
+            row
+            | reject(
+                Reason.UNSUPPORTED_FORMAT,
+                f"a Parquet file without an image "
+                f"column {source.image_column!r} (--image-column; it has: "
+                f"{', '.join(names)})",
+            )
+        ]
     caption_column = source.caption_column_in(names)
     columns = [source.image_column] + ([caption_column] if caption_column else [])
     rows, number = [], 0
@@ -167,12 +176,17 @@ def _scan_parquet(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
         end = number + parquet.metadata.row_group(group).num_rows
         size = _image_bytes_in(parquet, group, source.image_column)
         if size > MAX_ROW_GROUP_BYTES and end - number > 1:
-            rows += _group_lost(base, archive, range(number, end), Reason.UNSUPPORTED_FORMAT,
-                                f"its row group ({group}) holds {size / 1e9:.1f} GB of images in "
-                                f"{end - number} rows, over {MAX_ROW_GROUP_BYTES / 1e9:.1f} GB: "
-                                "pyarrow reads a row group's column whole, so each image would "
-                                "cost reading them all; rewrite the file with fewer rows a row "
-                                "group")  # fmt: skip
+            rows += _group_lost(
+                base,
+                archive,
+                range(number, end),
+                Reason.UNSUPPORTED_FORMAT,
+                f"its row group ({group}) holds {size / 1e9:.1f} GB of images in "
+                f"{end - number} rows, over {MAX_ROW_GROUP_BYTES / 1e9:.1f} GB: "
+                "pyarrow reads a row group's column whole, so each image would "
+                "cost reading them all; rewrite the file with fewer rows a row "
+                "group",
+            )
             number = end
             continue
         try:
@@ -200,23 +214,33 @@ def _image_bytes_in(parquet: pq.ParquetFile, group: int, column: str) -> int:
     """Bytes of `column` (its leaves: a struct's `bytes` and `path`) in row group `group`."""
     metadata = parquet.metadata.row_group(group)
     chunks = (metadata.column(i) for i in range(metadata.num_columns))
-    return sum(chunk.total_uncompressed_size for chunk in chunks
-               if chunk.path_in_schema.split(".")[0] == column)  # fmt: skip
+    return sum(
+        chunk.total_uncompressed_size
+        for chunk in chunks
+        if chunk.path_in_schema.split(".")[0] == column
+    )
 
 
 def _group_lost(base: dict, archive: str, numbers: range, reason: Reason, message: str) -> list:
     """A rejection for each of a Parquet input's rows `numbers` that its row group costs."""
-    return [dict(base, source=f"{archive}/{n:09d}", source_row=n) | reject(reason, message)
-            for n in numbers]  # fmt: skip
+    return [
+        dict(base, source=f"{archive}/{n:09d}", source_row=n) | reject(reason, message)
+        for n in numbers
+    ]
 
 
-def _parquet_row(base: dict, archive: str, number: int, value: object, text: object,
-                 max_pixels: int, dedup: bool) -> dict:  # fmt: skip
+def _parquet_row(
+    base: dict, archive: str, number: int, value: object, text: object, max_pixels: int, dedup: bool
+) -> dict:
     """The scan row of a Parquet input's row `number` (its image column's `value`)."""
     data = image_bytes(value)
-    entry = dict(base, source=f"{archive}/{number:09d}", source_row=number,
-                 size=None if data is None else len(data),
-                 caption=None if text is None else str(text).strip())  # fmt: skip
+    entry = dict(
+        base,
+        source=f"{archive}/{number:09d}",
+        source_row=number,
+        size=None if data is None else len(data),
+        caption=None if text is None else str(text).strip(),
+    )
     if data is None:
         entry |= reject(Reason.NOT_AN_IMAGE, "a Parquet row without image bytes")
     else:
@@ -228,8 +252,9 @@ def _parquet_row(base: dict, archive: str, number: int, value: object, text: obj
 def _member_base(row: dict) -> dict:
     """The empty scan row of a sample inside the archive (a tar, a Parquet file) `row` lists."""
     return {name: None for name in SCAN_SCHEMA.names} | {
-        "archive": row["source"], "mtime_ns": row["mtime_ns"]
-    }  # fmt: skip
+        "archive": row["source"],
+        "mtime_ns": row["mtime_ns"],
+    }
 
 
 def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool) -> None:
@@ -341,4 +366,3 @@ def _read_header(stream: BinaryIO, source: Input | None, path: str) -> Header:
                 raise
     with open_file(source, path) as whole:
         return read_header(Image.open(whole))
-

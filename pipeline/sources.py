@@ -186,8 +186,11 @@ def _remote_level(
     base = f"{root.rstrip('/')}/{folder}" if folder else root.rstrip("/")
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
     start = len(root.rstrip("/")) + 1
-    entries = [{"source": i.path[start:], "size": i.size, "mtime_ns": i.mtime_ns}
-               for i in infos if i.type == pafs.FileType.File]  # fmt: skip
+    entries = [
+        {"source": i.path[start:], "size": i.size, "mtime_ns": i.mtime_ns}
+        for i in infos
+        if i.type == pafs.FileType.File
+    ]
     folders = sorted(i.path[start:] for i in infos if i.type == pafs.FileType.Directory)
     return entries, folders
 

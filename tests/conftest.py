@@ -124,11 +124,19 @@ def s3_server():
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     saved = {name: os.environ.get(name) for name in credentials}
     os.environ.update(credentials)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
     try:
-        yield S3Server(client, f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-                               "&allow_delayed_open=true")  # fmt: skip
+        yield S3Server(
+            client,
+            f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+            "&allow_delayed_open=true",
+        )
     finally:
         server.stop()
         for name, value in saved.items():

@@ -94,11 +94,15 @@ def quadrants(width: int, height: int) -> Image.Image:
     pixels = np.empty((height, width, 3), np.uint8)
     top, left = height // 2, width // 2
     for (rows, columns), colour in zip(
-        [(slice(0, top), slice(0, left)), (slice(0, top), slice(left, None)),
-         (slice(top, None), slice(0, left)), (slice(top, None), slice(left, None))],
+        [
+            (slice(0, top), slice(0, left)),
+            (slice(0, top), slice(left, None)),
+            (slice(top, None), slice(0, left)),
+            (slice(top, None), slice(left, None)),
+        ],
         QUADRANT_COLOURS,
         strict=True,
-    ):  # fmt: skip
+    ):
         pixels[rows, columns] = colour
     return Image.fromarray(pixels)
 
@@ -106,8 +110,12 @@ def quadrants(width: int, height: int) -> Image.Image:
 def quadrant_colours(image: Image.Image) -> list[tuple[int, ...]]:
     """The colour at the centre of each quadrant of `image`: TL, TR, BL, BR."""
     width, height = image.size
-    points = [(width // 4, height // 4), (3 * width // 4, height // 4),
-              (width // 4, 3 * height // 4), (3 * width // 4, 3 * height // 4)]  # fmt: skip
+    points = [
+        (width // 4, height // 4),
+        (3 * width // 4, height // 4),
+        (width // 4, 3 * height // 4),
+        (3 * width // 4, 3 * height // 4),
+    ]
     return [image.convert("RGB").getpixel(point) for point in points]
 
 

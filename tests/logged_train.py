@@ -23,13 +23,19 @@ def main() -> None:
         weights = sum(float(t.double().sum()) for t in trained_state(step.model).values())
         seen = batch.pixels if batch.pixels is not None else batch.latent_mean
         entry = {
-            "rank": step.rank, "epoch": batch.epoch, "step": batch.step, "keys": batch.keys,
-            "shape": [len(batch.keys), 3, *batch.target_size[0].tolist()], "loss": step.loss,
-            "checksum": float(seen.double().sum()), "weights": weights,
+            "rank": step.rank,
+            "epoch": batch.epoch,
+            "step": batch.step,
+            "keys": batch.keys,
+            "shape": [len(batch.keys), 3, *batch.target_size[0].tolist()],
+            "loss": step.loss,
+            "checksum": float(seen.double().sum()),
+            "weights": weights,
             "latent": batch.latent_mean is not None,
-            "original_size": batch.original_size.tolist(), "captions": batch.captions,
+            "original_size": batch.original_size.tolist(),
+            "captions": batch.captions,
             "target_size": batch.target_size.tolist(),
-        }  # fmt: skip
+        }
         with open(log_path, "a") as file:
             file.write(json.dumps(entry) + "\n")
 

@@ -14,8 +14,12 @@ from trainer.storage import DatasetFiles, NodeCache
 
 if len(sys.argv) == 3:
     index = MappedIndex(DatasetFiles(sys.argv[1], NodeCache(sys.argv[2])))
-    chunks = [chunk for table in (index.numbers, index.text) for column in table.columns
-              for chunk in column.chunks]  # fmt: skip
+    chunks = [
+        chunk
+        for table in (index.numbers, index.text)
+        for column in table.columns
+        for chunk in column.chunks
+    ]
     buffers = [buffer for chunk in chunks for buffer in chunk.buffers() if buffer is not None]
     touched = sum(int(np.frombuffer(buffer, np.uint8)[::4096].sum()) for buffer in buffers)
     assert index.strings("key", np.array([len(index) - 1])) == [f"{len(index) - 1:08d}"]

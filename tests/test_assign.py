@@ -17,11 +17,20 @@ CONFIG = PrepareConfig(input="images", output="out", buckets=SMALL_BUCKETS)
 def scanned(*images: tuple[str, int, int, str | None]) -> pa.Table:
     """A scan's table, sorted by source: (source, width, height, content hash) per image."""
     rows = [
-        {"source": source, "key": f"{i:020x}", "size": 100, "mtime_ns": 0, "width": width,
-         "height": height, "format": "JPEG", "mode": "RGB", "orientation": 1,
-         "content_hash": digest}
+        {
+            "source": source,
+            "key": f"{i:020x}",
+            "size": 100,
+            "mtime_ns": 0,
+            "width": width,
+            "height": height,
+            "format": "JPEG",
+            "mode": "RGB",
+            "orientation": 1,
+            "content_hash": digest,
+        }
         for i, (source, width, height, digest) in enumerate(sorted(images))
-    ]  # fmt: skip
+    ]
     return pa.Table.from_pylist(rows, SCAN_SCHEMA)
 
 

@@ -41,9 +41,16 @@ def sources(tmp_path_factory) -> Path:
 
 def prepared_with(sources: Path, folder: Path, crop: str) -> Path:
     with ray_started():
-        run(PrepareConfig(input=str(sources), output=str(folder), buckets=SMALL_BUCKETS,
-                          max_crop=0.9, samples_per_shard=4,
-                          write=WriteOptions(crop=crop, quality=98)))  # fmt: skip
+        run(
+            PrepareConfig(
+                input=str(sources),
+                output=str(folder),
+                buckets=SMALL_BUCKETS,
+                max_crop=0.9,
+                samples_per_shard=4,
+                write=WriteOptions(crop=crop, quality=98),
+            )
+        )
     return folder
 
 
@@ -96,8 +103,12 @@ def test_conditioning_describes_the_delivered_window_of_the_source(sources, tmp_
                 right = window_error(fitted, pixels[i], top, left)
                 # Re-fits resample the stored image again (an upscale of a downscale): blurrier
                 assert right < (8 if refit else 6), f"{key}: {right:.1f} levels from its window"
-                near = [window_error(fitted, pixels[i], top + dy, left + dx)
-                        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]  # fmt: skip
+                near = [
+                    window_error(fitted, pixels[i], top + dy, left + dx)
+                    for dy in (-1, 0, 1)
+                    for dx in (-1, 0, 1)
+                    if dy or dx
+                ]
                 assert right < 0.9 * min(near), "the window, not a neighbour"
                 checked, refitted = checked + 1, refitted + refit
                 flipped += bool(batch.flipped[i])

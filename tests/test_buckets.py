@@ -60,13 +60,18 @@ configs = st.builds(
     st.integers(0, 16),
 ).map(
     lambda c: BucketConfig(
-        step=c["step"], min_side=c["min_side"], max_side=c["max_side"], max_area=c["max_area"],
-        square=c["min_side"] + c["step"] * min(
+        step=c["step"],
+        min_side=c["min_side"],
+        max_side=c["max_side"],
+        max_area=c["max_area"],
+        square=c["min_side"]
+        + c["step"]
+        * min(
             c["square_steps"],
             (min(c["max_side"], math.isqrt(c["max_area"])) - c["min_side"]) // c["step"],
         ),
     )
-)  # fmt: skip
+)
 
 
 def test_default_buckets_are_the_source_list():
@@ -303,8 +308,11 @@ def test_every_family_bucket_is_on_its_step_within_its_area_and_aspects(model):
 def test_family_steps_follow_the_vae_and_the_denoiser():
     assert model_grid("sd") == BucketConfig()  # the source's grid, unchanged
     assert {model: model_grid(model).step for model in MODEL_GRIDS} == {
-        "sd": 64, "sdxl": 64, "sd3": 16, "flux": 16,
-    }  # fmt: skip
+        "sd": 64,
+        "sdxl": 64,
+        "sd3": 16,
+        "flux": 16,
+    }
     for model in ("sdxl", "sd3", "flux"):  # ~1 MP: the largest bucket within 1/16 of 1024^2
         areas = generate_buckets(model_grid(model)).prod(axis=1)
         assert 1024 * 1024 * 15 / 16 <= areas.max() <= 1024 * 1024
@@ -314,8 +322,15 @@ def test_the_sdxl_grid_is_the_papers_list_less_its_seven_non_maximal_pairs():
     ours = set(map(tuple, generate_buckets(model_grid("sdxl")).tolist()))
     assert ours <= SDXL_PAPER_BUCKETS
     extra = SDXL_PAPER_BUCKETS - ours  # what docs/techniques.md says we leave out
-    assert extra == {(832, 1152), (896, 1088), (960, 1024), (1024, 960), (1088, 896),
-                     (1152, 832), (1344, 704)}  # fmt: skip
+    assert extra == {
+        (832, 1152),
+        (896, 1088),
+        (960, 1024),
+        (1024, 960),
+        (1088, 896),
+        (1152, 832),
+        (1344, 704),
+    }
     for width, height in extra:  # each is a step shorter than the area allows its width
         assert width * (height + 64) <= 1024 * 1024
 

@@ -20,8 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 def prepare(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "jobs/prepare.py", *args, "--num-cpus=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def four_images(folder: Path) -> Path:
@@ -114,17 +117,19 @@ def test_model_sets_its_familys_grid_and_a_bucket_flag_overrides_it(tmp_path):
     from pipeline.buckets import bucketize, model_grid
 
     images, output = four_images(tmp_path / "images"), tmp_path / "out"
-    done = prepare("--input", str(images), "--output", str(output), "--model", "sdxl",
-                   "--square", "768")  # fmt: skip
+    done = prepare(
+        "--input", str(images), "--output", str(output), "--model", "sdxl", "--square", "768"
+    )
     assert done.returncode == 0, done.stderr
     settings = json.loads((output / "config.json").read_text())
     assert settings["model"] == "sdxl"
     assert settings["buckets"] == dataclasses.asdict(model_grid("sdxl", square=768))
     index = pq.read_table(output / "index.parquet").to_pylist()
     expected = bucketize(
-        [row["width"] for row in index], [row["height"] for row in index],
+        [row["width"] for row in index],
+        [row["height"] for row in index],
         model_grid("sdxl", square=768),
-    )  # fmt: skip
+    )
     stored = [(row["bucket_width"], row["bucket_height"]) for row in index]
     assert stored == [tuple(expected.buckets[i]) for i in expected.index]
     assert (768, 768) in stored  # the square image, in the overridden square bucket
@@ -168,8 +173,10 @@ def test_every_option_is_explained():
     sys.path.insert(0, str(REPO))
     from trainer.config import build_parser
 
-    for parser in (runpy.run_path(str(REPO / "jobs" / "prepare.py"))["build_parser"](),
-                   build_parser()):  # fmt: skip
+    for parser in (
+        runpy.run_path(str(REPO / "jobs" / "prepare.py"))["build_parser"](),
+        build_parser(),
+    ):
         formatter = parser._get_formatter()
         for action in parser._actions:
             if action.dest == "help":
@@ -181,14 +188,21 @@ def test_every_option_is_explained():
 
 @pytest.mark.parametrize(
     "flags, named",
-    [(["--batch-size", "0"], "--batch-size"), (["--model", "gan"], "--model"),
-     (["--max-tokens", "100"], "--max-tokens"), (["--hypernetwork-structure", "2,1"],
-     "--hypernetwork-structure"), ([], "--data")],
-)  # fmt: skip
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--model", "gan"], "--model"),
+        (["--max-tokens", "100"], "--max-tokens"),
+        (["--hypernetwork-structure", "2,1"], "--hypernetwork-structure"),
+        ([], "--data"),
+    ],
+)
 def test_the_trainer_refuses_bad_options_by_name_before_building_anything(flags, named):
     done = subprocess.run(
         [sys.executable, "trainer/train.py", *(["--data", "x"] if flags else []), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and named in done.stderr, done.stderr
     assert "Traceback" not in done.stderr

@@ -105,17 +105,40 @@ def test_ray_job_submit_against_a_started_cluster(tmp_path):
     }
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
     subprocess.run(
-        [*ray_cli, "start", "--head", "--num-cpus=2", f"--port={free_port()}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
-        check=True, env=environment, capture_output=True, timeout=180,
-    )  # fmt: skip
+        [
+            *ray_cli,
+            "start",
+            "--head",
+            "--num-cpus=2",
+            f"--port={free_port()}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+        ],
+        check=True,
+        env=environment,
+        capture_output=True,
+        timeout=180,
+    )
     try:
         submitted = subprocess.run(
-            [*ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-             f"--working-dir={REPO}", "--", sys.executable, "jobs/prepare.py",
-             f"--input={tmp_path / 'images'}", f"--output={output}"],
-            env=environment, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                *ray_cli,
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dashboard}",
+                f"--working-dir={REPO}",
+                "--",
+                sys.executable,
+                "jobs/prepare.py",
+                f"--input={tmp_path / 'images'}",
+                f"--output={output}",
+            ],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         subprocess.run(
             [*ray_cli, "stop", "--force"], env=environment, capture_output=True, timeout=120

@@ -39,8 +39,9 @@ def test_the_onprem_config_is_cluster_yaml_but_for_provider_and_login():
 
 def installed_from(python: str | Path, cwd: Path) -> str:
     """Where `python`'s environment has arb-pipeline from (pip's direct_url.json)."""
-    found = subprocess.run([python, "-c", INSTALLED_FROM], cwd=cwd, capture_output=True,
-                           text=True, check=True)  # fmt: skip
+    found = subprocess.run(
+        [python, "-c", INSTALLED_FROM], cwd=cwd, capture_output=True, text=True, check=True
+    )
     return found.stdout
 
 
@@ -52,8 +53,9 @@ def head_home(tmp_path):
     dependencies: nothing to download) but installs nothing into it."""
     home = tmp_path / "home"
     venv = home / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    venv], check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True
+    )
     # The head's `ray`, in the venv so that its workers import the project from there (root's
     # own `ray` is pyenv's, which the login shell's PATH leaves out)
     ray = venv / "bin" / "ray"
@@ -81,8 +83,9 @@ def ssh_login(tmp_path, head_home):
     keys = tmp_path / "ssh"
     keys.mkdir(mode=0o700)
     for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys / name],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys / name], check=True
+        )
     (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
     config = keys / "sshd_config"
     config.write_text(
@@ -99,8 +102,11 @@ def ssh_login(tmp_path, head_home):
     # Ray keeps a master connection open for 10 s: close it now, which ends the server's side
     for socket_path in Path("/tmp").glob("ray_ssh_*/*/*"):
         if socket_path.is_socket():
-            subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "x"],
-                           capture_output=True, check=False)  # fmt: skip
+            subprocess.run(
+                ["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "x"],
+                capture_output=True,
+                check=False,
+            )
     deadline = time.monotonic() + 20
     while subprocess.run(["pgrep", "-f", str(config)], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the test's SSH server does not end"
@@ -115,8 +121,9 @@ def _ray(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _ray_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-a", "-f", "raylet|gcs_server"], capture_output=True,
-                           text=True).stdout  # fmt: skip
+    found = subprocess.run(
+        ["pgrep", "-a", "-f", "raylet|gcs_server"], capture_output=True, text=True
+    ).stdout
     return [line for line in found.splitlines() if "pgrep" not in line]
 
 
@@ -145,10 +152,17 @@ def test_ray_up_submit_and_down_on_premises(ssh_login, head_home, tmp_path):
         installed = installed_from(head_home / "venv" / "bin" / "python3", tmp_path)
         assert json.loads(installed)["url"] == synced.as_uri(), "setup_commands installed it"
         submitted = _ray(
-            "submit", str(config_path), "jobs/prepare.py", "--",
-            "--input", str(REPO / "examples" / "images"), "--output", str(output),
-            "--batch-size", "4",
-        )  # fmt: skip
+            "submit",
+            str(config_path),
+            "jobs/prepare.py",
+            "--",
+            "--input",
+            str(REPO / "examples" / "images"),
+            "--output",
+            str(output),
+            "--batch-size",
+            "4",
+        )
         log = submitted.stdout + submitted.stderr
         assert submitted.returncode == 0, log[-6000:]
         assert "Connecting to existing Ray cluster" in log, "the job joined the launched cluster"

@@ -206,8 +206,11 @@ def test_safetensors_and_a1111_round_trips(parts, tmp_path):
     shared, per_depth = (
         train_hypernetwork(parts, h, steps=2) for h in shared_and_per_depth(parts.unet, width)
     )
-    for hypernetwork, name in ((shared, "h.safetensors"), (per_depth, "h.safetensors"),
-                               (shared, "h.pt")):  # fmt: skip
+    for hypernetwork, name in (
+        (shared, "h.safetensors"),
+        (per_depth, "h.safetensors"),
+        (shared, "h.pt"),
+    ):
         hypernetwork.save(tmp_path / name)
         loaded = load(tmp_path / name)
         assert loaded.config.per_depth == hypernetwork.config.per_depth
@@ -253,8 +256,16 @@ class A1111Module(nn.Module):
     activate_output; a LayerNorm with add_layer_norm; a Dropout where dropout_structure[i + 1] > 0.
     A state dict has NovelAI's names renamed, then loads strictly."""
 
-    def __init__(self, dim, state, layer_structure, activation_func, add_layer_norm,
-                 activate_output, dropout_structure):  # fmt: skip
+    def __init__(
+        self,
+        dim,
+        state,
+        layer_structure,
+        activation_func,
+        add_layer_norm,
+        activate_output,
+        dropout_structure,
+    ):
         super().__init__()
         count = len(layer_structure)
         layers: list[nn.Module] = []
@@ -290,10 +301,16 @@ def a1111_parse_dropout_structure(layer_structure, use_dropout, last_layer_dropo
 
 def a1111_modules(hypernetwork: dict, states=None, seed: int = 0) -> dict:
     """{size: (k, v)} built with its arguments, from `states` or with random weights, eval mode."""
-    arguments = [hypernetwork[key] for key in (
-        "layer_structure", "activation_func", "add_layer_norm", "activate_output",
-        "dropout_structure",
-    )]  # fmt: skip
+    arguments = [
+        hypernetwork[key]
+        for key in (
+            "layer_structure",
+            "activation_func",
+            "add_layer_norm",
+            "activate_output",
+            "dropout_structure",
+        )
+    ]
     layers = {}
     for size in hypernetwork["sizes"]:
         pair = []
@@ -310,14 +327,20 @@ def a1111_save(hypernetwork: dict, layers: dict, path: Path, omit=()) -> None:
     state: dict = {size: tuple(m.state_dict() for m in pair) for size, pair in layers.items()}
     dropout_structure = hypernetwork["dropout_structure"]
     state.update(
-        step=120, name=hypernetwork["name"], layer_structure=hypernetwork["layer_structure"],
+        step=120,
+        name=hypernetwork["name"],
+        layer_structure=hypernetwork["layer_structure"],
         activation_func=hypernetwork["activation_func"],
-        is_layer_norm=hypernetwork["add_layer_norm"], weight_initialization="Normal",
-        sd_checkpoint="a1b2c3", sd_checkpoint_name="model",
-        activate_output=hypernetwork["activate_output"], use_dropout=hypernetwork["use_dropout"],
-        dropout_structure=dropout_structure, last_layer_dropout=dropout_structure[-2] != 0,
+        is_layer_norm=hypernetwork["add_layer_norm"],
+        weight_initialization="Normal",
+        sd_checkpoint="a1b2c3",
+        sd_checkpoint_name="model",
+        activate_output=hypernetwork["activate_output"],
+        use_dropout=hypernetwork["use_dropout"],
+        dropout_structure=dropout_structure,
+        last_layer_dropout=dropout_structure[-2] != 0,
         optional_info=None,
-    )  # fmt: skip
+    )
     for key in omit:
         del state[key]
     torch.save(state, path)
@@ -421,9 +444,16 @@ def assert_same_modules(layers: dict, expected: dict) -> None:
                 assert torch.equal(module(context), reference(context))
 
 
-def a1111_hypernetwork(sizes=(32, 48), layer_structure=(1, 2, 1), activation_func=None,
-                       add_layer_norm=False, use_dropout=False, activate_output=False,
-                       dropout_structure=None, last_layer_dropout=True) -> dict:  # fmt: skip
+def a1111_hypernetwork(
+    sizes=(32, 48),
+    layer_structure=(1, 2, 1),
+    activation_func=None,
+    add_layer_norm=False,
+    use_dropout=False,
+    activate_output=False,
+    dropout_structure=None,
+    last_layer_dropout=True,
+) -> dict:
     """Its Hypernetwork(...) as created (and as older releases built theirs): a dropout_structure
     from use_dropout and last_layer_dropout where none is given."""
     if dropout_structure is None:
@@ -431,11 +461,15 @@ def a1111_hypernetwork(sizes=(32, 48), layer_structure=(1, 2, 1), activation_fun
             layer_structure, use_dropout, last_layer_dropout
         )
     return {
-        "name": "theirs", "sizes": list(sizes), "layer_structure": list(layer_structure),
-        "activation_func": activation_func, "add_layer_norm": add_layer_norm,
-        "use_dropout": use_dropout, "activate_output": activate_output,
+        "name": "theirs",
+        "sizes": list(sizes),
+        "layer_structure": list(layer_structure),
+        "activation_func": activation_func,
+        "add_layer_norm": add_layer_norm,
+        "use_dropout": use_dropout,
+        "activate_output": activate_output,
         "dropout_structure": dropout_structure,
-    }  # fmt: skip
+    }
 
 
 A1111_FILES = {  # id: (how A1111 built it, the fields its release did not write yet)
@@ -532,14 +566,25 @@ def test_a1111_and_novelai_files_read_as_a1111_reads_them_and_come_back(variant,
 @pytest.mark.parametrize(
     "config",
     [
-        HypernetworkConfig(widths=(32, 48), layer_structure=(1, 2, 2, 1), activation="relu",
-                           layer_norm=True, dropout=0.1, per_depth=False),
-        HypernetworkConfig(widths=(32,), layer_structure=(1, 2, 2, 1), activation="tanh",
-                           dropout_structure=(0, 0.3, 0, 0), activate_output=True,
-                           per_depth=False),
+        HypernetworkConfig(
+            widths=(32, 48),
+            layer_structure=(1, 2, 2, 1),
+            activation="relu",
+            layer_norm=True,
+            dropout=0.1,
+            per_depth=False,
+        ),
+        HypernetworkConfig(
+            widths=(32,),
+            layer_structure=(1, 2, 2, 1),
+            activation="tanh",
+            dropout_structure=(0, 0.3, 0, 0),
+            activate_output=True,
+            per_depth=False,
+        ),
     ],
     ids=["trainer's dropout", "per-layer dropout, activated output"],
-)  # fmt: skip
+)
 def test_our_files_load_in_a1111_new_and_old_and_come_back(config, tmp_path):
     ours = randomized(Hypernetwork(config), seed=1).eval()
     ours.save(tmp_path / "mine.pt")
@@ -617,14 +662,18 @@ def test_sampling_with_guidance_and_a_hypernetwork(parts, tmp_path):
     width = parts.text_encoder.config.hidden_size
     hypernetwork = shared_and_per_depth(parts.unet, width)[0]
     images = [
-        render(parts, h, prompt=prompt_of(200), negative="blurry", width=64, height=32, steps=3,
-               seed=1)
+        render(
+            parts, h, prompt=prompt_of(200), negative="blurry", width=64, height=32, steps=3, seed=1
+        )
         for h in (None, hypernetwork)
-    ]  # fmt: skip
+    ]
     assert images[0].size == (64, 32) and images[0].mode == "RGB"
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1])), "untrained: no change"
-    assert all(not h._forward_pre_hooks for _, _, a in cross_attentions(parts.unet)
-               for h in (a.to_k, a.to_v)), "hooks removed after sampling"  # fmt: skip
+    assert all(
+        not h._forward_pre_hooks
+        for _, _, a in cross_attentions(parts.unet)
+        for h in (a.to_k, a.to_v)
+    ), "hooks removed after sampling"
 
 
 def test_sampling_renders_a_hypernetwork_in_eval_mode_and_leaves_its_mode(parts):
@@ -645,26 +694,51 @@ def test_a_local_diffusers_checkpoint_trains_a_hypernetwork_and_samples(tmp_path
     """--pretrained on a tiny checkpoint saved here (with a VAE: latents), then the sampler."""
     save_parts(tiny_parts(seed=3, with_vae=True), tmp_path / "sd")
     assert load_parts(tmp_path / "sd").vae is not None
-    run = [sys.executable, "trainer/train.py", f"--data={prepared}", "--model=sd",
-           f"--pretrained={tmp_path / 'sd'}", f"--out-dir={tmp_path / 'out'}", "--max-steps=3",
-           "--num-workers=0", "--hypernetwork-shared"]  # fmt: skip
+    run = [
+        sys.executable,
+        "trainer/train.py",
+        f"--data={prepared}",
+        "--model=sd",
+        f"--pretrained={tmp_path / 'sd'}",
+        f"--out-dir={tmp_path / 'out'}",
+        "--max-steps=3",
+        "--num-workers=0",
+        "--hypernetwork-shared",
+    ]
     subprocess.run(run, cwd=REPO, check=True, timeout=300)
     assert load(tmp_path / "out" / "hypernetwork.pt").config.widths == (32,)
     out = tmp_path / "image.png"
     subprocess.run(
-        [sys.executable, "trainer/sample.py", f"--pretrained={tmp_path / 'sd'}", "--prompt=a cat",
-         f"--hypernetwork={tmp_path / 'out' / 'hypernetwork.safetensors'}", "--steps=2",
-         "--width=64", "--height=32", f"--out={out}"],
-        cwd=REPO, check=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "trainer/sample.py",
+            f"--pretrained={tmp_path / 'sd'}",
+            "--prompt=a cat",
+            f"--hypernetwork={tmp_path / 'out' / 'hypernetwork.safetensors'}",
+            "--steps=2",
+            "--width=64",
+            "--height=32",
+            f"--out={out}",
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=300,
+    )
     assert Image.open(out).size == (64, 32)
 
 
 @pytest.mark.slow
 def test_the_whole_unet_can_be_trained_instead(tmp_path, prepared):
-    run = [sys.executable, "trainer/train.py", f"--data={prepared}", "--model=sd",
-           "--train-part=unet", f"--out-dir={tmp_path}", "--max-steps=2",
-           "--num-workers=0"]  # fmt: skip
+    run = [
+        sys.executable,
+        "trainer/train.py",
+        f"--data={prepared}",
+        "--model=sd",
+        "--train-part=unet",
+        f"--out-dir={tmp_path}",
+        "--max-steps=2",
+        "--num-workers=0",
+    ]
     subprocess.run(run, cwd=REPO, check=True, timeout=300)
     before = tiny_parts(seed=0).unet
     after = type(before).from_pretrained(tmp_path / "unet").state_dict()
@@ -730,22 +804,45 @@ def test_a_tiny_sdxl_checkpoint_trains_a_hypernetwork_and_samples(tmp_path, prep
     """SDXL from --pretrained: trained from the batches' conditioning, then rendered."""
     save_parts(tiny_parts(seed=4, xl=True), tmp_path / "sdxl")
     assert load_parts(tmp_path / "sdxl").xl
-    run = [sys.executable, "trainer/train.py", f"--data={prepared}", "--model=sdxl",
-           f"--pretrained={tmp_path / 'sdxl'}", f"--out-dir={tmp_path / 'out'}", "--max-steps=3",
-           "--num-workers=0", "--flip=0.5"]  # fmt: skip
+    run = [
+        sys.executable,
+        "trainer/train.py",
+        f"--data={prepared}",
+        "--model=sdxl",
+        f"--pretrained={tmp_path / 'sdxl'}",
+        f"--out-dir={tmp_path / 'out'}",
+        "--max-steps=3",
+        "--num-workers=0",
+        "--flip=0.5",
+    ]
     subprocess.run(run, cwd=REPO, check=True, timeout=300)
     assert load(tmp_path / "out" / "hypernetwork.safetensors").config.widths == (64,)
     elsewhere = f"--out-dir={tmp_path / 'other'}"
-    refused = subprocess.run([*run[:3], "--model=sd", *run[4:5], elsewhere, *run[6:]], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    refused = subprocess.run(
+        [*run[:3], "--model=sd", *run[4:5], elsewhere, *run[6:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and "--model sdxl" in refused.stderr
     assert "Traceback" not in refused.stderr
     out = tmp_path / "image.png"
     subprocess.run(
-        [sys.executable, "trainer/sample.py", f"--pretrained={tmp_path / 'sdxl'}",
-         "--prompt=a cat", f"--hypernetwork={tmp_path / 'out' / 'hypernetwork.safetensors'}",
-         "--steps=2", "--width=64", "--height=32", "--original-size=64,128",
-         f"--out={out}"],
-        cwd=REPO, check=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "trainer/sample.py",
+            f"--pretrained={tmp_path / 'sdxl'}",
+            "--prompt=a cat",
+            f"--hypernetwork={tmp_path / 'out' / 'hypernetwork.safetensors'}",
+            "--steps=2",
+            "--width=64",
+            "--height=32",
+            "--original-size=64,128",
+            f"--out={out}",
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=300,
+    )
     assert Image.open(out).size == (64, 32)

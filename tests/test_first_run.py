@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 def train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "trainer/train.py", "--num-workers=0", "--batch-size=4", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def refused(done: subprocess.CompletedProcess, *named: str) -> str:
@@ -65,8 +68,15 @@ def test_the_epoch_use_warning_says_which_batch_size_would_not_leave_images_out(
 @pytest.mark.slow
 def test_an_epoch_that_leaves_images_out_is_warned_about_before_step_one(prepared, tmp_path):
     # 31 images, 2 ranks of 4: an epoch uses 24; batches of 3 would use 30
-    done = torchrun(2, "trainer/train.py", f"--data={prepared}", f"--out-dir={tmp_path / 'o'}",
-                    "--num-workers=0", "--batch-size=4", "--max-steps=1")  # fmt: skip
+    done = torchrun(
+        2,
+        "trainer/train.py",
+        f"--data={prepared}",
+        f"--out-dir={tmp_path / 'o'}",
+        "--num-workers=0",
+        "--batch-size=4",
+        "--max-steps=1",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [
@@ -91,8 +101,12 @@ def test_each_kind_of_wrong_data_gets_its_own_answer(prepared, tmp_path):
             check_usage(Config(data=(str(data),), out_dir=str(tmp_path / "out")))
         assert all(name in str(refusal.value) for name in (str(data), *named)), refusal.value
     # the command line: one line, exit status 2, nothing written
-    refused(train(f"--data={images}", f"--out-dir={tmp_path / 'out'}"), str(images),
-            "holds images", f"jobs/prepare.py --input {images} --output OUT")  # fmt: skip
+    refused(
+        train(f"--data={images}", f"--out-dir={tmp_path / 'out'}"),
+        str(images),
+        "holds images",
+        f"jobs/prepare.py --input {images} --output OUT",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -105,8 +119,9 @@ def test_a_missing_or_broken_config_file_is_named(tmp_path):
 def test_an_out_dir_with_a_checkpoint_is_continued_or_overwritten_never_replaced(
     prepared, tmp_path
 ):
-    config = Config(data=(str(prepared),), out_dir=str(tmp_path / "run"), num_workers=0,
-                    max_steps=1)  # fmt: skip
+    config = Config(
+        data=(str(prepared),), out_dir=str(tmp_path / "run"), num_workers=0, max_steps=1
+    )
     train_here(config)
     written = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(UsageError, match=r"holds the checkpoint .* --resume .* --overwrite"):
@@ -139,8 +154,11 @@ def test_a_checkpoint_is_never_replaced_without_being_asked(prepared, tmp_path):
     over = train(f"--data={prepared}", f"--out-dir={out}", "--epochs=1", "--overwrite")
     assert over.returncode == 0, over.stderr
     assert (out / "checkpoint.pt").read_bytes() != checkpoint
-    refused(train(f"--data={prepared}", f"--out-dir={tmp_path / 'new'}", "--resume"),
-            "--resume", "does not exist")  # fmt: skip
+    refused(
+        train(f"--data={prepared}", f"--out-dir={tmp_path / 'new'}", "--resume"),
+        "--resume",
+        "does not exist",
+    )
 
 
 @pytest.mark.slow
@@ -149,9 +167,10 @@ def test_resuming_with_other_settings_names_them_and_the_way_out(prepared, tmp_p
     assert train(f"--data={prepared}", f"--out-dir={out}", "--max-steps=1").returncode == 0
     line = refused(
         train(f"--data={prepared}", f"--out-dir={out}", "--resume", "--channels=16"),
-        "another model configuration", "--channels 32 (this run: 16)",
+        "another model configuration",
+        "--channels 32 (this run: 16)",
         f"--config {out / 'config.toml'} --resume",
-    )  # fmt: skip
+    )
     assert "--resume True" not in line, "how a run is run is not a difference"
     resumed = train("--config", str(out / "config.toml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -172,11 +191,21 @@ def test_arb_train_launches_ranks_and_answers_a_mistake_before_any_starts(prepar
     assert command, "pip install -e . puts arb-train on the PATH"
     environment = os.environ | {"PYTHONUNBUFFERED": "1"}
     run = [command, "--nproc-per-node=2", "--num-workers=0", "--batch-size=4"]
-    wrong = subprocess.run([*run, f"--data={tmp_path / 'nowhere'}"], capture_output=True,
-                           text=True, timeout=120, env=environment)  # fmt: skip
+    wrong = subprocess.run(
+        [*run, f"--data={tmp_path / 'nowhere'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
     refused(wrong, "no such folder")
-    done = subprocess.run([*run, f"--data={prepared}", f"--out-dir={tmp_path / 'o'}",
-                           "--max-steps=1"], capture_output=True, text=True, timeout=300,
-                          env=environment, start_new_session=True)  # fmt: skip
+    done = subprocess.run(
+        [*run, f"--data={prepared}", f"--out-dir={tmp_path / 'o'}", "--max-steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        start_new_session=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 ranks" in done.stdout and (tmp_path / "o" / "checkpoint.pt").exists()

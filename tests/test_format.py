@@ -151,16 +151,22 @@ def test_a_shards_part_points_at_its_members_and_is_committed_first(tmp_path):
     def part_of(offsets: dict[str, tuple[int, int]]) -> pa.Table:
         assert not out.list_names("shards", ".tar"), "the tar is renamed after its part"
         names = sorted(offsets)
-        return pa.table({"member": names, "offset": [offsets[name][0] for name in names],
-                         "size": [offsets[name][1] for name in names]})  # fmt: skip
+        return pa.table(
+            {
+                "member": names,
+                "offset": [offsets[name][0] for name in names],
+                "size": [offsets[name][1] for name in names],
+            }
+        )
 
     out.write_shard(out.shard("s"), out.part("s"), SAMPLES, part_of)
     data = (tmp_path / "shards" / "s.tar").read_bytes()
     part = pq.read_table(out.part("s")).to_pylist()
     assert {row["member"]: data[row["offset"] : row["offset"] + row["size"]] for row in part} == {
-        f"{key}.{extension}": content for key, members in SAMPLES
+        f"{key}.{extension}": content
+        for key, members in SAMPLES
         for extension, content in members.items()
-    }  # fmt: skip
+    }
     assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == [
         "s.parquet",
         "s.tar",

@@ -85,14 +85,20 @@ def test_an_enlarged_image_is_the_float_lanczos_picture_with_its_centres_in_plac
     """A small image fitted to a larger bucket: close to a float Lanczos of it, not shifted by
     a fraction of a pixel (libvips' own upsizing was: 38.6 dB on a photo)."""
     y, x = np.mgrid[0:150, 0:200]
-    smooth = np.stack([128 + 90 * np.sin(x / 9.0), 128 + 90 * np.cos(y / 7.0),
-                       128 + 60 * np.sin((x + y) / 13.0)], -1).astype(np.uint8)  # fmt: skip
+    smooth = np.stack(
+        [128 + 90 * np.sin(x / 9.0), 128 + 90 * np.cos(y / 7.0), 128 + 60 * np.sin((x + y) / 13.0)],
+        -1,
+    ).astype(np.uint8)
     data = io.BytesIO()
     Image.fromarray(smooth).save(data, "PNG" if extension == "png" else "BMP")
     ours = np.asarray(fitted_image(data.getvalue(), (320, 256)).image, np.float64)
     size = fit(200, 150, 320, 256)
-    channels = [Image.fromarray(smooth[..., c].astype(np.float32), "F").resize(
-        size, Image.Resampling.LANCZOS) for c in range(3)]  # fmt: skip
+    channels = [
+        Image.fromarray(smooth[..., c].astype(np.float32), "F").resize(
+            size, Image.Resampling.LANCZOS
+        )
+        for c in range(3)
+    ]
     reference = np.clip(np.stack([np.asarray(c) for c in channels], -1), 0, 255)
     assert ours.shape == reference.shape
     psnr = 10 * np.log10(255**2 / np.mean((ours - reference) ** 2))

@@ -30,8 +30,10 @@ def prepare(images: Path, output: Path, **options) -> tuple[dict, dict]:
     kept = {
         row["source"]: row["caption"] for row in pq.read_table(output / "index.parquet").to_pylist()
     }
-    rejected = {row["source"]: (row["reason"], row["message"])
-                for row in pq.read_table(output / "rejects.parquet").to_pylist()}  # fmt: skip
+    rejected = {
+        row["source"]: (row["reason"], row["message"])
+        for row in pq.read_table(output / "rejects.parquet").to_pylist()
+    }
     return kept, rejected
 
 
@@ -54,20 +56,35 @@ def test_json_sidecars_and_metadata_jsonl_give_captions(local_ray, tmp_path):
             ]
         )
     )
-    (images / "sub" / "metadata.jsonl").write_text(json.dumps({"file_name": "g.jpg",
-                                                               "text": "g below"}))  # fmt: skip
+    (images / "sub" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "g.jpg", "text": "g below"})
+    )
     (images / "orphan.json").write_text("{}")
     kept, rejected = prepare(images, tmp_path / "out")
-    assert kept == {"a.jpg": "a cat", "b.jpg": "1girl, solo, smile", "d.jpg": "from the txt",
-                    "e.jpg": "e from metadata", "f.jpg": None, "sub/g.jpg": "g below"}  # fmt: skip
+    assert kept == {
+        "a.jpg": "a cat",
+        "b.jpg": "1girl, solo, smile",
+        "d.jpg": "from the txt",
+        "e.jpg": "e from metadata",
+        "f.jpg": None,
+        "sub/g.jpg": "g below",
+    }
     assert rejected["c.jpg"][0] == "bad_caption" and "c.json" in rejected["c.jpg"][1]
     assert rejected["metadata.jsonl"][0] == "bad_caption"
     assert "line 3" in rejected["metadata.jsonl"][1]
     assert rejected["orphan.json"][0] == "orphan_caption"
     assert set(kept) | set(rejected) == {
-        "a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg", "sub/g.jpg", "metadata.jsonl",
-        "orphan.json", "d.txt",
-    } - {"d.txt"}  # fmt: skip
+        "a.jpg",
+        "b.jpg",
+        "c.jpg",
+        "d.jpg",
+        "e.jpg",
+        "f.jpg",
+        "sub/g.jpg",
+        "metadata.jsonl",
+        "orphan.json",
+        "d.txt",
+    } - {"d.txt"}
 
 
 def test_the_caption_field_is_chosen(local_ray, tmp_path):
@@ -215,13 +232,20 @@ def test_parquet_files_with_image_bytes_as_datasets_writes_them(local_ray, tmp_p
     (images / "data").mkdir(parents=True)
     rows: list[bytes | None] = [jpeg(96, 64, 60 + i) for i in range(5)]
     rows[2], rows[3] = None, b"garbage"
-    datasets_parquet(images / "data" / "train-00000-of-00001.parquet", rows,
-                     [f"row {i}" for i in range(5)], row_group_size=2)  # fmt: skip
+    datasets_parquet(
+        images / "data" / "train-00000-of-00001.parquet",
+        rows,
+        [f"row {i}" for i in range(5)],
+        row_group_size=2,
+    )
     (images / "loose.jpg").write_bytes(jpeg(96, 64, 64))  # row 4's bytes
     kept, rejected = prepare(images, tmp_path / "out")
     name = "data/train-00000-of-00001.parquet"
-    assert kept == {f"{name}/000000000": "row 0", f"{name}/000000001": "row 1",
-                    f"{name}/000000004": "row 4"}  # fmt: skip
+    assert kept == {
+        f"{name}/000000000": "row 0",
+        f"{name}/000000001": "row 1",
+        f"{name}/000000004": "row 4",
+    }
     assert rejected[f"{name}/000000002"] == ("not_an_image", "a Parquet row without image bytes")
     assert rejected[f"{name}/000000003"][0] == "not_an_image"
     message = f"the same bytes as {name}/000000004, which is kept"
@@ -255,9 +279,7 @@ def test_parquet_rows_are_read_in_any_order_from_row_groups_of_any_size(tmp_path
     source = resolve_input(str(tmp_path))
     rows = [0, 1, 2, 5, 70, 71, PARQUET_BATCH_ROWS * 2 + 6, len(values) - 1, 3, 0, 150, 140]
     row = {"archive": "data.parquet", "source": "data.parquet/x", "size": None}
-    assert [read_image(source, row | {"source_row": i}) for i in rows] == [
-        values[i] for i in rows
-    ]
+    assert [read_image(source, row | {"source_row": i}) for i in rows] == [values[i] for i in rows]
     with pytest.raises(OSError, match="is not in the file"):  # the file changed since the scan
         read_image(source, row | {"source_row": len(values)})
 
@@ -266,8 +288,9 @@ def test_a_damaged_row_group_costs_its_rows_and_no_others(local_ray, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     path = images / "train.parquet"
-    datasets_parquet(path, [jpeg(96, 64, i) for i in range(6)], [f"row {i}" for i in range(6)],
-                     row_group_size=2)  # fmt: skip
+    datasets_parquet(
+        path, [jpeg(96, 64, i) for i in range(6)], [f"row {i}" for i in range(6)], row_group_size=2
+    )
     chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)  # rows 2-3's image bytes
     with open(path, "r+b") as damaged:
         damaged.seek(chunk.data_page_offset)
@@ -305,8 +328,9 @@ def test_a_row_group_of_many_images_too_large_to_read_costs_its_rows(tmp_path, m
     assert [row["reject"] for row in rows] == too_large * 4 + [None] + too_large * 2
     assert "rewrite the file with fewer rows a row group" in rows[0]["message"]
     monkeypatch.setattr(scan, "MAX_ROW_GROUP_BYTES", metadata.row_group(0).total_byte_size * 2)
-    assert not any(row["reject"] for row in scan.scan_batch(listing, resolve_input(str(tmp_path)))
-                   .to_pylist())  # fmt: skip
+    assert not any(
+        row["reject"] for row in scan.scan_batch(listing, resolve_input(str(tmp_path))).to_pylist()
+    )
 
 
 def test_a_dataset_saved_by_hugging_face_datasets(local_ray, tmp_path, monkeypatch):
@@ -351,8 +375,12 @@ def test_an_out_of_format_2_is_read_by_the_trainer_and_added_to_by_an_incrementa
 
     images = tmp_path / "images"
     images.mkdir()
-    datasets_parquet(images / "rows.parquet", [jpeg(96, 64, i) for i in range(3)],
-                     [f"row {i}" for i in range(3)], row_group_size=2)  # fmt: skip
+    datasets_parquet(
+        images / "rows.parquet",
+        [jpeg(96, 64, i) for i in range(3)],
+        [f"row {i}" for i in range(3)],
+        row_group_size=2,
+    )
     save(rgb(64, 96, 7), images / "loose.jpg", quality=90)
     output = tmp_path / "out"
     prepare(images, output)

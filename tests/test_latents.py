@@ -54,9 +54,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def prepare(images: Path, output: Path, vae: Path | None = None, **settings) -> None:
     config = PrepareConfig(
-        input=str(images), output=str(output), buckets=SMALL_BUCKETS, samples_per_shard=4,
-        max_crop=0.9, vae=str(vae or ""), **settings,
-    )  # fmt: skip
+        input=str(images),
+        output=str(output),
+        buckets=SMALL_BUCKETS,
+        samples_per_shard=4,
+        max_crop=0.9,
+        vae=str(vae or ""),
+        **settings,
+    )
     with ray_started():
         run(config)
 
@@ -115,8 +120,9 @@ def test_cached_latents_equal_encoding_the_same_window(with_latents, checkpoint)
                     assert np.abs(cached - expected).max() < 2e-2 * np.abs(expected).max()
                     checked["exact"] += 1
                 else:  # the whole stored image encoded, its window taken on the grid
-                    whole = np.ascontiguousarray(stored[: stored.shape[0] // 8 * 8,
-                                                        : stored.shape[1] // 8 * 8])  # fmt: skip
+                    whole = np.ascontiguousarray(
+                        stored[: stored.shape[0] // 8 * 8, : stored.shape[1] // 8 * 8]
+                    )
                     latent = encoder.encode(whole[None])[0, 0].astype(float)
                     expected = latent[:, top // 8 :][:, : height // 8, left // 8 :][
                         ..., : width // 8
@@ -128,8 +134,9 @@ def test_cached_latents_equal_encoding_the_same_window(with_latents, checkpoint)
     assert min(checked.values()) > 2, checked
 
 
-def test_latents_of_a_remote_dataset_come_through_the_cache(with_latents, checkpoint, s3_server,
-                                                            tmp_path):  # fmt: skip
+def test_latents_of_a_remote_dataset_come_through_the_cache(
+    with_latents, checkpoint, s3_server, tmp_path
+):
     """The latents' companion shards download through the node cache like the image shards:
     the same batches as the local copy, and only latents tars read for latent batches."""
     fingerprint = LatentEncoder(str(checkpoint / "vae")).fingerprint
@@ -138,13 +145,17 @@ def test_latents_of_a_remote_dataset_come_through_the_cache(with_latents, checkp
     batches_of = {}
     for name, root in (("local", str(with_latents)), ("remote", uri)):
         data = PreparedData(root, latents=fingerprint, cache=cache)
-        batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=3,
-                               shuffle="shards", window=2)  # fmt: skip
+        batches = EpochBatches(
+            data, batch_size=2, world_size=1, rank=0, seed=3, shuffle="shards", window=2
+        )
         batches_of[name] = [
-            (b.keys, None if b.latent_mean is None else b.latent_mean.float().sum().item(),
-             None if b.pixels is None else b.pixels.sum().item())
+            (
+                b.keys,
+                None if b.latent_mean is None else b.latent_mean.float().sum().item(),
+                None if b.pixels is None else b.pixels.sum().item(),
+            )
             for b in make_loader(data, batches, num_workers=0)
-        ]  # fmt: skip
+        ]
     assert batches_of["remote"] == batches_of["local"]
     assert any(latent is not None for _, latent, _ in batches_of["remote"])
     assert list((data.files.cache_folder / "latents").rglob("*.tar")), "latents tars cached"
@@ -207,10 +218,14 @@ def test_a_killed_actors_shard_is_redone(with_latents, checkpoint, tmp_path):
 
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers lack tests/
         results = map_on_actors(
-            DyingOnce, (str(checkpoint / "vae"),), "encode_shard",
+            DyingOnce,
+            (str(checkpoint / "vae"),),
+            "encode_shard",
             [(out, tar.stem, f"latents/{folder.name}") for tar in lost],
-            description="encode", total_items=8, items_of=lambda r: r["latents"],
-        )  # fmt: skip
+            description="encode",
+            total_items=8,
+            items_of=lambda r: r["latents"],
+        )
     assert sorted(r["name"] for r in results) == sorted(t.stem for t in lost)
     assert (output / "died-once").exists(), "an actor died"
     for tar in lost:
@@ -218,16 +233,25 @@ def test_a_killed_actors_shard_is_redone(with_latents, checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_from_the_cached_latents(with_latents, checkpoint, tmp_path,
-                                                        precision):  # fmt: skip
+def test_mixed_precision_trains_from_the_cached_latents(
+    with_latents, checkpoint, tmp_path, precision
+):
     """The frozen VAE is stored in the low precision: its fingerprint is still the one the
     dataset's latents were made with, and the latents are used (`auto`)."""
     from trainer.train import Config, train
 
     latent = []
-    config = Config(data=(str(with_latents),), model="sd", pretrained=str(checkpoint),
-                    mixed_precision=precision, max_steps=2, num_workers=0, batch_size=2,
-                    out_dir=str(tmp_path / "ckpt"), caption_dropout=0.0)  # fmt: skip
+    config = Config(
+        data=(str(with_latents),),
+        model="sd",
+        pretrained=str(checkpoint),
+        mixed_precision=precision,
+        max_steps=2,
+        num_workers=0,
+        batch_size=2,
+        out_dir=str(tmp_path / "ckpt"),
+        caption_dropout=0.0,
+    )
     result = train(config, on_step=lambda step: latent.append(step.batch.latent_mean is not None))
     assert any(latent) and all(np.isfinite(result["losses"]))
 
@@ -237,11 +261,22 @@ def test_a_mismatched_vae_is_refused(with_latents, tmp_path):
     with pytest.raises(ValueError, match=r"holds no latents of this VAE .*--vae"):
         PreparedData(with_latents, latents=other)
     done = subprocess.run(
-        [sys.executable, "trainer/train.py", f"--data={with_latents}", "--model=sd",
-         f"--pretrained={vae_checkpoint(tmp_path / 'other', seed=7)}", "--latents=on",
-         "--max-steps=1", "--num-workers=0", f"--out-dir={tmp_path / 'ckpt'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "trainer/train.py",
+            f"--data={with_latents}",
+            "--model=sd",
+            f"--pretrained={vae_checkpoint(tmp_path / 'other', seed=7)}",
+            "--latents=on",
+            "--max-steps=1",
+            "--num-workers=0",
+            f"--out-dir={tmp_path / 'ckpt'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0 and "holds no latents of this VAE" in done.stderr
 
 
@@ -255,10 +290,19 @@ def test_two_ranks_train_from_latents_with_the_losses_of_pixels(images, checkpoi
     for mode in ("on", "off"):
         log = tmp_path / f"{mode}.jsonl"
         done = torchrun(
-            2, "tests/logged_train.py", str(log), f"--data={output}", "--model=sd",
-            f"--pretrained={checkpoint}", f"--latents={mode}", "--epochs=2", "--batch-size=2",
-            "--num-workers=1", f"--out-dir={tmp_path / mode}", "--caption-dropout=0",
-        )  # fmt: skip
+            2,
+            "tests/logged_train.py",
+            str(log),
+            f"--data={output}",
+            "--model=sd",
+            f"--pretrained={checkpoint}",
+            f"--latents={mode}",
+            "--epochs=2",
+            "--batch-size=2",
+            "--num-workers=1",
+            f"--out-dir={tmp_path / mode}",
+            "--caption-dropout=0",
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         runs[mode] = [json.loads(line) for line in log.read_text().splitlines()]
     for rank in (0, 1):

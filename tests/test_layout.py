@@ -12,10 +12,18 @@ REPO = Path(__file__).resolve().parent.parent
 def test_the_readme_layout_table_matches_the_tree():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("## Layout") :].split("\n## ")[0]
-    named = {path.rstrip("/") for row in table.splitlines() if row.startswith("| `")
-             for path in re.findall(r"`([^`]+)`", row.split(" | ")[0])}  # fmt: skip
-    modules = {str(path.relative_to(REPO)) for package in ("pipeline", "trainer")
-               for path in (REPO / package).glob("*.py") if path.name != "__init__.py"}  # fmt: skip
+    named = {
+        path.rstrip("/")
+        for row in table.splitlines()
+        if row.startswith("| `")
+        for path in re.findall(r"`([^`]+)`", row.split(" | ")[0])
+    }
+    modules = {
+        str(path.relative_to(REPO))
+        for package in ("pipeline", "trainer")
+        for path in (REPO / package).glob("*.py")
+        if path.name != "__init__.py"
+    }
     assert modules <= named, f"modules without a row: {sorted(modules - named)}"
     missing = sorted(path for path in named if not (REPO / path).exists())
     assert not missing, f"rows of paths that do not exist: {missing}"

@@ -53,8 +53,9 @@ def test_the_job_prepares_an_input_on_an_object_store(bucket_uri, tmp_path):
     run(PrepareConfig(input=bucket_uri, output=str(output), buckets=SMALL_BUCKETS))
     index = pq.read_table(output / "index.parquet").to_pylist()
     captions = {row["source"]: row["caption"] for row in index}
-    assert captions == {f"{folder}/img{i}.jpg".lstrip("/"): f"caption {i}"
-                        for i, folder in enumerate(FOLDERS)}  # fmt: skip
+    assert captions == {
+        f"{folder}/img{i}.jpg".lstrip("/"): f"caption {i}" for i, folder in enumerate(FOLDERS)
+    }
     rejects = pq.read_table(output / "rejects.parquet").to_pylist()
     assert [(r["source"], r["reason"]) for r in rejects] == [("a/c/notes.md", "unsupported_format")]
 
@@ -126,8 +127,15 @@ def test_every_input_shape_on_an_object_store_resumes_and_grows_incrementally(
             s3_server.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
 
     def prepare(**options) -> dict:
-        run(PrepareConfig(input=s3_server.uri(bucket, "in"), output=str(output),
-                          buckets=SMALL_BUCKETS, samples_per_shard=2, **options))  # fmt: skip
+        run(
+            PrepareConfig(
+                input=s3_server.uri(bucket, "in"),
+                output=str(output),
+                buckets=SMALL_BUCKETS,
+                samples_per_shard=2,
+                **options,
+            )
+        )
         index = pq.read_table(output / "index.parquet").to_pylist()
         return {row["key"]: (row["caption"], row["shard"]) for row in index}
 

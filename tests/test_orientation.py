@@ -29,12 +29,17 @@ pytestmark = pytest.mark.usefixtures("local_ray")
 
 UPRIGHT = quadrants(120, 80)  # fits SMALL_BUCKETS' 96x64 exactly: no crop
 HONOURED = [
-    (kind, orientation)
-    for kind in ("jpeg", "png", "tiff", "webp")
-    for orientation in (2, 3, 6, 8)
-] + [("jpeg-xmp", 6), ("png-xmp", 8)]  # fmt: skip
-EXTENSIONS = {"jpeg": "jpg", "jpeg-xmp": "jpg", "png": "png", "png-late": "png",
-              "png-xmp": "png", "tiff": "tif", "webp": "webp"}  # fmt: skip
+    (kind, orientation) for kind in ("jpeg", "png", "tiff", "webp") for orientation in (2, 3, 6, 8)
+] + [("jpeg-xmp", 6), ("png-xmp", 8)]
+EXTENSIONS = {
+    "jpeg": "jpg",
+    "jpeg-xmp": "jpg",
+    "png": "png",
+    "png-late": "png",
+    "png-xmp": "png",
+    "tiff": "tif",
+    "webp": "webp",
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +63,11 @@ def stored_image(out, row) -> Image.Image:
 
 
 def close(colours, expected) -> bool:
-    return all(abs(a - b) <= 40 for got, want in zip(colours, expected, strict=True)
-               for a, b in zip(got, want, strict=True))  # fmt: skip
+    return all(
+        abs(a - b) <= 40
+        for got, want in zip(colours, expected, strict=True)
+        for a, b in zip(got, want, strict=True)
+    )
 
 
 @pytest.mark.parametrize("kind, orientation", HONOURED)

@@ -203,8 +203,14 @@ def test_plans_a_large_dataset_over_the_real_buckets():
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
-    arguments = {"bucket_index": np.zeros(4, dtype=int), "batch_size": 2, "world_size": 4,
-                 "rank": 0, "seed": 0, "epoch": 0} | kwargs  # fmt: skip
+    arguments = {
+        "bucket_index": np.zeros(4, dtype=int),
+        "batch_size": 2,
+        "world_size": 4,
+        "rank": 0,
+        "seed": 0,
+        "epoch": 0,
+    } | kwargs
     with pytest.raises(ValueError, match=name):
         plan_epoch(**arguments)
 
@@ -226,14 +232,25 @@ def sharded(draw):
 
 
 def window_plans(bucket_index, shard_index, window, batch_size, world_size, seed=0, epoch=0):
-    return [plan_epoch_by_shards(bucket_index, shard_index, window, batch_size, world_size, rank,
-                                 seed, epoch) for rank in range(world_size)]  # fmt: skip
+    return [
+        plan_epoch_by_shards(
+            bucket_index, shard_index, window, batch_size, world_size, rank, seed, epoch
+        )
+        for rank in range(world_size)
+    ]
 
 
-@given(sharded(), st.integers(1, 6), st.integers(1, 8), st.integers(1, 4), st.integers(0, 2**16),
-       st.integers(0, 20))  # fmt: skip
-def test_the_shard_aware_plan_keeps_the_sources_invariants(data, window, batch_size, world_size,
-                                                           seed, epoch):  # fmt: skip
+@given(
+    sharded(),
+    st.integers(1, 6),
+    st.integers(1, 8),
+    st.integers(1, 4),
+    st.integers(0, 2**16),
+    st.integers(0, 20),
+)
+def test_the_shard_aware_plan_keeps_the_sources_invariants(
+    data, window, batch_size, world_size, seed, epoch
+):
     bucket_index, shard_index = data
     plans = window_plans(bucket_index, shard_index, window, batch_size, world_size, seed, epoch)
     assert len({len(plan) for plan in plans}) == 1, "every rank runs the same number of steps"
@@ -248,8 +265,9 @@ def test_the_shard_aware_plan_keeps_the_sources_invariants(data, window, batch_s
         assert np.all(bucket_index[plan.items[regular]] == plan.bucket[regular][:, None])
     # The window bound: the steps of a window, on all ranks together, read <= `window` shards
     for plan in plans[1:]:
-        assert plan.window_starts is None or np.array_equal(plan.window_starts,
-                                                            plans[0].window_starts)  # fmt: skip
+        assert plan.window_starts is None or np.array_equal(
+            plan.window_starts, plans[0].window_starts
+        )
     starts = plans[0].window_starts
     bounds = [0, len(plans[0])] if starts is None else [*starts, len(plans[0])]
     for begin, end in itertools.pairwise(bounds):
@@ -272,12 +290,16 @@ def test_the_shard_aware_plan_is_deterministic_and_its_windows_do_not_depend_on_
     def window_shards(plans):
         starts = plans[0].window_starts
         bounds = [0, len(plans[0])] if starts is None else [*starts, len(plans[0])]
-        return [set(shard_index[np.concatenate([p.items[a:b].ravel() for p in plans])].tolist())
-                for a, b in itertools.pairwise(bounds)]  # fmt: skip
+        return [
+            set(shard_index[np.concatenate([p.items[a:b].ravel() for p in plans])].tolist())
+            for a, b in itertools.pairwise(bounds)
+        ]
 
     # Elastic: under any world size, the k-th window draws from the same shards
-    by_world = [window_shards(window_plans(bucket_index, shard_index, window, 1, world, seed, 3))
-                for world in (1, 3)]  # fmt: skip
+    by_world = [
+        window_shards(window_plans(bucket_index, shard_index, window, 1, world, seed, 3))
+        for world in (1, 3)
+    ]
     for one, three in zip(*by_world, strict=True):
         assert three <= one
 
@@ -304,8 +326,9 @@ def test_shard_windows_change_every_epoch_and_spread_a_shard_less_than_the_globa
         kept = np.random.default_rng(2).permutation(plan.items.ravel())  # random partners
         pairs = kept[np.argsort(shard_index[kept], kind="stable")].reshape(-1, 2)
         same = shard_index[pairs[:, 0]] == shard_index[pairs[:, 1]]
-        return float(np.mean(np.abs(position[pairs[same, 0]] - position[pairs[same, 1]]))
-                     / len(plan))  # fmt: skip
+        return float(
+            np.mean(np.abs(position[pairs[same, 0]] - position[pairs[same, 1]])) / len(plan)
+        )
 
     global_plan = plan_epoch(bucket_index, 8, 1, 0, 0, 0)
     windowed = [plan_epoch_by_shards(bucket_index, shard_index, 8, 8, 1, 0, 0, e) for e in (0, 1)]

@@ -207,8 +207,10 @@ def test_resume_after_an_interruption_keeps_finished_shards(corpus, prepared, tm
 def test_reruns_delete_only_the_jobs_own_files(corpus, prepared, tmp_path, capsys):
     output = tmp_path / "out"
     shutil.copytree(prepared, output)
-    stale = [output / "shards" / "64x64-0123456789abcdef.tar",  # named as the job names them
-             output / "parts" / "64x64-0123456789abcdef.parquet"]  # fmt: skip
+    stale = [
+        output / "shards" / "64x64-0123456789abcdef.tar",  # named as the job names them
+        output / "parts" / "64x64-0123456789abcdef.parquet",
+    ]
     foreign = [output / "shards" / "my.tar", output / "parts" / "notes.parquet"]
     for path in stale + foreign:
         path.write_bytes(b"not the job's")
@@ -332,8 +334,9 @@ def test_a_deep_tree_is_listed_by_tasks_as_one_process_lists_it(tmp_path):
     output = tmp_path / "out"
     prepare(root, output, buckets=SMALL_BUCKETS)
     captions = {row["source"]: row["caption"] for row in index_of(output)}
-    assert captions == {f"{folder}/img{i}.jpg".lstrip("/"): f"caption {i}"
-                        for i, folder in enumerate(folders)}  # fmt: skip
+    assert captions == {
+        f"{folder}/img{i}.jpg".lstrip("/"): f"caption {i}" for i, folder in enumerate(folders)
+    }
     assert rejects_of(output) == {"a/b/d3/orphan.txt": "orphan_caption"}
 
 

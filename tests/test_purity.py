@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CORE = ["pipeline.buckets", "pipeline.fit", "pipeline.plan", "pipeline.shard_plan",
-        "pipeline.work_plan"]  # fmt: skip
+CORE = [
+    "pipeline.buckets",
+    "pipeline.fit",
+    "pipeline.plan",
+    "pipeline.shard_plan",
+    "pipeline.work_plan",
+]
 HEAVY = {"pyvips", "cv2", "ray", "torch", "webdataset", "PIL", "diffusers"}
 
 
@@ -21,8 +26,12 @@ def loaded(statement: str) -> set[str]:
     """The names in sys.modules after `statement` in a fresh interpreter."""
     done = subprocess.run(
         [sys.executable, "-c", f"import sys\n{statement}\nprint(*sys.modules)"],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return set(done.stdout.split())
 
 
@@ -46,10 +55,23 @@ def test_the_format_loads_nothing_heavy_and_no_stage(at_start):
     assert {name for name in imported if name.startswith("pipeline.")} == {"pipeline.format"}
 
 
-STAGES = {"pipeline.inputs", "pipeline.sources", "pipeline.readers", "pipeline.scan",
-          "pipeline.assign", "pipeline.imaging", "pipeline.samples", "pipeline.shard_writer",
-          "pipeline.output", "pipeline.latents", "pipeline.distributor", "pipeline.prepare",
-          "pipeline.report", "pipeline.rejects", "pipeline.job"}  # fmt: skip
+STAGES = {
+    "pipeline.inputs",
+    "pipeline.sources",
+    "pipeline.readers",
+    "pipeline.scan",
+    "pipeline.assign",
+    "pipeline.imaging",
+    "pipeline.samples",
+    "pipeline.shard_writer",
+    "pipeline.output",
+    "pipeline.latents",
+    "pipeline.distributor",
+    "pipeline.prepare",
+    "pipeline.report",
+    "pipeline.rejects",
+    "pipeline.job",
+}
 
 
 def test_the_trainer_imports_the_core_and_the_format_never_a_stage(at_start):

@@ -41,8 +41,11 @@ def datasets(s3_server, tmp_path_factory) -> tuple[Path, str]:
     s3_server.client.create_bucket(Bucket="prepared")
     uri = s3_server.uri("prepared", "out")
     with ray_started():
-        run(PrepareConfig(input=str(folder / "images"), output=uri, buckets=SMALL_BUCKETS,
-                          samples_per_shard=5))  # fmt: skip
+        run(
+            PrepareConfig(
+                input=str(folder / "images"), output=uri, buckets=SMALL_BUCKETS, samples_per_shard=5
+            )
+        )
     return local, uri
 
 
@@ -52,13 +55,16 @@ def shard_bytes(local: Path) -> list[int]:
 
 def loaded(data, shuffle: str, workers: int, epochs: int = 2) -> list[tuple]:
     """(epoch, step, bucket shape, keys, pixel sum) of every batch of a rank of 2."""
-    batches = EpochBatches(data, batch_size=2, world_size=2, rank=1, seed=5, shuffle=shuffle,
-                           window=2)  # fmt: skip
+    batches = EpochBatches(
+        data, batch_size=2, world_size=2, rank=1, seed=5, shuffle=shuffle, window=2
+    )
     loader, seen = make_loader(data, batches, num_workers=workers), []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        seen += [(b.epoch, b.step, tuple(b.pixels.shape), tuple(b.keys),
-                  float(b.pixels.double().sum())) for b in loader]  # fmt: skip
+        seen += [
+            (b.epoch, b.step, tuple(b.pixels.shape), tuple(b.keys), float(b.pixels.double().sum()))
+            for b in loader
+        ]
     return seen
 
 
@@ -95,8 +101,14 @@ def test_the_shard_aware_shuffle_downloads_each_shard_once_an_epoch(s3_server, t
     s3_server.client.create_bucket(Bucket="windows")
     uri = s3_server.uri("windows", "out")
     with ray_started():
-        run(PrepareConfig(input=str(tmp_path / "images"), output=uri, buckets=SMALL_BUCKETS,
-                          samples_per_shard=20))  # fmt: skip
+        run(
+            PrepareConfig(
+                input=str(tmp_path / "images"),
+                output=uri,
+                buckets=SMALL_BUCKETS,
+                samples_per_shard=20,
+            )
+        )
     listed = s3_server.client.list_objects_v2(Bucket="windows", Prefix="out/shards/")
     sizes = [entry["Size"] for entry in listed["Contents"] if entry["Key"].endswith(".tar")]
     assert len(sizes) == 10
@@ -104,8 +116,7 @@ def test_the_shard_aware_shuffle_downloads_each_shard_once_an_epoch(s3_server, t
     for shuffle in ("global", "shards"):
         cache = NodeCache(tmp_path / shuffle, limit=4 * max(sizes))  # room for two windows
         data = PreparedData(uri, cache=cache)
-        batches = EpochBatches(data, batch_size=4, world_size=1, rank=0, shuffle=shuffle,
-                               window=2)  # fmt: skip
+        batches = EpochBatches(data, batch_size=4, world_size=1, rank=0, shuffle=shuffle, window=2)
         for batch in make_loader(data, batches, num_workers=0):
             assert len(batch.keys) == 4
         downloads[shuffle] = cache.counts()[1]
@@ -166,8 +177,10 @@ def test_two_processes_asking_for_one_shard_download_it_once(s3_server, tmp_path
         f"path = DatasetFiles({uri!r}, cache).local('shards/a.tar')\n"
         "print(cache.counts()[1], os.path.getsize(path))\n"
     )
-    children = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, text=True,
-                                 stdout=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    children = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, text=True, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
     time.sleep(3)  # both started, waiting
     go.touch()
     outputs = [child.communicate(timeout=120)[0].split() for child in children]
@@ -201,11 +214,21 @@ def test_two_ranks_train_from_s3_with_the_batches_of_a_local_copy(datasets, tmp_
     for name, data in (("local", str(local)), ("remote", uri)):
         log = tmp_path / f"{name}.jsonl"
         done = run_torchrun(
-            2, "tests/logged_train.py", str(log), f"--data={data}", "--shuffle=shards",
-            "--shuffle-window=2", f"--cache-dir={tmp_path / 'cache'}", f"--cache-limit={limit}",
-            f"--out-dir={tmp_path / name}", "--num-workers=1", "--channels=8", "--epochs=2",
-            "--batch-size=2", timeout=240,
-        )  # fmt: skip
+            2,
+            "tests/logged_train.py",
+            str(log),
+            f"--data={data}",
+            "--shuffle=shards",
+            "--shuffle-window=2",
+            f"--cache-dir={tmp_path / 'cache'}",
+            f"--cache-limit={limit}",
+            f"--out-dir={tmp_path / name}",
+            "--num-workers=1",
+            "--channels=8",
+            "--epochs=2",
+            "--batch-size=2",
+            timeout=240,
+        )
         assert done.returncode == 0, done.stderr[-4000:]
         by_rank = defaultdict(list)
         for line in log.read_text().splitlines():
@@ -236,10 +259,16 @@ def test_processes_mapping_the_index_hold_about_one_copy(tmp_path):
     captions = [", ".join(words[rng.integers(0, 5000, 20)]) for _ in range(rows)]
     names = ("bucket", "width", "height", "stored_width", "stored_height")
     numbers = {name: np.zeros(rows, np.int32) for name in names}
-    table = pa.table({"key": [f"{i:08d}" for i in range(rows)], "caption": captions,
-                      "shard": [f"shards/{i // 1000:05d}.tar" for i in range(rows)],
-                      "image_offset": np.arange(rows, dtype=np.int64),
-                      "image_size": np.ones(rows, np.int64), **numbers})  # fmt: skip
+    table = pa.table(
+        {
+            "key": [f"{i:08d}" for i in range(rows)],
+            "caption": captions,
+            "shard": [f"shards/{i // 1000:05d}.tar" for i in range(rows)],
+            "image_offset": np.arange(rows, dtype=np.int64),
+            "image_size": np.ones(rows, np.int64),
+            **numbers,
+        }
+    )
     pq.write_table(table, tmp_path / "index.parquet")
     del table, captions
     files = DatasetFiles(str(tmp_path), NodeCache(tmp_path / "cache"))
@@ -248,8 +277,9 @@ def test_processes_mapping_the_index_hold_about_one_copy(tmp_path):
 
     def started(*args: str) -> subprocess.Popen:
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
-        child = subprocess.Popen([sys.executable, "tests/map_index.py", *args], cwd=REPO,
-                                 text=True, **pipes)  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, "tests/map_index.py", *args], cwd=REPO, text=True, **pipes
+        )
         assert child.stdout.readline().strip() in ("mapped", "ready")
         return child
 
@@ -269,8 +299,9 @@ def test_the_shard_aware_sampler_resumes_at_any_step_and_names_shards_to_prefetc
     local, uri = datasets
     for root, remote in ((str(local), False), (uri, True)):
         data = PreparedData(root, cache=NodeCache(tmp_path / "cache"))
-        batches = EpochBatches(data, batch_size=2, world_size=2, rank=0, seed=1, shuffle="shards",
-                               window=2)  # fmt: skip
+        batches = EpochBatches(
+            data, batch_size=2, world_size=2, rank=0, seed=1, shuffle="shards", window=2
+        )
         batches.set_epoch(1)
         full = [(b.step, b.keys) for b in batches]
         assert all(bool(b.prefetch) == remote for b in list(batches)[:1])
@@ -298,11 +329,20 @@ def test_a_run_from_s3_resumes_where_it_stopped(datasets, tmp_path):
     seen = {}
 
     def run_training(name: str, **options) -> None:
-        base = {"data": (uri,), "out_dir": str(tmp_path / name), "num_workers": 0,
-                "batch_size": 2, "channels": 8, "log_every": 1000, "epochs": 1,
-                "cache_dir": str(tmp_path / "cache")}  # fmt: skip
-        train(Config(**(base | options)),
-              on_step=lambda step: seen.setdefault(name, []).append(step.batch.keys))  # fmt: skip
+        base = {
+            "data": (uri,),
+            "out_dir": str(tmp_path / name),
+            "num_workers": 0,
+            "batch_size": 2,
+            "channels": 8,
+            "log_every": 1000,
+            "epochs": 1,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+        train(
+            Config(**(base | options)),
+            on_step=lambda step: seen.setdefault(name, []).append(step.batch.keys),
+        )
 
     run_training("whole")
     run_training("parts", max_steps=3)

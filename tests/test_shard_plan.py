@@ -20,8 +20,7 @@ def images(draw):
     keys = np.unique(rng.integers(0, 2**62, n * 2).astype("S20"))[:n]
     keys = rng.permutation(keys)
     buckets = rng.integers(0, len(SIZES), len(keys))
-    places = np.where(rng.random(len(keys)) < draw(st.floats(0, 1)),
-                      rng.permutation(len(keys)), -1)  # fmt: skip
+    places = np.where(rng.random(len(keys)) < draw(st.floats(0, 1)), rng.permutation(len(keys)), -1)
     return keys, buckets, draw(st.integers(1, 40)), places
 
 
@@ -51,11 +50,14 @@ def test_the_same_images_in_any_order_give_the_same_shards(data):
     keys, buckets, per_shard, places = data
     shuffle = np.random.default_rng(len(keys)).permutation(len(keys))
     first = plan_shards(keys, buckets, SIZES, per_shard, "salt", places=places)
-    again = plan_shards(keys[shuffle], buckets[shuffle], SIZES, per_shard, "salt",
-                        places=places[shuffle])  # fmt: skip
+    again = plan_shards(
+        keys[shuffle], buckets[shuffle], SIZES, per_shard, "salt", places=places[shuffle]
+    )
     assert [s.name for s in first] == [s.name for s in again]
-    assert all(np.array_equal(keys[a.rows], keys[shuffle][b.rows])
-               for a, b in zip(first, again, strict=True))  # fmt: skip
+    assert all(
+        np.array_equal(keys[a.rows], keys[shuffle][b.rows])
+        for a, b in zip(first, again, strict=True)
+    )
     other_salt = plan_shards(keys, buckets, SIZES, per_shard, "other", places=places)
     assert not {s.name for s in first} & {s.name for s in other_salt}
 

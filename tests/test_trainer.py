@@ -34,10 +34,16 @@ def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[d
     """Run the trainer under torchrun; each rank's logged batches, in order."""
     log = work / "batches.jsonl"
     done = run_torchrun(
-        nproc, "tests/logged_train.py", str(log), f"--data={data}",
-        f"--out-dir={work / 'checkpoints'}", "--num-workers=1", "--channels=8", *args,
+        nproc,
+        "tests/logged_train.py",
+        str(log),
+        f"--data={data}",
+        f"--out-dir={work / 'checkpoints'}",
+        "--num-workers=1",
+        "--channels=8",
+        *args,
         timeout=240,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     by_rank = defaultdict(list)
     for line in log.read_text().splitlines():
@@ -282,8 +288,9 @@ def test_spawned_workers_deliver_the_same_batches(prepared):
     assert_same_batches(*delivered.values())
     # what a spawned worker is sent: how to open the dataset, not a copy of its index
     assert len(pickle.dumps(data)) < 2000
-    assert np.array_equal(pickle.loads(pickle.dumps(data)).columns.image_offset,
-                          data.columns.image_offset)  # fmt: skip
+    assert np.array_equal(
+        pickle.loads(pickle.dumps(data)).columns.image_offset, data.columns.image_offset
+    )
 
 
 def test_a_dataloader_consumer_that_keeps_its_batches_gets_distinct_buffers(prepared):
@@ -335,9 +342,15 @@ def test_decode_rgb_gives_pillows_pixels(pillow_format):
 def test_two_ranks_train_a_hypernetwork_in_step(prepared, tmp_path):
     """The source's use: hypernetworks on a frozen U-Net, DDP over 2 ranks, loss falls."""
     runs = torchrun(
-        2, prepared, tmp_path, "--model=sd", "--epochs=12", "--batch-size=4", "--lr=1e-2",
+        2,
+        prepared,
+        tmp_path,
+        "--model=sd",
+        "--epochs=12",
+        "--batch-size=4",
+        "--lr=1e-2",
         "--caption-dropout=0",
-    )  # fmt: skip
+    )
     first, second = runs[0], runs[1]
     assert len(first) == len(second) >= 36
     for a, b in zip(first, second, strict=True):
@@ -360,8 +373,14 @@ def test_more_shards_than_open_files_allowed(tmp_path):
         pixels[..., 1] = i // 256  # 400 distinct images: no two the same bytes (duplicates)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i:03d}.png")
     with ray_started():
-        run(PrepareConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
-                          buckets=SMALL_BUCKETS, samples_per_shard=1))  # fmt: skip
+        run(
+            PrepareConfig(
+                input=str(tmp_path / "images"),
+                output=str(tmp_path / "out"),
+                buckets=SMALL_BUCKETS,
+                samples_per_shard=1,
+            )
+        )
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
@@ -384,9 +403,17 @@ def test_more_shards_than_open_files_allowed(tmp_path):
 def test_two_ranks_train_sdxl_with_each_batchs_conditioning(prepared, tmp_path):
     """A tiny SDXL, hypernetwork per depth, flips and shuffled tags, 2 ranks in step."""
     runs = torchrun(
-        2, prepared, tmp_path, "--model=sdxl", "--epochs=2", "--batch-size=3", "--lr=1e-2",
-        "--flip=0.5", "--shuffle-tags", "--caption-dropout=0",
-    )  # fmt: skip
+        2,
+        prepared,
+        tmp_path,
+        "--model=sdxl",
+        "--epochs=2",
+        "--batch-size=3",
+        "--lr=1e-2",
+        "--flip=0.5",
+        "--shuffle-tags",
+        "--caption-dropout=0",
+    )
     first, second = runs[0], runs[1]
     assert len(first) == len(second) > 4
     rows = {row["key"]: row for row in pq.read_table(prepared / "index.parquet").to_pylist()}
@@ -394,8 +421,9 @@ def test_two_ranks_train_sdxl_with_each_batchs_conditioning(prepared, tmp_path):
         assert a["weights"] == b["weights"], "the ranks' hypernetworks agree after every step"
         for entry in (a, b):
             assert np.isfinite(entry["loss"])
-            for key, size, target in zip(entry["keys"], entry["original_size"],
-                                         entry["target_size"], strict=True):  # fmt: skip
+            for key, size, target in zip(
+                entry["keys"], entry["original_size"], entry["target_size"], strict=True
+            ):
                 assert size == [rows[key]["height"], rows[key]["width"]]
                 assert target == entry["shape"][2:]
     assert (tmp_path / "checkpoints" / "hypernetwork.safetensors").exists()

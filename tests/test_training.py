@@ -26,8 +26,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def config(prepared: Path, tmp_path: Path, **options) -> Config:
-    base = {"data": (str(prepared),), "out_dir": str(tmp_path / "out"), "num_workers": 0,
-            "batch_size": 2, "lr_warmup_steps": 0, "log_every": 1000}  # fmt: skip
+    base = {
+        "data": (str(prepared),),
+        "out_dir": str(tmp_path / "out"),
+        "num_workers": 0,
+        "batch_size": 2,
+        "lr_warmup_steps": 0,
+        "log_every": 1000,
+    }
     return Config(**(base | options))
 
 
@@ -39,8 +45,12 @@ def test_bf16_on_the_cpu_trains_with_fp32_master_weights(prepared, tmp_path):
         seen["trained"] = {p.dtype for p in trained.parameters()}
         seen["frozen"] = {p.dtype for p in step.model.unet.parameters()}
 
-    result = train(config(prepared, tmp_path, model="sd", mixed_precision="bf16", max_steps=3,
-                          caption_dropout=0.0), on_step=check)  # fmt: skip
+    result = train(
+        config(
+            prepared, tmp_path, model="sd", mixed_precision="bf16", max_steps=3, caption_dropout=0.0
+        ),
+        on_step=check,
+    )
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert seen == {"trained": {torch.float32}, "frozen": {torch.bfloat16}}
 
@@ -52,8 +62,12 @@ def test_fp16_scales_the_loss_and_trains_finite(prepared, tmp_path):
     def check(step):
         dtypes.update(vae=step.model.vae.dtype, text_encoder=step.model.text_encoder.dtype)
 
-    result = train(config(prepared, tmp_path, model="sd", mixed_precision="fp16", max_steps=2,
-                          caption_dropout=0.0), on_step=check)  # fmt: skip
+    result = train(
+        config(
+            prepared, tmp_path, model="sd", mixed_precision="fp16", max_steps=2, caption_dropout=0.0
+        ),
+        on_step=check,
+    )
     assert dtypes == {"vae": torch.float32, "text_encoder": torch.float16}
     state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert state["optimization"]["scaler"]["scale"] > 1, "fp16 runs under a gradient scaler"
@@ -74,8 +88,12 @@ def test_storing_the_frozen_parts_in_bf16_leaves_diffusers_quiet(caplog):
     finally:
         diffusers_logger.removeHandler(caplog.handler)
     dtypes = {name: {p.dtype for p in part.parameters()} for name, part in model.named_children()}
-    assert dtypes == {"unet": {torch.bfloat16}, "text_encoder": {torch.bfloat16},
-                      "vae": {torch.bfloat16}, "hypernetwork": {torch.float32}}  # fmt: skip
+    assert dtypes == {
+        "unet": {torch.bfloat16},
+        "text_encoder": {torch.bfloat16},
+        "vae": {torch.bfloat16},
+        "hypernetwork": {torch.float32},
+    }
     assert [r.getMessage() for r in caplog.records if r.name.startswith("diffusers")] == []
 
 
@@ -90,8 +108,16 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_training(prepared,
             flags[checkpointing] = step.model.unet.is_gradient_checkpointing
 
         out = tmp_path / str(checkpointing)
-        options = config(prepared, out, model="sd", train_part=part, max_steps=3, lr=0.05,
-                         gradient_checkpointing=checkpointing, caption_dropout=0.0)  # fmt: skip
+        options = config(
+            prepared,
+            out,
+            model="sd",
+            train_part=part,
+            max_steps=3,
+            lr=0.05,
+            gradient_checkpointing=checkpointing,
+            caption_dropout=0.0,
+        )
         runs[checkpointing] = train(options, on_step=check)["losses"]
         weights[checkpointing] = torch.load(out / "out" / "checkpoint.pt", weights_only=True)
     assert flags == {False: False, True: True}
@@ -146,11 +172,14 @@ def test_accumulation_on_two_ranks_syncs_once_and_matches_one_big_batch():
 def test_the_learning_rate_follows_diffusers_schedule(prepared, tmp_path, schedule):
     """One epoch: the schedule spans it, one rate per optimizer step."""
     rates = []
-    train(config(prepared, tmp_path, lr_scheduler=schedule, lr_warmup_steps=2, lr=0.01),
-          on_step=lambda step: rates.append(step.lr))  # fmt: skip
+    train(
+        config(prepared, tmp_path, lr_scheduler=schedule, lr_warmup_steps=2, lr=0.01),
+        on_step=lambda step: rates.append(step.lr),
+    )
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=0.01)
-    reference = get_scheduler(schedule, optimizer, num_warmup_steps=2,
-                              num_training_steps=len(rates))  # fmt: skip
+    reference = get_scheduler(
+        schedule, optimizer, num_warmup_steps=2, num_training_steps=len(rates)
+    )
     expected = []
     for _ in rates:
         expected.append(reference.get_last_lr()[0])
@@ -162,8 +191,9 @@ def test_the_learning_rate_follows_diffusers_schedule(prepared, tmp_path, schedu
 
 def test_ema_is_the_closed_form_on_a_toy_parameter():
     model = nn.Linear(1, 1, bias=False)
-    optimization = Optimization.build(model, torch.device("cpu"), 0.0, "constant", 0, 10,
-                                      ema_decay=0.9)  # fmt: skip
+    optimization = Optimization.build(
+        model, torch.device("cpu"), 0.0, "constant", 0, 10, ema_decay=0.9
+    )
     values = [1.0, 3.0, -2.0, 5.0]
     for value in values:
         with torch.no_grad():
@@ -181,21 +211,43 @@ def test_ema_is_the_closed_form_on_a_toy_parameter():
 
 @pytest.mark.slow
 def test_ema_weights_are_saved_and_sample_py_prefers_them(prepared, tmp_path):
-    train(config(prepared, tmp_path, model="sd", use_ema=True, ema_decay=0.5, max_steps=3,
-                 lr=0.05, caption_dropout=0.0))  # fmt: skip
+    train(
+        config(
+            prepared,
+            tmp_path,
+            model="sd",
+            use_ema=True,
+            ema_decay=0.5,
+            max_steps=3,
+            lr=0.05,
+            caption_dropout=0.0,
+        )
+    )
     out = tmp_path / "out"
     assert (out / "hypernetwork_ema.safetensors").exists()
     from trainer.hypernetwork import load
 
-    raw, ema = (load(out / name).state_dict() for name in
-                ("hypernetwork.safetensors", "hypernetwork_ema.safetensors"))  # fmt: skip
+    raw, ema = (
+        load(out / name).state_dict()
+        for name in ("hypernetwork.safetensors", "hypernetwork_ema.safetensors")
+    )
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     done = subprocess.run(
-        [sys.executable, "trainer/sample.py", "--prompt=a cat", "--steps=1", "--width=32",
-         "--height=32", f"--hypernetwork={out / 'hypernetwork.safetensors'}",
-         f"--out={tmp_path / 'image.png'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "trainer/sample.py",
+            "--prompt=a cat",
+            "--steps=1",
+            "--width=32",
+            "--height=32",
+            f"--hypernetwork={out / 'hypernetwork.safetensors'}",
+            f"--out={tmp_path / 'image.png'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "hypernetwork_ema.safetensors" in done.stdout
 
@@ -204,9 +256,20 @@ def test_tensorboard_holds_the_scalars_and_validation_images(prepared, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = tmp_path / "logs"
-    train(config(prepared, tmp_path, model="sd", max_steps=4, logging_dir=str(logs),
-                 validation_prompt=("a cat", "a dog"), validation_steps=2, validation_width=32,
-                 validation_height=32, validation_inference_steps=2))  # fmt: skip
+    train(
+        config(
+            prepared,
+            tmp_path,
+            model="sd",
+            max_steps=4,
+            logging_dir=str(logs),
+            validation_prompt=("a cat", "a dog"),
+            validation_steps=2,
+            validation_width=32,
+            validation_height=32,
+            validation_inference_steps=2,
+        )
+    )
     events = EventAccumulator(str(logs))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -233,9 +296,14 @@ def test_validation_images_are_the_same_for_the_same_seed_and_weights(prepared, 
     from trainer.validation import render_validation
 
     options = config(
-        prepared, tmp_path, model="sd", validation_prompt=("a red dress",), validation_width=32,
-        validation_height=32, validation_inference_steps=2,
-    )  # fmt: skip
+        prepared,
+        tmp_path,
+        model="sd",
+        validation_prompt=("a red dress",),
+        validation_width=32,
+        validation_height=32,
+        validation_inference_steps=2,
+    )
     model = MODELS["sd"](options)
     first = render_validation(model, options, 1, None)
     second = render_validation(model, options, 2, None)
@@ -244,10 +312,18 @@ def test_validation_images_are_the_same_for_the_same_seed_and_weights(prepared, 
 
 def test_a_toml_config_gives_the_flags_config_and_flags_override_it(prepared, tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text(f'data = ["{prepared}"]\nbatch-size = 8\nlr_scheduler = "cosine"\n'
-                    'use_ema = true\nvalidation_prompt = "a cat"\nmodel = "sd"\n')  # fmt: skip
-    flags = [f"--data={prepared}", "--batch-size=8", "--lr-scheduler=cosine", "--use-ema",
-             "--validation-prompt=a cat", "--model=sd"]  # fmt: skip
+    toml.write_text(
+        f'data = ["{prepared}"]\nbatch-size = 8\nlr_scheduler = "cosine"\n'
+        'use_ema = true\nvalidation_prompt = "a cat"\nmodel = "sd"\n'
+    )
+    flags = [
+        f"--data={prepared}",
+        "--batch-size=8",
+        "--lr-scheduler=cosine",
+        "--use-ema",
+        "--validation-prompt=a cat",
+        "--model=sd",
+    ]
     from_file = parse_config(["--config", str(toml)])
     assert from_file == parse_config([*flags, "--config", str(toml)])
     assert {k: v for k, v in vars(from_file).items() if k != "config"} == {
@@ -256,8 +332,13 @@ def test_a_toml_config_gives_the_flags_config_and_flags_override_it(prepared, tm
     assert parse_config(["--config", str(toml), "--batch-size=2"]).batch_size == 2
     assert not parse_config(["--config", str(toml), "--no-use-ema"]).use_ema
     toml.write_text("batch_sise = 8\n")
-    done = subprocess.run([sys.executable, "trainer/train.py", "--config", str(toml)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "trainer/train.py", "--config", str(toml)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "batch_sise" in done.stderr
 
 
@@ -266,16 +347,26 @@ def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path, preci
     """Accumulation 2 (an odd epoch ends with a smaller group), cosine with warm-up, clipping,
     EMA, bf16 or fp16 (its loss scale): 3 + 3 optimizer steps after a resume are the 6 of an
     uninterrupted run."""
-    everything = {"gradient_accumulation_steps": 2, "lr_scheduler": "cosine",
-                  "lr_warmup_steps": 2, "max_grad_norm": 0.5, "use_ema": True,
-                  "ema_decay": 0.8, "mixed_precision": precision, "batch_size": 3, "epochs": 5,
-                  "lr": 0.01}  # fmt: skip
+    everything = {
+        "gradient_accumulation_steps": 2,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 2,
+        "max_grad_norm": 0.5,
+        "use_ema": True,
+        "ema_decay": 0.8,
+        "mixed_precision": precision,
+        "batch_size": 3,
+        "epochs": 5,
+        "lr": 0.01,
+    }
     whole = train(config(prepared, tmp_path / "whole", max_steps=6, **everything))
     first = train(config(prepared, tmp_path / "parts", max_steps=3, **everything))
     second = train(config(prepared, tmp_path / "parts", max_steps=3, resume=True, **everything))
     assert first["losses"] + second["losses"] == whole["losses"]
-    states = [torch.load(tmp_path / run / "out" / "checkpoint.pt", weights_only=True)
-              for run in ("whole", "parts")]  # fmt: skip
+    states = [
+        torch.load(tmp_path / run / "out" / "checkpoint.pt", weights_only=True)
+        for run in ("whole", "parts")
+    ]
     for a, b in zip(*(trained_state_of(s) for s in states), strict=True):
         assert torch.equal(a, b)
     assert states[0]["optimization"]["steps"] == states[1]["optimization"]["steps"] == 6
@@ -285,8 +376,14 @@ def test_a_resume_with_everything_on_continues_exactly(prepared, tmp_path, preci
 
 def test_a_resume_with_hypernetwork_dropout_continues_exactly(prepared, tmp_path):
     """Dropout draws from torch's own random state: every rank's is kept in the checkpoint."""
-    options = {"model": "sd", "hypernetwork_dropout": 0.3, "hypernetwork_structure": (1, 2, 1),
-               "caption_dropout": 0.0, "lr": 0.05, "epochs": 3}  # fmt: skip
+    options = {
+        "model": "sd",
+        "hypernetwork_dropout": 0.3,
+        "hypernetwork_structure": (1, 2, 1),
+        "caption_dropout": 0.0,
+        "lr": 0.05,
+        "epochs": 3,
+    }
     whole = train(config(prepared, tmp_path / "whole", max_steps=4, **options))
     train(config(prepared, tmp_path / "parts", max_steps=2, **options))
     second = train(config(prepared, tmp_path / "parts", max_steps=2, resume=True, **options))

@@ -43,10 +43,13 @@ class CaptionOptions:
     tag_dropout: float = option(0.0, "drop each other tag with this probability", group=TAGS)
 
     def __post_init__(self) -> None:
-        check(self, {
-            "keep_tokens": (self.keep_tokens >= 0, "must be >= 0"),
-            "tag_dropout": (0 <= self.tag_dropout < 1, "must be in [0, 1)"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "keep_tokens": (self.keep_tokens >= 0, "must be >= 0"),
+                "tag_dropout": (0 <= self.tag_dropout < 1, "must be in [0, 1)"),
+            },
+        )
 
     @property
     def active(self) -> bool:
@@ -109,8 +112,9 @@ def view(
         scaled_w, scaled_h = fit(*original, bucket_w, bucket_h)
     digest = hashlib.blake2b(seeded.encode(), digest_size=16).digest()
     if grid > 1:  # the latents cover the stored image cut to the grid from its top-left
-        cells = crop_box(scaled_w // grid, scaled_h // grid, bucket_w // grid, bucket_h // grid,
-                         digest)  # fmt: skip
+        cells = crop_box(
+            scaled_w // grid, scaled_h // grid, bucket_w // grid, bucket_h // grid, digest
+        )
         left, top = cells[0] * grid, cells[1] * grid
     else:
         left, top = crop_box(scaled_w, scaled_h, bucket_w, bucket_h, digest)[:2]
@@ -123,9 +127,13 @@ def view(
     if flip:
         source_left = round(fitted_w * scale_w) - bucket_w - source_left
     return View(
-        (scaled_w, scaled_h), (left, top), flip, original[::-1], (source_top, source_left),
+        (scaled_w, scaled_h),
+        (left, top),
+        flip,
+        original[::-1],
+        (source_top, source_left),
         bucket[::-1],
-    )  # fmt: skip
+    )
 
 
 def _uniform(text: str) -> float:

@@ -44,8 +44,13 @@ def save(
     states = _gathered(_random_state(generator), world_size)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {"model": trained_state(model), "optimization": optimization.state_dict(),
-                 "epoch": position[0], "step": position[1], "generators": states}  # fmt: skip
+        state = {
+            "model": trained_state(model),
+            "optimization": optimization.state_dict(),
+            "epoch": position[0],
+            "step": position[1],
+            "generators": states,
+        }
         torch.save(state, out_dir / "checkpoint.tmp")
         (out_dir / "checkpoint.tmp").replace(out_dir / NAME)
         save_config(config, out_dir)
@@ -65,9 +70,11 @@ def load(
     except RuntimeError:  # parameters of other shapes
         other = True
     if other:
-        raise UsageError(f"{path} was written by another model configuration"
-                         f"{_differences(config, read_saved(out_dir))}: resume with its own "
-                         f"settings, --config {out_dir / 'config.toml'} --resume")  # fmt: skip
+        raise UsageError(
+            f"{path} was written by another model configuration"
+            f"{_differences(config, read_saved(out_dir))}: resume with its own "
+            f"settings, --config {out_dir / 'config.toml'} --resume"
+        )
     optimization.load_state_dict(state["optimization"])
     generators = state["generators"]
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -49,8 +49,15 @@ class PromptOptions:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check(self, {"max_tokens": (self.max_tokens > 0 and self.max_tokens % 75 == 0,
-                                    "must be a positive multiple of 75")})  # fmt: skip
+        check(
+            self,
+            {
+                "max_tokens": (
+                    self.max_tokens > 0 and self.max_tokens % 75 == 0,
+                    "must be a positive multiple of 75",
+                )
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,21 @@ class HypernetworkConfig:
 
     def __post_init__(self) -> None:
         structure = self.layer_structure
-        check(self, {
-            "activation": (self.activation in _activations(),
-                           "must be a torch.nn activation's lower-case name, linear or swish"),
-            "layer_structure": (len(structure) >= 2 and structure[0] == 1 and structure[-1] == 1,
-                                "must start and end with 1 (the module is residual)"),
-            "dropout": (0 <= self.dropout < 1, "must be in [0, 1)"),
-            "depth_penalty": (all(w >= 0 for w in self.depth_penalty), "must be >= 0 each"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "activation": (
+                    self.activation in _activations(),
+                    "must be a torch.nn activation's lower-case name, linear or swish",
+                ),
+                "layer_structure": (
+                    len(structure) >= 2 and structure[0] == 1 and structure[-1] == 1,
+                    "must start and end with 1 (the module is residual)",
+                ),
+                "dropout": (0 <= self.dropout < 1, "must be in [0, 1)"),
+                "depth_penalty": (all(w >= 0 for w in self.depth_penalty), "must be >= 0 each"),
+            },
+        )
         if self.dropout_structure is not None:
             if self.dropout:
                 raise ValueError("give dropout or dropout_structure, not both")
@@ -227,31 +241,44 @@ class Config(PromptOptions, CaptionOptions):
         CaptionOptions.__post_init__(self)
         PromptOptions.__post_init__(self)  # and every option's choices
         HypernetworkConfig(
-            layer_structure=self.hypernetwork_structure, activation=self.hypernetwork_activation,
-            dropout=self.hypernetwork_dropout, depth_penalty=self.depth_penalty,
-        )  # fmt: skip
-        check(self, {
-            "data": (bool(self.data), "give a prepared dataset (jobs/prepare.py --output OUT)"),
-            "flip": (0 <= self.flip <= 1, "must be a probability in [0, 1]"),
-            "batch_size": (self.batch_size >= 1, "must be >= 1"),
-            "epochs": (self.epochs >= 0, "must be >= 0"),
-            "max_steps": (self.max_steps >= 0, "must be >= 0"),
-            "lr": (self.lr > 0, "must be > 0"),
-            "num_workers": (self.num_workers >= 0, "must be >= 0"),
-            "shuffle_window": (self.shuffle_window >= 1, "must be >= 1"),
-            "cache_limit": (self.cache_limit >= 1, "must be >= 1 (bytes)"),
-            "checkpoint_every": (self.checkpoint_every >= 1, "must be >= 1"),
-            "log_every": (self.log_every >= 1, "must be >= 1"),
-            "lr_warmup_steps": (self.lr_warmup_steps >= 0, "must be >= 0"),
-            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "must be >= 1"),
-            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0"),
-            "ema_decay": (0 < self.ema_decay < 1, "must be in (0, 1)"),
-            "validation_steps": (self.validation_steps >= 1, "must be >= 1"),
-            "validation_prompt": (not self.validation_prompt or self.model != "conv",
-                                  "needs --model sd or sdxl"),
-            "resume": (not (self.resume and self.overwrite), "and --overwrite exclude each other"),
-            "caption_dropout": (0 <= self.caption_dropout < 1, "must be in [0, 1)"),
-        })  # fmt: skip
+            layer_structure=self.hypernetwork_structure,
+            activation=self.hypernetwork_activation,
+            dropout=self.hypernetwork_dropout,
+            depth_penalty=self.depth_penalty,
+        )
+        check(
+            self,
+            {
+                "data": (bool(self.data), "give a prepared dataset (jobs/prepare.py --output OUT)"),
+                "flip": (0 <= self.flip <= 1, "must be a probability in [0, 1]"),
+                "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                "epochs": (self.epochs >= 0, "must be >= 0"),
+                "max_steps": (self.max_steps >= 0, "must be >= 0"),
+                "lr": (self.lr > 0, "must be > 0"),
+                "num_workers": (self.num_workers >= 0, "must be >= 0"),
+                "shuffle_window": (self.shuffle_window >= 1, "must be >= 1"),
+                "cache_limit": (self.cache_limit >= 1, "must be >= 1 (bytes)"),
+                "checkpoint_every": (self.checkpoint_every >= 1, "must be >= 1"),
+                "log_every": (self.log_every >= 1, "must be >= 1"),
+                "lr_warmup_steps": (self.lr_warmup_steps >= 0, "must be >= 0"),
+                "gradient_accumulation_steps": (
+                    self.gradient_accumulation_steps >= 1,
+                    "must be >= 1",
+                ),
+                "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0"),
+                "ema_decay": (0 < self.ema_decay < 1, "must be in (0, 1)"),
+                "validation_steps": (self.validation_steps >= 1, "must be >= 1"),
+                "validation_prompt": (
+                    not self.validation_prompt or self.model != "conv",
+                    "needs --model sd or sdxl",
+                ),
+                "resume": (
+                    not (self.resume and self.overwrite),
+                    "and --overwrite exclude each other",
+                ),
+                "caption_dropout": (0 <= self.caption_dropout < 1, "must be in [0, 1)"),
+            },
+        )
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -301,8 +328,11 @@ def save_config(config: Config, folder: Path) -> None:
     """The resolved config as TOML (what --config reads back)."""
     import tomli_w
 
-    values = {k: list(v) if isinstance(v, tuple) else v
-              for k, v in dataclasses.asdict(config).items() if k != "config"}  # fmt: skip
+    values = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(config).items()
+        if k != "config"
+    }
     (folder / "config.toml").write_text(tomli_w.dumps(values))
 
 
@@ -345,17 +375,24 @@ class SampleConfig(PromptOptions):
 
     def __post_init__(self) -> None:
         PromptOptions.__post_init__(self)
-        check(self, {
-            "width": (self.width >= 1, "must be >= 1"),
-            "height": (self.height >= 1, "must be >= 1"),
-            "original_size": (len(self.original_size) in (0, 2)
-                              and all(side >= 1 for side in self.original_size),
-                              "must be H,W: two sizes in pixels"),
-            "crop_top_left": (len(self.crop_top_left) == 2
-                              and all(offset >= 0 for offset in self.crop_top_left),
-                              "must be TOP,LEFT: two offsets in pixels"),
-            "steps": (self.steps >= 1, "must be >= 1"),
-        })  # fmt: skip
+        check(
+            self,
+            {
+                "width": (self.width >= 1, "must be >= 1"),
+                "height": (self.height >= 1, "must be >= 1"),
+                "original_size": (
+                    len(self.original_size) in (0, 2)
+                    and all(side >= 1 for side in self.original_size),
+                    "must be H,W: two sizes in pixels",
+                ),
+                "crop_top_left": (
+                    len(self.crop_top_left) == 2
+                    and all(offset >= 0 for offset in self.crop_top_left),
+                    "must be TOP,LEFT: two offsets in pixels",
+                ),
+                "steps": (self.steps >= 1, "must be >= 1"),
+            },
+        )
 
 
 def parse_sample(argv: list[str] | None = None, description: str = "") -> SampleConfig:

@@ -121,8 +121,9 @@ def not_prepared(given: str | Path) -> UsageError:
             f"--data {root} holds images, not a prepared dataset: prepare them first with "
             f"`python jobs/prepare.py --input {root} --output OUT`, then train with --data OUT"
         )
-    return UsageError(f"--data {root} is not a prepared dataset (no manifest.json): give the "
-                      f"OUT of `{run}`")  # fmt: skip
+    return UsageError(
+        f"--data {root} is not a prepared dataset (no manifest.json): give the OUT of `{run}`"
+    )
 
 
 def latents_to_use(choice: str, fingerprint: str | None, manifests: list[Manifest]) -> str | None:
@@ -141,8 +142,9 @@ class PreparedData:
     of its index). `cache`: where remote shards and the index maps go (None: the default
     folder, `storage.default_cache_dir`)."""
 
-    def __init__(self, root: str | Path, latents: str | None = None,
-                 cache: NodeCache | None = None):  # fmt: skip
+    def __init__(
+        self, root: str | Path, latents: str | None = None, cache: NodeCache | None = None
+    ):
         self.root, self._arguments = str(root), (root, latents, cache)
         self.manifest = read_manifest(root)
         settled = json.dumps(dataclasses.asdict(self.manifest), sort_keys=True).encode()
@@ -152,9 +154,11 @@ class PreparedData:
         try:
             self.files.cache_folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UsageError(f"the index maps go to {self.files.cache_folder}, which cannot be "
-                             f"made ({error.strerror}): give --cache-dir a folder of this "
-                             "node's disk") from error  # fmt: skip
+            raise UsageError(
+                f"the index maps go to {self.files.cache_folder}, which cannot be "
+                f"made ({error.strerror}): give --cache-dir a folder of this "
+                "node's disk"
+            ) from error
         self.index = MappedIndex(self.files)
         index = self.index
         self.columns = Columns(
@@ -182,8 +186,13 @@ class PreparedData:
             )
         table = self.index.latents(self.files, entry["path"], fingerprint)
         paths = [FileRef(self.files, name) for name in shard_names(table)]
-        return Latents(entry | {"fingerprint": fingerprint}, paths, column(table, "latent_shard"),
-                       column(table, "latent_offset"), column(table, "latent_size"))  # fmt: skip
+        return Latents(
+            entry | {"fingerprint": fingerprint},
+            paths,
+            column(table, "latent_shard"),
+            column(table, "latent_offset"),
+            column(table, "latent_size"),
+        )
 
     def __reduce__(self):
         """Opened anew where it is unpickled (a spawned loader worker): the maps are mapped

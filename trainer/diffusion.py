@@ -44,9 +44,12 @@ class Parts:
         The values are a validated PromptOptions' (trainer/config.py)."""
         if self.xl:
             return SDXLPromptEncoder(
-                (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2),
-                max_tokens, clip_skip, layout,
-            )  # fmt: skip
+                (self.tokenizer, self.tokenizer_2),
+                (self.text_encoder, self.text_encoder_2),
+                max_tokens,
+                clip_skip,
+                layout,
+            )
         return PromptEncoder(self.tokenizer, self.text_encoder, max_tokens, clip_skip, layout)
 
 
@@ -59,10 +62,17 @@ def sd_scheduler() -> DDPMScheduler:
 
 def _tiny_clip(width: int, projection: bool = False) -> nn.Module:
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=START, eos_token_id=END,
-        pad_token_id=END, projection_dim=width,
-    )  # fmt: skip
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=START,
+        eos_token_id=END,
+        pad_token_id=END,
+        projection_dim=width,
+    )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
@@ -79,21 +89,33 @@ def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32, xl: bool 
     vae = None
     if with_vae:  # four levels: SD's factor of 8
         vae = AutoencoderKL(
-            block_out_channels=(8, 8, 16, 16), latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )  # fmt: skip
+            block_out_channels=(8, 8, 16, 16),
+            latent_channels=4,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
     channels = 4 if with_vae else 3
     added = {}
     if xl:  # SDXL's: text embeds and six time ids, each time id embedded in 8 (256 in SDXL)
-        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                 "projection_class_embeddings_input_dim": width + 6 * 8}  # fmt: skip
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": width + 6 * 8,
+        }
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(16, 32, 64), norm_num_groups=8,
-        cross_attention_dim=2 * width if xl else width, attention_head_dim=8,
+        sample_size=32,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 64),
+        norm_num_groups=8,
+        cross_attention_dim=2 * width if xl else width,
+        attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **added,
-    )  # fmt: skip
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        **added,
+    )
     second = Tokenizer(pad=SDXL_PAD) if xl else None
     return Parts(unet, text_encoder, vae, sd_scheduler(), Tokenizer(), text_encoder_2, second)
 
@@ -164,8 +186,10 @@ class Diffusion(nn.Module):
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.text_encoder_2 = parts.text_encoder_2
         self.scheduler, self.prompts, self.caption_dropout = (
-            parts.scheduler, prompts, caption_dropout
-        )  # fmt: skip
+            parts.scheduler,
+            prompts,
+            caption_dropout,
+        )
         self.hypernetwork = hypernetwork
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -177,8 +201,12 @@ class Diffusion(nn.Module):
         return self.hypernetwork if self.hypernetwork is not None else self.unet
 
     def frozen_modules(self) -> list[nn.Module]:
-        parts = (self.text_encoder, self.text_encoder_2, self.vae,
-                 self.unet if self.hypernetwork is not None else None)  # fmt: skip
+        parts = (
+            self.text_encoder,
+            self.text_encoder_2,
+            self.vae,
+            self.unet if self.hypernetwork is not None else None,
+        )
         return [module for module in parts if module is not None]
 
     def latent_encoder(self) -> nn.Module | None:
@@ -195,8 +223,10 @@ class Diffusion(nn.Module):
             self.unet.save_pretrained(out_dir / f"unet{suffix}")
             return [out_dir / f"unet{suffix}"]
         shared = not self.hypernetwork.config.per_depth
-        paths = [out_dir / f"hypernetwork{suffix}{extension}"
-                 for extension in (".safetensors",) + (".pt",) * shared]  # fmt: skip
+        paths = [
+            out_dir / f"hypernetwork{suffix}{extension}"
+            for extension in (".safetensors",) + (".pt",) * shared
+        ]
         for path in paths:
             self.hypernetwork.save(path)
         return paths

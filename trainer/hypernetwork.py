@@ -230,8 +230,9 @@ def load(path: str | Path) -> Hypernetwork:
     with safe_open(path, framework="pt") as file:
         fields = json.loads(file.metadata()["hypernetwork_config"])
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
-    config = HypernetworkConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in fields.items()})  # fmt: skip
+    config = HypernetworkConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    )
     hypernetwork = Hypernetwork(config)
     hypernetwork.load_state_dict(tensors)
     return hypernetwork.eval()

@@ -24,8 +24,11 @@ import pyarrow as pa
 from pipeline.format import CROP_COLUMNS
 from trainer.storage import LOCK_SUFFIX, DatasetFiles, locked, write_atomically
 
-PAIRS = {"original": ("width", "height"), "stored": ("stored_width", "stored_height"),
-         "prepare_crop": tuple(CROP_COLUMNS)}  # fmt: skip
+PAIRS = {
+    "original": ("width", "height"),
+    "stored": ("stored_width", "stored_height"),
+    "prepare_crop": tuple(CROP_COLUMNS),
+}
 TEXT_COLUMNS = ["key", "caption"]
 
 
@@ -66,12 +69,21 @@ class MappedIndex:
     def _numbers(files: DatasetFiles, to: Path) -> None:
         parquet = files.parquet("index.parquet")
         cropped = set(CROP_COLUMNS) <= set(parquet.schema_arrow.names)
-        needed = ["bucket", "shard", "image_offset", "image_size", "width", "height",
-                  "stored_width", "stored_height"] + CROP_COLUMNS * cropped  # fmt: skip
+        needed = [
+            "bucket",
+            "shard",
+            "image_offset",
+            "image_size",
+            "width",
+            "height",
+            "stored_width",
+            "stored_height",
+        ] + CROP_COLUMNS * cropped
         index = parquet.read(columns=needed)
         codes, shards = _codes(index["shard"])
-        columns = {name: index[name].combine_chunks() for name in ("bucket", "image_offset",
-                                                                    "image_size")}  # fmt: skip
+        columns = {
+            name: index[name].combine_chunks() for name in ("bucket", "image_offset", "image_size")
+        }
         columns["shard"] = codes
         for name, (first, second) in PAIRS.items():
             if first in index.column_names:
@@ -121,8 +133,11 @@ class MappedIndex:
             if table["key"].cast(pa.large_string()) != keys:
                 raise ValueError(f"{files.uri}: latents of {fingerprint} do not match the index")
             codes, shards = _codes(table["latent_shard"])
-            columns = {"latent_shard": codes, "latent_offset": table["latent_offset"],
-                       "latent_size": table["latent_size"]}  # fmt: skip
+            columns = {
+                "latent_shard": codes,
+                "latent_offset": table["latent_offset"],
+                "latent_size": table["latent_size"],
+            }
             _write_one_batch(pa.table(columns), shards, to)
 
         return _mapped(files.cache_folder / f"latents-{fingerprint}.arrow", build)

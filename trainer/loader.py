@@ -53,9 +53,17 @@ def to_batch(loaded: LoadedBatch, pixels: torch.Tensor | None, device: torch.dev
         latents = {"latent_mean": mean, "latent_std": std}
     conditioning = torch.from_numpy(loaded.conditioning)
     return Batch(
-        pixels, loaded.captions, loaded.keys, loaded.epoch, loaded.step, conditioning[:, 0],
-        conditioning[:, 1], conditioning[:, 2], torch.from_numpy(loaded.flipped), **latents,
-    )  # fmt: skip
+        pixels,
+        loaded.captions,
+        loaded.keys,
+        loaded.epoch,
+        loaded.step,
+        conditioning[:, 0],
+        conditioning[:, 1],
+        conditioning[:, 2],
+        torch.from_numpy(loaded.flipped),
+        **latents,
+    )
 
 
 def to_float(

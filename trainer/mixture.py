@@ -49,14 +49,17 @@ class Mixture:
             raise ValueError("a mixture needs at least one dataset")
         areas = [int(data.buckets.prod(axis=1).max()) for data, _ in parts]
         if max(areas) > MAX_AREA_RATIO * min(areas):
-            described = ", ".join(f"{data.root} ({area:,} px)" for (data, _), area in
-                                  zip(parts, areas, strict=True))  # fmt: skip
+            described = ", ".join(
+                f"{data.root} ({area:,} px)" for (data, _), area in zip(parts, areas, strict=True)
+            )
             raise UsageError(
                 f"datasets prepared for different model scales (largest bucket areas: "
                 f"{described}): prepare them with the same bucket settings"
             )
-        resolutions = sorted({tuple(int(v) for v in b) for data, _ in parts for b in data.buckets},
-                             key=lambda wh: (wh[0] / wh[1], wh[0] * wh[1]))  # fmt: skip
+        resolutions = sorted(
+            {tuple(int(v) for v in b) for data, _ in parts for b in data.buckets},
+            key=lambda wh: (wh[0] / wh[1], wh[0] * wh[1]),
+        )
         number = {resolution: i for i, resolution in enumerate(resolutions)}
         self.buckets = np.array(resolutions, dtype=np.int64)
         self.parts = parts
@@ -72,10 +75,12 @@ class Mixture:
             bucket=np.concatenate(mapped),
             shard_paths=shard_paths,
             shard=shard,
-            **{name: np.concatenate([getattr(c, name) for c in columns])
-               for name in ("image_offset", "image_size", "original", "stored", "prepare_crop")},
+            **{
+                name: np.concatenate([getattr(c, name) for c in columns])
+                for name in ("image_offset", "image_size", "original", "stored", "prepare_crop")
+            },
             latents=_joined_latents([c.latents for c in columns]),
-        )  # fmt: skip
+        )
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -120,8 +125,13 @@ def _joined_latents(parts: list[Latents | None]) -> Latents | None:
     if parts[0] is None:
         return None
     shard, paths = _joined([(latents.shard, latents.paths) for latents in parts])
-    return Latents(parts[0].info, paths, shard, np.concatenate([p.offset for p in parts]),
-                   np.concatenate([p.size for p in parts]))  # fmt: skip
+    return Latents(
+        parts[0].info,
+        paths,
+        shard,
+        np.concatenate([p.offset for p in parts]),
+        np.concatenate([p.size for p in parts]),
+    )
 
 
 def _joined(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:

@@ -54,11 +54,14 @@ class ConvDenoiser(nn.Module):
         super().__init__()
         c, self.noise = channels, noise
         self.net = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(3, c, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.SiLU(),
             nn.Conv2d(c, 3, 3, padding=1),
-        )  # fmt: skip
+        )
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         pixels = batch.pixels

@@ -83,8 +83,16 @@ class Optimization:
         if ema_decay is not None:
             average = get_ema_multi_avg_fn(ema_decay)
             ema = AveragedModel(trained, multi_avg_fn=average)
-        return cls(trained, optimizer, scheduler, scaler, ema, PRECISIONS[precision], device.type,
-                   max_grad_norm)  # fmt: skip
+        return cls(
+            trained,
+            optimizer,
+            scheduler,
+            scaler,
+            ema,
+            PRECISIONS[precision],
+            device.type,
+            max_grad_norm,
+        )
 
     def micro_step(
         self, model: nn.Module, batch, generator: torch.Generator, last: bool, group: int
@@ -119,8 +127,12 @@ class Optimization:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "steps": self.steps}  # fmt: skip
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "steps": self.steps,
+        }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state

@@ -128,9 +128,13 @@ class PromptEncoder:
     """Texts to the U-Net's context: tokenise, chunk, encode (frozen text encoder, no grad)."""
 
     def __init__(
-        self, tokenizer: Tokenizer, text_encoder: nn.Module, max_tokens: int, clip_skip: int,
+        self,
+        tokenizer: Tokenizer,
+        text_encoder: nn.Module,
+        max_tokens: int,
+        clip_skip: int,
         layout: str,
-    ):  # fmt: skip
+    ):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.max_tokens, self.clip_skip, self.layout = max_tokens, clip_skip, layout
 
@@ -152,9 +156,13 @@ class SDXLPromptEncoder:
     """Texts to SDXL's context and pooled embedding (see the module docstring)."""
 
     def __init__(
-        self, tokenizers: tuple[Tokenizer, Tokenizer], text_encoders: tuple[nn.Module, nn.Module],
-        max_tokens: int, clip_skip: int, layout: str,
-    ):  # fmt: skip
+        self,
+        tokenizers: tuple[Tokenizer, Tokenizer],
+        text_encoders: tuple[nn.Module, nn.Module],
+        max_tokens: int,
+        clip_skip: int,
+        layout: str,
+    ):
         self.tokenizers, self.text_encoders = tokenizers, text_encoders
         self.max_tokens, self.clip_skip, self.layout = max_tokens, clip_skip, layout
 

@@ -193,8 +193,14 @@ class BatchReader(torch.utils.data.Dataset):
         """
         for file in batch.prefetch:  # a later batch's remote shards, downloaded meanwhile
             file.prefetch()
-        described = LoadedBatch(batch.captions, batch.keys, batch.epoch, batch.step,
-                                batch.conditioning, np.array(batch.flips, dtype=bool))  # fmt: skip
+        described = LoadedBatch(
+            batch.captions,
+            batch.keys,
+            batch.epoch,
+            batch.step,
+            batch.conditioning,
+            np.array(batch.flips, dtype=bool),
+        )
         if batch.latent:
             return described._replace(latents=self._latents(batch)), None
         bucket = tuple(int(v) for v in self.data.buckets[batch.bucket])

@@ -77,8 +77,12 @@ class EpochBatches(torch.utils.data.Sampler):
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
         self.data, self.batch_size, self.world_size, self.rank, self.seed = (
-            data, batch_size, world_size, rank, seed
-        )  # fmt: skip
+            data,
+            batch_size,
+            world_size,
+            rank,
+            seed,
+        )
         if shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
         self.flip, self.caption_options = flip, captions or CaptionOptions()
@@ -95,11 +99,14 @@ class EpochBatches(torch.utils.data.Sampler):
         once an epoch (a plan of 10M items takes seconds)."""
         if self._planned is None or self._planned[0] != self.epoch:
             items, copies = self.data.epoch_items(self.seed, self.epoch)
-            columns, shape = self.data.columns, (self.batch_size, self.world_size, self.rank,
-                                                 self.seed, self.epoch)  # fmt: skip
+            columns, shape = (
+                self.data.columns,
+                (self.batch_size, self.world_size, self.rank, self.seed, self.epoch),
+            )
             if self.shuffle == "shards":
-                plan = plan_epoch_by_shards(columns.bucket[items], columns.shard[items],
-                                            self.window, *shape)  # fmt: skip
+                plan = plan_epoch_by_shards(
+                    columns.bucket[items], columns.shard[items], self.window, *shape
+                )
             else:
                 plan = plan_epoch(columns.bucket[items], *shape)
             self._planned = self.epoch, plan, items, copies
@@ -122,8 +129,12 @@ class EpochBatches(torch.utils.data.Sampler):
                 ahead = [*next_window.get(step, ()), step + PREFETCH_STEPS]
                 if step == self.start_step:  # the first batches, before any is read
                     ahead += range(step + 1, step + PREFETCH_STEPS)
-                files = {file for later in ahead if later < len(plan)
-                         for file in self._files(plan, epoch_items, later)}  # fmt: skip
+                files = {
+                    file
+                    for later in ahead
+                    if later < len(plan)
+                    for file in self._files(plan, epoch_items, later)
+                }
                 batch = batch._replace(prefetch=tuple(sorted(files, key=lambda f: f.name)))
             yield batch
 
@@ -153,16 +164,35 @@ class EpochBatches(torch.utils.data.Sampler):
         size = tuple(int(v) for v in data.buckets[bucket])
         latents, latent = columns.latents, self._latent(items, bucket)
         views = [
-            view(tuple(columns.stored[item]), tuple(data.buckets[columns.bucket[item]]), size,
-                 tuple(columns.original[item]), tuple(columns.prepare_crop[item]), seed, epoch,
-                 key, int(copy), self.flip, latents.info["factor"] if latent else 1)
+            view(
+                tuple(columns.stored[item]),
+                tuple(data.buckets[columns.bucket[item]]),
+                size,
+                tuple(columns.original[item]),
+                tuple(columns.prepare_crop[item]),
+                seed,
+                epoch,
+                key,
+                int(copy),
+                self.flip,
+                latents.info["factor"] if latent else 1,
+            )
             for item, key, copy in zip(items, keys, copies, strict=True)
-        ]  # fmt: skip
+        ]
         conditioning = np.array(
             [(v.original_size, v.crop_top_left, v.target_size) for v in views], dtype=np.int64
         )
         return BatchPlan(
-            epoch, step, items, bucket, keys, captions, iteration,
-            [v.size for v in views], [v.crop for v in views], [v.flip for v in views],
-            conditioning, latent,
-        )  # fmt: skip
+            epoch,
+            step,
+            items,
+            bucket,
+            keys,
+            captions,
+            iteration,
+            [v.size for v in views],
+            [v.crop for v in views],
+            [v.flip for v in views],
+            conditioning,
+            latent,
+        )

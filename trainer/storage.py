@@ -103,8 +103,9 @@ class NodeCache:
         state = self._state
         if state.get("pid") != os.getpid():
             state.clear()
-            state.update(pid=os.getpid(), downloads=0, hits=0, pending=set(),
-                         mutex=threading.Lock())  # fmt: skip
+            state.update(
+                pid=os.getpid(), downloads=0, hits=0, pending=set(), mutex=threading.Lock()
+            )
         return state
 
     def counts(self) -> tuple[int, int]:

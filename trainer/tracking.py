@@ -27,8 +27,12 @@ class Tracker:
             return
         rate = self.samples / (time.perf_counter() - self.started)  # this rank's images/s
         if self.writer is not None:
-            for name, value in (("loss", loss), ("lr", lr), ("images_per_s_per_rank", rate),
-                                ("samples_per_s", rate * self.world_size)):  # fmt: skip
+            for name, value in (
+                ("loss", loss),
+                ("lr", lr),
+                ("images_per_s_per_rank", rate),
+                ("samples_per_s", rate * self.world_size),
+            ):
                 self.writer.add_scalar(f"train/{name}", value, step)
         if step == 1 or step % self.log_every == 0:  # a first line at once, then every few
             total = rate * self.world_size
@@ -44,8 +48,9 @@ class Tracker:
     def images(self, step: int, images: list[Image.Image]) -> None:
         if self.writer is not None:
             for number, image in enumerate(images):
-                self.writer.add_image(f"validation/{number}", np.asarray(image), step,
-                                      dataformats="HWC")  # fmt: skip
+                self.writer.add_image(
+                    f"validation/{number}", np.asarray(image), step, dataformats="HWC"
+                )
 
     def close(self) -> None:
         if self.writer is not None:

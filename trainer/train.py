@@ -124,8 +124,9 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
     fingerprint = None if vae is None else vae_fingerprint(vae)
     latents = latents_to_use(config.latents, fingerprint, manifests)
-    cache = NodeCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(),
-                      config.cache_limit)  # fmt: skip
+    cache = NodeCache(
+        Path(config.cache_dir) if config.cache_dir else default_cache_dir(), config.cache_limit
+    )
     data = open_datasets(config.data, latents, cache)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
@@ -135,9 +136,14 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     remote = any(is_remote(parse_weighted(spec)[0]) for spec in config.data)
     shuffle = {"auto": "shards" if remote else "global"}.get(config.shuffle, config.shuffle)
     batches = EpochBatches(  # rank and world size: torch.distributed's; a Config is CaptionOptions
-        data, config.batch_size, seed=config.seed, flip=config.flip, captions=config,
-        shuffle=shuffle, window=config.shuffle_window,
-    )  # fmt: skip
+        data,
+        config.batch_size,
+        seed=config.seed,
+        flip=config.flip,
+        captions=config,
+        shuffle=shuffle,
+        window=config.shuffle_window,
+    )
     plan, epoch_items, _ = batches.plan()
     warnings = (
         _epoch_use(len(epoch_items), plan.dropped, config.batch_size, world_size),
@@ -149,19 +155,27 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     total = config.epochs * -(-per_epoch // group)  # the schedule spans --epochs, whatever
     # --max-steps stops this run at: a resumed run continues the same schedule
     optimization = Optimization.build(
-        model.trained_module(), device, config.lr, config.lr_scheduler, config.lr_warmup_steps,
-        total, config.mixed_precision, config.max_grad_norm,
+        model.trained_module(),
+        device,
+        config.lr,
+        config.lr_scheduler,
+        config.lr_warmup_steps,
+        total,
+        config.mixed_precision,
+        config.max_grad_norm,
         config.ema_decay if config.use_ema else None,
-    )  # fmt: skip
+    )
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     epoch, step = 0, 0  # step: the next batch of the epoch, always the start of a group
     if config.resume:
         epoch, step = checkpoint.load(config, out_dir, model, optimization, generator)
         if epoch >= config.epochs:
             if master:
-                print(f"nothing left to train: {out_dir / checkpoint.NAME} has finished epoch "
-                      f"{epoch} of --epochs {config.epochs}; give more --epochs to go on "
-                      "training it")  # fmt: skip
+                print(
+                    f"nothing left to train: {out_dir / checkpoint.NAME} has finished epoch "
+                    f"{epoch} of --epochs {config.epochs}; give more --epochs to go on "
+                    "training it"
+                )
             _close_distributed(world_size)
             return {"rank": rank, "steps": 0, "losses": []}
     ddp = DistributedDataParallel(model) if world_size > 1 else model
@@ -169,8 +183,9 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
     tracker = Tracker(config.logging_dir, master, world_size, config.log_every)
 
     def save() -> None:
-        checkpoint.save(config, out_dir, model, optimization, (epoch, step), generator,
-                        world_size, master)  # fmt: skip
+        checkpoint.save(
+            config, out_dir, model, optimization, (epoch, step), generator, world_size, master
+        )
 
     def validate() -> None:
         if master and config.validation_prompt:
@@ -185,8 +200,9 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
         for batch in loader:
             position = batch.step % group
             size = min(group, per_epoch - (batch.step - position))  # the epoch's last: smaller
-            losses.append(optimization.micro_step(ddp, batch, generator, position == size - 1,
-                                                  size))  # fmt: skip
+            losses.append(
+                optimization.micro_step(ddp, batch, generator, position == size - 1, size)
+            )
             if on_step is not None:
                 on_step(Step(rank, batch, losses[-1], model, optimization.lr))
             if position < size - 1:
@@ -213,9 +229,12 @@ def train(config: Config, on_step: Callable[[Step], None] | None = None) -> dict
             written.append(Path(config.logging_dir))
         images = tracker.samples * world_size
         ranks = f"{world_size} rank{'s' * (world_size > 1)}"
-        print(f"done: {steps_run} optimizer steps ({images} images on {ranks}), "
-              f"epoch {epoch} of {config.epochs}, in {time.perf_counter() - started:.1f} s; "
-              f"wrote {', '.join(map(str, written))}", flush=True)  # fmt: skip
+        print(
+            f"done: {steps_run} optimizer steps ({images} images on {ranks}), "
+            f"epoch {epoch} of {config.epochs}, in {time.perf_counter() - started:.1f} s; "
+            f"wrote {', '.join(map(str, written))}",
+            flush=True,
+        )
     tracker.close()
     del ddp
     _close_distributed(world_size)
@@ -236,8 +255,9 @@ def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
     columns = data.columns
     if not any(file.files.remote for file in columns.shard_paths):
         return None
-    sizes = np.bincount(columns.shard, weights=columns.image_size,
-                        minlength=len(columns.shard_paths))  # fmt: skip
+    sizes = np.bincount(
+        columns.shard, weights=columns.image_size, minlength=len(columns.shard_paths)
+    )
     if shuffle == "global":
         needed, what = sizes.sum(), "the dataset's shards (--shuffle global reads them all along)"
     else:
@@ -245,8 +265,10 @@ def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
         what = f"two windows of --shuffle-window {window} shards"
     if limit >= needed:
         return None
-    return (f"--cache-limit {limit:,} bytes holds less than {what}, ~{needed:,.0f} bytes: shards "
-            "will be downloaded more than once an epoch")  # fmt: skip
+    return (
+        f"--cache-limit {limit:,} bytes holds less than {what}, ~{needed:,.0f} bytes: shards "
+        "will be downloaded more than once an epoch"
+    )
 
 
 def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> str | None:
@@ -260,8 +282,11 @@ def _epoch_use(images: int, dropped: int, batch_size: int, world_size: int) -> s
     warning = epoch_use_warning(images, images - dropped, batch_size, world_size)
     if warning is None:
         return None
-    fits = [b for b in range(batch_size - 1, 0, -1) if epoch_use_warning(
-        images, images - images % (b * world_size), b, world_size) is None]  # fmt: skip
+    fits = [
+        b
+        for b in range(batch_size - 1, 0, -1)
+        if epoch_use_warning(images, images - images % (b * world_size), b, world_size) is None
+    ]
     advice = f"--batch-size {fits[0]} would use {images - images % (fits[0] * world_size)}"
     return f"{warning}: {advice}" if fits else warning
 

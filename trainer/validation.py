@@ -25,12 +25,16 @@ def render_validation(model: nn.Module, config, step: int, dtype) -> list[Image.
         with torch.autocast(device_type, dtype, enabled=dtype is not None):
             for number, prompt in enumerate(config.validation_prompt):
                 render = SampleConfig(
-                    prompt=prompt, out=str(folder / f"step-{step}-{number}.png"),
-                    width=config.validation_width, height=config.validation_height,
-                    steps=config.validation_inference_steps, seed=config.seed + number,
-                    max_tokens=config.max_tokens, clip_skip=config.clip_skip,
+                    prompt=prompt,
+                    out=str(folder / f"step-{step}-{number}.png"),
+                    width=config.validation_width,
+                    height=config.validation_height,
+                    steps=config.validation_inference_steps,
+                    seed=config.seed + number,
+                    max_tokens=config.max_tokens,
+                    clip_skip=config.clip_skip,
                     prompt_layout=config.prompt_layout,
-                )  # fmt: skip
+                )
                 image = sample(model.parts, render)
                 image.save(render.out)
                 images.append(image)
