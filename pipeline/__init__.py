@@ -10,6 +10,7 @@ Core modules (NumPy only, no Ray, no torch, no I/O):
 The job around them (README's Layout table has one line a module): inputs resolves the input
 once, sources lists it, readers read its files, scan reads headers, assign buckets the images,
 imaging decodes and fits, shard_writer writes, output keeps OUT, distributor is the Ray layer,
-prepare runs the stages, latents is the optional VAE stage. format is the on-disk format they
+prepare runs the stages, latents is the optional VAE stage, text_cache (with
+text_encoders) the optional text stage. format is the on-disk format they
 write and the trainer reads.
 """

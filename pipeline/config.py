@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pipeline.buckets import MODEL_GRIDS, BucketConfig
 from pipeline.cli import REQUIRED, check, check_choices, option
 from pipeline.format import FORMAT_VERSION
+from trainer.augment import CaptionOptions
 
 # A guard against decompression bombs, checked from the header before any decoding. libvips
 # streams PNG and TIFF, so a worker's memory does not grow with the pixel count (a 625 MP PNG
@@ -29,6 +30,8 @@ CROP_MODES = ("none", "center", "random")  # imaging.CROPS
 # The job's --help lists its options in these groups (pipeline/job.py)
 BUCKETS = "buckets (--model's grid; sd: the source's, 512x768)"
 IMAGES, OUTPUT, RAY = "images", "output", "ray"
+TEXT = "text-encoder cache (--pretrained; pipeline/text_cache.py)"
+TEXT_DTYPES = ("bf16", "fp16")  # bf16: T5's activations overflow fp16 (docs/format.md)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,25 @@ class PrepareConfig:
         "image's latents too (pipeline/latents.py)",
         group=OUTPUT,
     )
+    pretrained: str = option(
+        "",
+        "a diffusers checkpoint folder: latents from its vae/ (as --vae) and text-encoder "
+        "outputs of every caption by --model's recipe from its text_encoder*/ and tokenizer*/",
+        group=TEXT,
+    )
+    text_dtype: str = option(
+        "bf16", "how cached text-encoder outputs are stored", TEXT_DTYPES, group=TEXT
+    )
+    max_sequence_length: int | None = option(
+        None, "T5 tokens encoded (sd3, flux; none: diffusers' default, 256 and 512)", group=TEXT
+    )
+    caption_variants: int = option(
+        0,
+        "cache N variants of each caption, the trainer's tag augmentations below (seeded by "
+        "--seed, the variant and the caption), and the empty caption; 0: the caption alone",
+        group=TEXT,
+    )
+    tags: CaptionOptions = field(default_factory=CaptionOptions)
     files_per_scan_task: int = option(
         500,
         "files whose headers each of the first scan tasks reads; later tasks are sized from the "
@@ -148,8 +170,21 @@ class PrepareConfig:
             self,
             {
                 "input": (
-                    bool(self.input or self.vae),
-                    "is required (only adding latents with --vae goes without)",
+                    bool(self.input or self.vae or self.pretrained),
+                    "is required (only adding latents or text with --vae, --pretrained goes "
+                    "without)",
+                ),
+                "vae": (
+                    not (self.vae and self.pretrained),
+                    "and --pretrained exclude each other (--pretrained takes CKPT/vae)",
+                ),
+                "max_sequence_length": (
+                    self.max_sequence_length is None or self.max_sequence_length >= 1,
+                    "must be >= 1",
+                ),
+                "caption_variants": (
+                    self.caption_variants >= (1 if self.tags.active else 0),
+                    "must be >= 1 with --shuffle-tags or --tag-dropout (and >= 0)",
                 ),
                 "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
                 "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),

@@ -13,6 +13,7 @@ Ray, torch nor webdataset (tests/test_purity.py).
     OUT/rejects.parquet    every rejected file with its reason
     OUT/stats.json, OUT/buckets.png
     OUT/latents/FINGERPRINT/{NAME.tar, parts/NAME.parquet, index.parquet, vae.json}
+    OUT/text/FINGERPRINT/{NAME.tar, parts/NAME.parquet, index.parquet, text.json}
     OUT/manifest.json      written last: its presence marks a complete dataset
 
 A shard, of images or of latents, is finished when its tar has its final name: its writer
@@ -25,6 +26,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import random
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -106,6 +108,18 @@ LATENT_INDEX_SCHEMA = pa.schema(  # a latent shard's part, and the latents' inde
         ("latent_width", pa.int32()),
     ]
 )
+TEXT_INDEX_SCHEMA = pa.schema(  # a text shard's part, and the text cache's index.parquet
+    [
+        ("caption_digest", pa.string()),  # caption_digest(the image's caption)
+        ("variant", pa.int32()),  # 0..N-1 (--caption-variants N); 0 alone with N = 0
+        ("text", pa.string()),  # what was encoded: the caption, or its variant
+        ("text_shard", pa.string()),  # path of the text tar relative to OUT
+        ("text_offset", pa.int64()),  # where the member's safetensors bytes start
+        ("text_size", pa.int64()),
+        ("tokens", pa.int32()),  # the text's real tokens (T5's incl. </s>; CLIP's without ends)
+        ("sequence_length", pa.int32()),  # rows stored of the main sequence (context or t5)
+    ]
+)
 JSON_MEMBER_FIELDS = (
     "source",
     "width",
@@ -147,6 +161,49 @@ def shard_path(name: str) -> str:
 def latents_folder(fingerprint: str) -> str:
     """The folder of one VAE's latents relative to OUT, as vae.json and the manifest name it."""
     return f"latents/{fingerprint}"
+
+
+def text_folder(fingerprint: str) -> str:
+    """The folder of one text cache relative to OUT, as text.json and the manifest name it."""
+    return f"text/{fingerprint}"
+
+
+def caption_digest(caption: str | None) -> str:
+    """32 hex digits of a caption's UTF-8 text (None, no caption, is the empty caption): how
+    the text cache's index.parquet finds a caption (`caption_digest` column)."""
+    return hashlib.blake2b((caption or "").encode(), digest_size=16).hexdigest()
+
+
+def pick_variant(seed: int, epoch: int, key: str, variants: int) -> int:
+    """Which of a caption's `variants` cached variants (text cache, --caption-variants N) the
+    trainer uses for image `key` in `epoch`: every variant once in each run of `variants`
+    epochs, in an order shuffled per (seed, key, run). Deterministic in its arguments; 0 when
+    there is one variant (or none: variants 0 means the caption alone)."""
+    if variants <= 1:
+        return 0
+    run, place = divmod(epoch, variants)
+    digest = hashlib.blake2b(f"variant:{seed}:{key}:{run}".encode(), digest_size=8).digest()
+    order = list(range(variants))
+    random.Random(int.from_bytes(digest, "little")).shuffle(order)
+    return order[place]
+
+
+def text_fingerprint(folder: str, parts: Iterable[str], settings: dict) -> str:
+    """16 hex digits of a text cache's recipe `settings` and the bytes of every file in the
+    checkpoint `folder`'s `parts` (its text_encoder*/ and tokenizer*/ subfolders): the same
+    weights, tokenizers and settings, the same name. Files are hashed, not loaded: the driver
+    and the trainer compute it without torch (a renamed or re-saved file makes a new one)."""
+    from pathlib import Path
+
+    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8)
+    root = Path(folder)
+    for part in sorted(parts):
+        for path in sorted(p for p in (root / part).rglob("*") if p.is_file()):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            with open(path, "rb") as stream:
+                while chunk := stream.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -211,6 +268,14 @@ class OutputDir:
 
     def latent_part(self, folder: str, name: str) -> str:
         return self.path(folder, "parts", f"{name}.parquet")
+
+    def delete_temporaries_in(self, folder: str) -> None:
+        """Leftovers of killed workers in `folder` (a latents or text folder) and its parts/."""
+        filesystem = self.filesystem
+        for where in (self.path(folder), self.path(folder, "parts")):
+            for info in filesystem.get_file_info(pafs.FileSelector(where, allow_not_found=True)):
+                if TEMPORARY_MARK in info.base_name and info.type == pafs.FileType.File:
+                    filesystem.delete_file(info.path)
 
     def exists(self, path: str) -> bool:
         return self.filesystem.get_file_info(path).type == pafs.FileType.File
@@ -304,6 +369,8 @@ class Manifest:
     # VAE fingerprint -> its latents (pipeline/latents.py): scaling_factor, shift_factor,
     # channels, latents (how many), path (the folder under OUT)
     latents: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # text fingerprint -> its text cache (pipeline/text_cache.py): text.json less the fingerprint
+    text: dict[str, dict] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def write(self, out: OutputDir) -> None:

@@ -53,11 +53,12 @@ def build_parser(
 
 def main(argv: list[str] | None = None, description: str = __doc__) -> int:
     """Run the job the command line asks for: prepare --input into --output, or only add the
-    latents of --vae to a prepared --output."""
+    latents of --vae, or the latents and text of --pretrained, to a prepared --output."""
     config, where = parse(build_parser(description, argv), argv, PrepareConfig, RayOptions)
     from pipeline.format import OutputDir  # here: --help answers at once
     from pipeline.inputs import absolute, check_separate, resolve_input
-    from pipeline.latents import add_latents, vae_folder
+    from pipeline.latents import vae_folder
+    from pipeline.text_cache import text_parts
 
     try:  # local mistakes are answered before Ray starts
         source = None
@@ -68,12 +69,15 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
             check_separate(source, config.output)
         if config.vae:
             vae_folder(config.vae)
+        if config.pretrained:
+            vae_folder(config.pretrained)
+            text_parts(config.pretrained, config.model)
     except UsageError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
     import ray  # here, not at the top: --help and the checks above answer at once
 
-    from pipeline.prepare import run
+    from pipeline.prepare import add_companions, run
     from pipeline.report import summary
 
     if where.ray_address:
@@ -90,10 +94,7 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> int:
         ray.init(num_cpus=where.num_cpus, include_dashboard=False, log_to_driver=False)
     out = OutputDir(absolute(config.output))
     try:
-        if config.input:
-            manifest = run(config, source)
-        else:
-            manifest = add_latents(out, config.vae, config.max_in_flight)
+        manifest = run(config, source) if config.input else add_companions(out, config)
     except UsageError as error:  # a refused OUT, an input with nothing to prepare
         print(f"prepare: {error}", file=sys.stderr)
         return 2

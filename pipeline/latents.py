@@ -47,38 +47,64 @@ from pipeline.format import (
 ENCODE_BATCH = 8  # images of one size a forward
 
 
+# The VAE classes whose encode gives a latent distribution (`latent_dist`) of 2-D images:
+# class name -> (its downscale factor from its config, whether it is video-shaped [B, C, T, H,
+# W]: an image is then one frame, T = 1). Flux.2's normalisation (2x2 patches, batch-norm
+# statistics) and Qwen-Image's (latents_mean, latents_std) are the trainer's: the cached
+# latents are the raw distribution's.
+VAE_CLASSES = {
+    "AutoencoderKL": (lambda config: 2 ** (len(config["block_out_channels"]) - 1), False),
+    "AutoencoderKLFlux2": (lambda config: 2 ** (len(config["block_out_channels"]) - 1), False),
+    "AutoencoderKLQwenImage": (lambda config: 2 ** (len(config["dim_mult"]) - 1), True),
+}
+
+
 def vae_folder(path: str | Path) -> Path:
-    """An AutoencoderKL folder: `path` itself, or its `vae/` (a whole diffusers checkpoint)."""
+    """A VAE folder of one of VAE_CLASSES: `path` itself, or its `vae/` (a whole diffusers
+    checkpoint)."""
     path = Path(path).expanduser()
     for folder in (path, path / "vae"):
         config = folder / "config.json"
-        if config.exists() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+        if config.exists() and json.loads(config.read_text()).get("_class_name") in VAE_CLASSES:
             return folder
-    raise UsageError(f"--vae {path}: no diffusers AutoencoderKL there (config.json), nor in vae/")
+    raise UsageError(
+        f"--vae {path}: no diffusers VAE of a class the stage encodes with "
+        f"({', '.join(VAE_CLASSES)}) there (config.json), nor in vae/"
+    )
 
 
 class LatentEncoder:
     """Loads the VAE once (the Ray actor's state) and encodes whole shards."""
 
     def __init__(self, folder: str, device: str = "cpu"):
+        import diffusers
         import torch
-        from diffusers import AutoencoderKL
 
         self.torch, self.device = torch, torch.device(device)
-        self.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+        name = json.loads((Path(folder) / "config.json").read_text())["_class_name"]
+        self.vae = getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
         self.vae.to(self.device).eval().requires_grad_(False)
         self.fingerprint = vae_fingerprint(self.vae)
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor_of, self.video = VAE_CLASSES[name]
+        self.factor = factor_of(self.vae.config)
 
     def info(self) -> dict:
         config = self.vae.config
-        return {
+        scaling, shift = config.get("scaling_factor"), config.get("shift_factor")
+        info = {
             "fingerprint": self.fingerprint,
-            "scaling_factor": float(config.scaling_factor),
-            "shift_factor": None if config.shift_factor is None else float(config.shift_factor),
-            "channels": int(config.latent_channels),
+            "class": type(self.vae).__name__,
+            "scaling_factor": None if scaling is None else float(scaling),  # None: Flux.2's,
+            "shift_factor": None if shift is None else float(shift),  # Qwen-Image's
+            "channels": int(config.get("latent_channels") or config["z_dim"]),
             "factor": self.factor,
         }
+        if self.video:  # per-channel normalisation
+            info |= {
+                "latents_mean": list(config["latents_mean"]),
+                "latents_std": list(config["latents_std"]),
+            }
+        return info
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 images [B, H, W, 3] (H, W multiples of the factor f) -> float16 [B, 2, C,
@@ -86,9 +112,13 @@ class LatentEncoder:
         torch = self.torch
         batch = torch.as_tensor(np.require(pixels, requirements="W"), device=self.device)
         batch = batch.permute(0, 3, 1, 2).float()  # read-only arrays (from Ray's store) copied
-        with torch.no_grad():
-            distribution = self.vae.encode(batch / 127.5 - 1.0).latent_dist
-        stacked = torch.stack([distribution.mean, distribution.std], dim=1)
+        batch = batch / 127.5 - 1.0
+        with torch.no_grad():  # a video-shaped VAE: the image is one frame
+            distribution = self.vae.encode(batch[:, :, None] if self.video else batch).latent_dist
+        mean, std = distribution.mean, distribution.std
+        if self.video:
+            mean, std = mean[:, :, 0], std[:, :, 0]
+        stacked = torch.stack([mean, std], dim=1)
         return stacked.to(torch.float16).cpu().numpy()
 
     def encode_shard(self, out: OutputDir, name: str, folder: str) -> dict:

@@ -49,6 +49,7 @@ from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, plan_shards
 from pipeline.shard_writer import write_shard
 from pipeline.sources import list_folders, list_level
+from pipeline.text_cache import add_text, current_text, recipe_settings
 from pipeline.work_plan import (
     FIRST_TASK_MS,
     WorkPlan,
@@ -127,8 +128,25 @@ def run(config: PrepareConfig, source: Input | None = None) -> dict:
     manifest = _finish(
         out, config, shards, assign_rejects, buckets, input_fingerprint, stages.timings
     )
-    if config.vae:  # latents after the images: the dataset is complete, its latents added
-        manifest = add_latents(out, config.vae, config.max_in_flight)
+    if config.vae or config.pretrained:  # after the images: the dataset is complete
+        manifest = add_companions(out, config)
+    return manifest
+
+
+def add_companions(out: OutputDir, config: PrepareConfig) -> Manifest:
+    """The latents of --vae, or the latents and the text cache of --pretrained, added to the
+    complete OUT."""
+    manifest = add_latents(out, config.vae or config.pretrained, config.max_in_flight)
+    if config.pretrained:
+        settings = recipe_settings(
+            config.model,
+            config.max_sequence_length,
+            config.caption_variants,
+            config.tags,
+            config.write.seed,
+            config.text_dtype,
+        )
+        manifest = add_text(out, config.pretrained, settings, config.max_in_flight)
     return manifest
 
 
@@ -301,6 +319,7 @@ def _finish(
         },
         input={"uri": config.input, "fingerprint": input_fingerprint},
         latents=current_latents(out, set(names)),
+        text=current_text(out),
     )
     manifest.write(out)
     return manifest

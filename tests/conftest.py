@@ -161,3 +161,13 @@ def s3_server():
                 os.environ.pop(name)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random diffusers checkpoints of sd, sdxl, sd3 and flux (tests/checkpoints.py),
+    built and saved once for the session: family -> folder."""
+    from checkpoints import build
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: build(family, root / family) for family in ("sd", "sdxl", "sd3", "flux")}

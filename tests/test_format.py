@@ -41,6 +41,7 @@ SCHEMA_SECTIONS = {
     "PART_SCHEMA": ["index.parquet", "parts/NAME.parquet"],
     "REJECTS_SCHEMA": ["rejects.parquet"],
     "LATENT_INDEX_SCHEMA": ["Latents"],
+    "TEXT_INDEX_SCHEMA": ["Text cache"],
 }
 
 
