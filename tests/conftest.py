@@ -1,5 +1,6 @@
 """Shared test settings: hypothesis examples sized for a 2-core CI machine, and the trainer's
-default cache (its index maps) in a temporary folder, for this process and what it starts.
+default cache (its index maps) in a temporary folder, and S3 test credentials, for this process
+and what it starts (Ray workers, torchrun ranks).
 
 HYPOTHESIS_PROFILE=thorough runs twenty times as many examples.
 """
@@ -17,6 +18,10 @@ from typing import NamedTuple
 _CACHE = tempfile.mkdtemp(prefix="arb-tests-cache-")  # never $HOME/.cache
 os.environ["XDG_CACHE_HOME"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# The S3 tests' credentials, as users give them, from the start: the session's Ray (started
+# once) and the torchrun ranks inherit them; every S3 URI names the loopback server (s3_server).
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+os.environ.update(S3_CREDENTIALS)
 
 from hypothesis import settings  # noqa: E402
 
@@ -128,8 +133,7 @@ class S3Server(NamedTuple):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's standalone S3 server on 127.0.0.1 for the session, with test credentials in the
-    environment as users give them (Ray workers and torchrun ranks started later inherit them)."""
+    """moto's standalone S3 server on 127.0.0.1 for the session (S3_CREDENTIALS reach it)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -138,9 +142,6 @@ def s3_server():
         port = probe.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-    saved = {name: os.environ.get(name) for name in credentials}
-    os.environ.update(credentials)
     client = boto3.client(
         "s3",
         endpoint_url=f"http://127.0.0.1:{port}",
@@ -156,11 +157,6 @@ def s3_server():
         )
     finally:
         server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
