@@ -15,8 +15,9 @@ may differ: the variants are N draws of the same augmentation, and the run's see
 them); without, the captions themselves (no variants, or variants of inactive tag options, of
 which variant 0 is taken). It must be of the run's checkpoint: of its fingerprint
 (`text_fingerprint`) where `--pretrained` holds the recipe's `text_encoder*/` and `tokenizer*/`;
-where it holds none of them (removed to save disk: the point of the cache), of the same
-`--pretrained` path (text.json's `pretrained`, both resolved). A cache that lacks the empty
+where it lacks any of them (removed to save disk: the point of the cache), of the same
+`--pretrained` path (text.json's `pretrained`, both resolved): the weights are not there to
+tell, so the path recorded when the cache was made stands for them. A cache that lacks the empty
 caption (written before every cache had it) is refused: rerun `arb-prepare --pretrained` to add
 it. With several `--data`, each needs a fitting cache (under `auto`, one without means none is
 used). `--validation-prompt` needs the text encoders: `auto` then encodes, `on` refuses.
