@@ -239,7 +239,7 @@ def add_text(
     info = {
         "fingerprint": key,
         "settings": settings,
-        "pretrained": str(checkpoint),
+        "pretrained": str(checkpoint.resolve()),  # the trainer's identity without text parts
         "captions": len(pc.unique(index["caption_digest"])),
         "entries": len(index),
         "path": folder,

@@ -91,10 +91,14 @@ class Wanted:
     def describe(self) -> str:
         tags = ", ".join(f"{name} {getattr(self.tags, name)}" for name in TAG_FIELDS)
         variants = f"variants with {tags}" if self.tags.active else "the captions (no tags)"
-        identity = "text encoders'" if self.has_parts else "path's (no text encoders there)"
+        identity = (
+            "by its text encoders' fingerprint"
+            if self.has_parts
+            else "by its path: it lacks the text encoders, so it cannot encode either"
+        )
         return (
             f"family {self.family}, max_tokens >= {self.max_tokens}, clip_skip "
-            f"{self.clip_skip}, {variants}, of {self.pretrained} (its {identity})"
+            f"{self.clip_skip}, {variants}, of {self.pretrained} ({identity})"
         )
 
 
@@ -158,14 +162,14 @@ def text_cache_to_use(config, manifests: list[Manifest]) -> tuple[str, ...] | No
         if fitting:
             chosen.append(fitting[0])
             continue
-        if choice == "auto":
+        if choice == "auto" and want.has_parts:
             return None
         held = "; ".join(
             f"{key}: {info['settings']} of {info['pretrained']}: {reasons[key]}"
             for key, info in manifest.text.items()
         )
-        raise UsageError(
-            f"--text-cache on: --data {spec} holds no text cache for this run, which wants "
+        raise UsageError(  # under auto too where the checkpoint has no text encoders to encode
+            f"--text-cache {choice}: --data {spec} holds no text cache for this run, which wants "
             f"{want.describe()}; it holds: {held or 'none'}. Make one with arb-prepare "
             f"--output {spec} --model {want.family} --pretrained {want.pretrained} (and the "
             "run's tag options with --caption-variants), or give --text-cache off"
