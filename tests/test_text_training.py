@@ -25,7 +25,6 @@ from pipeline.text_cache import FAMILY_PARTS, add_text, recipe_settings
 from trainer.augment import CaptionOptions, caption
 from trainer.config import Config
 from trainer.dataset import PreparedData
-from trainer.diffusion import load_parts
 from trainer.loader import make_loader
 from trainer.sampler import EpochBatches
 from trainer.text_cache import chunked_conditioning, text_cache_to_use
@@ -112,6 +111,21 @@ def config(out: Path, checkpoint: Path, tmp_path: Path, **options) -> Config:
     return Config(**settings | options)
 
 
+def prompt_encoder(folder: Path, family: str, max_tokens: int, layout: str):
+    """The trainer's prompt encoder on the checkpoint's text encoders, as trainer/diffusion.py's
+    `Parts.prompt_encoder` builds it (what the trainer encodes with, without a cache)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.prompts import PromptEncoder, SDXLPromptEncoder, Tokenizer
+
+    first = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    if family == "sd":
+        return PromptEncoder(Tokenizer(folder), first, max_tokens, 2, layout)
+    second = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    tokenizers = (Tokenizer(folder), Tokenizer(folder, "tokenizer_2"))
+    return SDXLPromptEncoder(tokenizers, (first, second), max_tokens, 2, layout)
+
+
 def manifest(out: Path) -> Manifest:
     return Manifest.read(OutputDir(str(out)))
 
@@ -142,7 +156,7 @@ def test_a_batchs_cached_conditioning_equals_encoding_its_captions(
         out = with_cache(prepared, tmp_path, full, settings)
     run_config = config(out, full, tmp_path, model=family, max_tokens=max_tokens)
     (key,) = text_cache_to_use(run_config, [manifest(out)])  # by its fingerprint: parts there
-    encoder = load_parts(full).prompt_encoder(max_tokens, 2, layout)
+    encoder = prompt_encoder(full, family, max_tokens, layout)
     lengths = set()
     for plan, batch in cached_batches(out, key):
         assert batch.text is not None and plan.captions == batch.captions
@@ -174,7 +188,7 @@ def test_variants_are_picked_as_pick_variant_says_and_are_the_augmented_captions
     run_config = config(out, full, tmp_path, **dataclasses.asdict(TAGS))
     (key,) = text_cache_to_use(run_config, [manifest(out)])
     assert manifest(out).text[key]["settings"] == settings, "the cache of variants, not the other"
-    encoder = load_parts(full).prompt_encoder(225, 2, "full")
+    encoder = prompt_encoder(full, "sd", 225, "full")
     seen = set()
     for plan, batch in cached_batches(out, key, epochs=4):
         context, _ = chunked_conditioning(batch.text, torch.zeros(2, dtype=bool), 225, "full")
