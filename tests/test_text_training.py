@@ -298,3 +298,29 @@ def test_two_ranks_train_from_the_cache_with_the_losses_of_encoding(
     assert [e["step"] for e in runs["on"] if e["rank"] == 0] == [
         e["step"] for e in runs["on"] if e["rank"] == 1
     ]
+
+
+def test_several_datasets_each_read_their_own_cache(
+    prepared, checkpoint, tiny_checkpoints, tmp_path
+):
+    from trainer.mixture import open_datasets
+
+    second = tmp_path / "second"
+    shutil.copytree(prepared, second)
+    specs = (str(prepared), f"{second}:2")
+    run_config = config(prepared, checkpoint, tmp_path, data=specs, text_cache="on")
+    keys = text_cache_to_use(run_config, [manifest(prepared), manifest(second)])
+    assert keys is not None and len(keys) == 2
+    data = open_datasets(specs, text=keys)
+    batches = EpochBatches(data, batch_size=2, world_size=1, rank=0, seed=0)
+    encoder = prompt_encoder(tiny_checkpoints["sd"], "sd", 225, "full")
+    for batch in make_loader(data, batches, num_workers=0):
+        context, _ = chunked_conditioning(batch.text, torch.zeros(2, dtype=bool), 225, "full")
+        close(context, encoder.encode(batch.captions)[0])
+    bare = manifest(second)
+    bare = dataclasses.replace(bare, text={})
+    bare.write(OutputDir(str(second)))
+    with pytest.raises(UsageError, match=f"--data {second}:2 holds no text cache"):
+        text_cache_to_use(run_config, [manifest(prepared), bare])
+    auto = dataclasses.replace(run_config, text_cache="auto")
+    assert text_cache_to_use(auto, [manifest(prepared), bare]) is None
