@@ -225,6 +225,10 @@ def test_a_cache_of_another_checkpoint_or_setting_is_refused_under_on(
         assert named in message and key in message and str(checkpoint) in message, message
         assert f"family {run_config.model}" in message, "what the run wants"
         auto = dataclasses.replace(run_config, text_cache="auto")
+        if "pretrained" not in wrong:  # the stripped checkpoint cannot encode: refused too
+            with pytest.raises(UsageError, match="it lacks the text encoders"):
+                text_cache_to_use(auto, [held])
+            auto = dataclasses.replace(auto, pretrained=str(tiny_checkpoints["sd"]))
         assert text_cache_to_use(auto, [held]) is None, "auto encodes"
     # the stripped checkpoint: the cache of its path; the full one's bytes: by fingerprint
     assert text_cache_to_use(config(prepared, checkpoint, tmp_path), [held]) == (key,)
@@ -322,5 +326,6 @@ def test_several_datasets_each_read_their_own_cache(
     bare.write(OutputDir(str(second)))
     with pytest.raises(UsageError, match=f"--data {second}:2 holds no text cache"):
         text_cache_to_use(run_config, [manifest(prepared), bare])
-    auto = dataclasses.replace(run_config, text_cache="auto")
+    full = str(tiny_checkpoints["sd"])
+    auto = dataclasses.replace(run_config, text_cache="auto", pretrained=full)
     assert text_cache_to_use(auto, [manifest(prepared), bare]) is None
