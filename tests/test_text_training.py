@@ -228,7 +228,7 @@ def test_a_cache_of_another_checkpoint_or_setting_is_refused_under_on(
         if "pretrained" not in wrong:  # the stripped checkpoint cannot encode: refused too
             with pytest.raises(UsageError, match="it lacks the text encoders"):
                 text_cache_to_use(auto, [held])
-            auto = dataclasses.replace(auto, pretrained=str(tiny_checkpoints["sd"]))
+            auto = dataclasses.replace(auto, pretrained=str(tiny_checkpoints[auto.model]))
         assert text_cache_to_use(auto, [held]) is None, "auto encodes"
     # the stripped checkpoint: the cache of its path; the full one's bytes: by fingerprint
     assert text_cache_to_use(config(prepared, checkpoint, tmp_path), [held]) == (key,)
