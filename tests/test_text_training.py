@@ -298,7 +298,9 @@ def test_two_ranks_train_from_the_cache_with_the_losses_of_encoding(
         assert all(e["text"] for e in cached) and not any(e["text"] for e in encoded)
         assert all(len({tuple(size) for size in e["target_size"]}) == 1 for e in cached)
         assert all(np.isfinite(e["loss"]) for e in cached)
-        assert cached[0]["loss"] == pytest.approx(encoded[0]["loss"], rel=1e-3)
+        # the fp16 cache rounds the context by <= 2**-11 relative; the tiny U-Net carries that
+        # to its loss far smaller (measured: 1e-7 relative in one process)
+        assert cached[0]["loss"] == pytest.approx(encoded[0]["loss"], rel=1e-5)
     assert [e["step"] for e in runs["on"] if e["rank"] == 0] == [
         e["step"] for e in runs["on"] if e["rank"] == 1
     ]
