@@ -79,7 +79,9 @@ def prepare(folder: Path, checkpoint: Path, images: int) -> Path:
             PrepareConfig(
                 input=str(folder / "images"),
                 output=str(folder / "out"),
-                buckets=BucketConfig(max_area=96 * 64, max_side=128, min_side=32, step=32),
+                buckets=BucketConfig(
+                    max_area=96 * 64, max_side=128, min_side=32, step=32, square=64
+                ),
                 pretrained=str(checkpoint),
                 text_dtype="fp16",
             )
