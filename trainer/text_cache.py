@@ -87,15 +87,14 @@ class Wanted:
     tags: CaptionOptions
     pretrained: Path
     has_parts: bool  # the checkpoint holds the recipe's text parts: fingerprints are compared
+    can_encode: bool  # it holds the text encoders (the trainer's fallback tokenizer does without)
 
     def describe(self) -> str:
         tags = ", ".join(f"{name} {getattr(self.tags, name)}" for name in TAG_FIELDS)
         variants = f"variants with {tags}" if self.tags.active else "the captions (no tags)"
-        identity = (
-            "by its text encoders' fingerprint"
-            if self.has_parts
-            else "by its path: it lacks the text encoders, so it cannot encode either"
-        )
+        identity = "by its text encoders' fingerprint" if self.has_parts else "by its path"
+        if not self.can_encode:
+            identity += ": it lacks the text encoders, so it cannot encode either"
         return (
             f"family {self.family}, max_tokens >= {self.max_tokens}, clip_skip "
             f"{self.clip_skip}, {variants}, of {self.pretrained} ({identity})"
@@ -107,8 +106,10 @@ def wanted(config) -> Wanted:
     folder = Path(config.pretrained).expanduser()
     parts = FAMILY_PARTS[config.model]
     tags = CaptionOptions(**{name: getattr(config, name) for name in TAG_FIELDS})
-    has_parts = all((folder / part).is_dir() for part in parts)
-    return Wanted(config.model, config.max_tokens, config.clip_skip, tags, folder, has_parts)
+    has = {part: (folder / part).is_dir() for part in parts}
+    encoders = all(there for part, there in has.items() if part.startswith("text_encoder"))
+    options = (config.max_tokens, config.clip_skip, tags)
+    return Wanted(config.model, *options, folder, all(has.values()), encoders)
 
 
 def unfit(info: dict, key: str, want: Wanted, fingerprints: dict) -> str | None:
@@ -162,7 +163,7 @@ def text_cache_to_use(config, manifests: list[Manifest]) -> tuple[str, ...] | No
         if fitting:
             chosen.append(fitting[0])
             continue
-        if choice == "auto" and want.has_parts:
+        if choice == "auto" and want.can_encode:
             return None
         held = "; ".join(
             f"{key}: {info['settings']} of {info['pretrained']}: {reasons[key]}"
