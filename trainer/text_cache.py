@@ -20,7 +20,9 @@ where it lacks any of them (removed to save disk: the point of the cache), of th
 tell, so the path recorded when the cache was made stands for them. A cache that lacks the empty
 caption (written before every cache had it) is refused: rerun `arb-prepare --pretrained` to add
 it. With several `--data`, each needs a fitting cache (under `auto`, one without means none is
-used). `--validation-prompt` needs the text encoders: `auto` then encodes, `on` refuses.
+used). `--validation-prompt` needs the text encoders: `auto` then encodes, `on` refuses. A
+checkpoint without its text encoders and no fitting cache is refused under `auto` too: it
+cannot encode.
 
 Padding (sd, sdxl). The encoders pad a batch's captions to its longest chunk count with chunks of
 end-of-text (the first tokenizer) or pad (SDXL's second) tokens, each chunk encoded alone: such a
