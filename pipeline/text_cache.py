@@ -8,9 +8,10 @@ A Ray actor per GPU (per CPU without) loads the `--model` family's text encoders
 checkpoint (pipeline/text_encoders.py has the recipes) and encodes groups of captions. Each
 unique caption is encoded once, however many images share it; with `--caption-variants N`,
 N variants of it instead, each the trainer's own tag augmentation (`trainer.augment.caption`
-seeded by (--seed, variant index as `epoch`, caption digest as `key`)), and the empty caption
-once, for caption dropout. Entries are stored unpadded in bf16 or fp16 (safetensors), in a
-folder per fingerprint of the text parts' files and the recipe's settings (docs/format.md):
+seeded by (--seed, variant index as `epoch`, caption digest as `key`)); and always the empty
+caption, once, for the trainer's caption dropout and padding (trainer/text_cache.py). Entries
+are stored unpadded in bf16 or fp16 (safetensors), in a folder per fingerprint of the text
+parts' files and the recipe's settings (docs/format.md):
 
     OUT/text/FINGERPRINT/NAME.tar            DIGEST.safetensors per encoded text
     OUT/text/FINGERPRINT/parts/NAME.parquet  each entry's caption digest, variant, bytes
@@ -206,7 +207,7 @@ def add_text(
     folder = text_folder(key)
     out.filesystem.create_dir(out.path(folder, "parts"), recursive=True)
     out.delete_temporaries_in(folder)
-    captions = dataset_captions(out) | ({""} if settings["variants"] else set())
+    captions = dataset_captions(out) | {""}  # the trainer's caption dropout and padding
     known = cached_digests(out, folder)
     todo = sorted((caption_digest(text), text) for text in captions)
     todo = [text for digest, text in todo if digest not in known]
@@ -238,7 +239,7 @@ def add_text(
     info = {
         "fingerprint": key,
         "settings": settings,
-        "pretrained": str(checkpoint),
+        "pretrained": str(checkpoint.resolve()),  # the trainer's identity without text parts
         "captions": len(pc.unique(index["caption_digest"])),
         "entries": len(index),
         "path": folder,

@@ -202,6 +202,13 @@ class Config(PromptOptions, CaptionOptions):
         "them (jobs/prepare.py --vae); on: require them; off: from pixels",
         ("auto", "on", "off"),
     )
+    text_cache: str = option(
+        "auto",
+        "sd/sdxl: auto: the dataset's cached text-encoder outputs of --pretrained when it holds "
+        "ones that fit this run (arb-prepare --pretrained; the text encoders are then never "
+        "loaded); on: require them; off: encode each step (trainer/text_cache.py)",
+        ("auto", "on", "off"),
+    )
     channels: int = option(32, "conv: width")
     noise: float = option(0.5, "conv: noise level of the denoising objective")
     pretrained: str = option(

@@ -3,6 +3,7 @@
     data = PreparedData("OUT")                         # batches of pixels
     data = PreparedData("OUT", latents=fingerprint)    # the cached latents of that VAE
     data = PreparedData("s3://bucket/OUT", cache=NodeCache("/local/cache", 50 * 2**30))
+    data = PreparedData("OUT", text=fingerprint)       # each caption's cached text entry
 
 The index is mapped from the node's cache (trainer/index_map.py): the processes of a node share
 one copy. Shards of a local OUT are read in place, a remote one's through the cache
@@ -10,7 +11,8 @@ one copy. Shards of a local OUT are read in place, a remote one's through the ca
 
 `Dataset` is what the sampler and the workers rely on; `PreparedData` is one prepared dataset,
 `trainer.mixture.Mixture` several with weights. Which latents a dataset serves is chosen when
-it is opened (`latents_to_use` says which), never switched on later.
+it is opened (`latents_to_use` says which), never switched on later; so is its text cache
+(trainer/text_cache.py's `text_cache_to_use`), looked up in the trainer's process alone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline.errors import UsageError
 from pipeline.format import Manifest, OutputDir
 from trainer.index_map import MappedIndex, column, shard_names
 from trainer.storage import DatasetFiles, FileRef, NodeCache, is_remote
+from trainer.text_cache import TextEntries, TextEntry
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ class Dataset(Protocol):
 
     def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(items, copy numbers) an epoch is planned over, deterministic in (seed, epoch)."""
+        ...
+
+    def text_entries(
+        self, items: np.ndarray, seed: int, epoch: int
+    ) -> tuple[list[TextEntry], TextEntry] | None:
+        """The items' cached text entries and the empty caption's; None without a text cache."""
         ...
 
 
@@ -143,7 +152,11 @@ class PreparedData:
     folder, `storage.default_cache_dir`)."""
 
     def __init__(
-        self, root: str | Path, latents: str | None = None, cache: NodeCache | None = None
+        self,
+        root: str | Path,
+        latents: str | None = None,
+        cache: NodeCache | None = None,
+        text: str | None = None,
     ):
         self.root, self._arguments = str(root), (root, latents, cache)
         self.manifest = read_manifest(root)
@@ -172,6 +185,7 @@ class PreparedData:
             prepare_crop=index.pairs("prepare_crop"),
             latents=None if latents is None else self._latents(latents),
         )
+        self.text = None if text is None else self._text(text)
 
     def _latents(self, fingerprint: str) -> Latents:
         """Where the latents of the VAE `fingerprint` lie (pipeline/latents.py); a UsageError
@@ -194,9 +208,21 @@ class PreparedData:
             column(table, "latent_size"),
         )
 
+    def _text(self, fingerprint: str) -> TextEntries:
+        """The text cache `fingerprint`'s entries; a UsageError where the dataset lacks it."""
+        entry = self.manifest.text.get(fingerprint)
+        if entry is None:
+            held = ", ".join(self.manifest.text) or "none"
+            raise UsageError(
+                f"{self.root} holds no text cache {fingerprint} (it holds: {held}): make it with "
+                f"arb-prepare --output {self.root} --pretrained CKPT, or give --text-cache off"
+            )
+        return TextEntries(self.files, entry)
+
     def __reduce__(self):
         """Opened anew where it is unpickled (a spawned loader worker): the maps are mapped
-        again, not copied through the pickle."""
+        again, not copied through the pickle; without its text cache, which only the sampler
+        looks up (a worker gets each entry's place in its `BatchPlan`)."""
         return PreparedData, self._arguments
 
     def __len__(self) -> int:
@@ -211,3 +237,11 @@ class PreparedData:
     def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Every image once."""
         return np.arange(len(self), dtype=np.int64), np.zeros(len(self), dtype=np.int64)
+
+    def text_entries(
+        self, items: np.ndarray, seed: int, epoch: int
+    ) -> tuple[list[TextEntry], TextEntry] | None:
+        if self.text is None:
+            return None
+        entries = self.text.entries(self.captions(items), self.keys(items), seed, epoch)
+        return entries, self.text.empty()

@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from trainer.hypernetwork import Hypernetwork
 from trainer.prompts import END, START, PromptEncoder, SDXLPromptEncoder, Tokenizer
+from trainer.text_cache import chunked_conditioning
 
 SDXL_PAD = 0  # SDXL's second tokenizer pads with "!", id 0
 
@@ -28,16 +29,17 @@ SDXL_PAD = 0  # SDXL's second tokenizer pads with "!", id 0
 @dataclass
 class Parts:
     unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | None  # None: loaded without (a text cache conditions it)
     vae: AutoencoderKL | None  # None: the U-Net works on pixels
     scheduler: DDPMScheduler
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second encoder
     tokenizer_2: Tokenizer | None = None
 
     @property
     def xl(self) -> bool:
-        return self.text_encoder_2 is not None
+        """SDXL's U-Net: told the pooled text embedding and the time ids."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     def prompt_encoder(self, max_tokens: int, clip_skip: int, layout: str):
         """The prompt encoder for these parts: `encode(texts)` gives (context, pooled or None).
@@ -120,16 +122,20 @@ def tiny_parts(seed: int = 0, with_vae: bool = False, width: int = 32, xl: bool 
     return Parts(unet, text_encoder, vae, sd_scheduler(), Tokenizer(), text_encoder_2, second)
 
 
-def load_parts(folder: str | Path) -> Parts:
-    """A Stable Diffusion checkpoint in diffusers layout, from a local folder only."""
+def load_parts(folder: str | Path, text_encoders: bool = True) -> Parts:
+    """A Stable Diffusion checkpoint in diffusers layout, from a local folder only; without its
+    text encoders and tokenizers (never read) when `text_encoders` is False."""
     folder = Path(folder)
-    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise ValueError(f"{folder}: not a diffusers checkpoint (no unet/ or text_encoder/)")
+    needed = ("unet", "text_encoder") if text_encoders else ("unet",)
+    if not all((folder / part).is_dir() for part in needed):
+        raise ValueError(f"{folder}: not a diffusers checkpoint (no {'/ or '.join(needed)}/)")
     local = {"local_files_only": True}
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", **local)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **local)
-    text_encoder_2, tokenizer_2 = None, None
-    if (folder / "text_encoder_2").is_dir():  # SDXL
+    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = None, None, None, None
+    if text_encoders:
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **local)
+        tokenizer = Tokenizer(folder)
+    if text_encoders and (folder / "text_encoder_2").is_dir():  # SDXL
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
             folder / "text_encoder_2", **local
         )
@@ -144,14 +150,15 @@ def load_parts(folder: str | Path) -> Parts:
         if (folder / "scheduler").is_dir()
         else sd_scheduler()
     )
-    return Parts(unet, text_encoder, vae, scheduler, Tokenizer(folder), text_encoder_2, tokenizer_2)
+    return Parts(unet, text_encoder, vae, scheduler, tokenizer, text_encoder_2, tokenizer_2)
 
 
 def save_parts(parts: Parts, folder: str | Path) -> None:
     """Write `parts` in diffusers layout (what `load_parts` reads)."""
     folder = Path(folder)
     parts.unet.save_pretrained(folder / "unet")
-    parts.text_encoder.save_pretrained(folder / "text_encoder")
+    if parts.text_encoder is not None:
+        parts.text_encoder.save_pretrained(folder / "text_encoder")
     if parts.text_encoder_2 is not None:
         parts.text_encoder_2.save_pretrained(folder / "text_encoder_2")
     parts.scheduler.save_pretrained(folder / "scheduler")
@@ -171,17 +178,22 @@ class Diffusion(nn.Module):
     """Noise-prediction training of the U-Net, or of a hypernetwork on the frozen U-Net.
 
     `forward(batch, generator)` returns the loss, so DistributedDataParallel wraps it like any
-    model. The text encoders and the VAE stay frozen, as in the source's training.
+    model. The text encoders and the VAE stay frozen, as in the source's training. `prompts`
+    None: no text encoders, the batches carry cached text (trainer/text_cache.py), cut at
+    `max_tokens` and laid out as `layout` says.
     """
 
     def __init__(
         self,
         parts: Parts,
-        prompts: PromptEncoder | SDXLPromptEncoder,
+        prompts: PromptEncoder | SDXLPromptEncoder | None,
         hypernetwork: Hypernetwork | None = None,
         caption_dropout: float = 0.0,
+        max_tokens: int = 225,
+        layout: str = "full",
     ):
         super().__init__()
+        self.max_tokens, self.layout = max_tokens, layout
         self.parts = parts  # what the sampler renders with (validation images)
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.text_encoder_2 = parts.text_encoder_2
@@ -248,11 +260,17 @@ class Diffusion(nn.Module):
         return sample * self.vae.config.scaling_factor
 
     def forward(self, batch, generator: torch.Generator) -> torch.Tensor:
-        """The loss on a `trainer.loader.Batch` (pixels, captions; SDXL: its size conditioning)."""
+        """The loss on a `trainer.loader.Batch` (pixels or latents, captions or their cached
+        encoding; SDXL: its size conditioning)."""
         captions = batch.captions
         dropped = torch.rand(len(captions), generator=generator) < self.caption_dropout
-        kept = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
-        context, pooled = self.prompts.encode(kept)
+        if batch.text is None:
+            kept = [c if not drop else "" for drop, c in zip(dropped, captions, strict=True)]
+            context, pooled = self.prompts.encode(kept)
+        else:
+            context, pooled = chunked_conditioning(
+                batch.text, dropped, self.max_tokens, self.layout
+            )
         latents = self.latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         steps = self.scheduler.config.num_train_timesteps

@@ -24,6 +24,7 @@ from trainer.batch_pool import TrainerPool
 from trainer.dataset import Dataset
 from trainer.reader import BatchReader, LoadedBatch, PixelLayout
 from trainer.sampler import EpochBatches
+from trainer.text_cache import CachedText
 
 FLOAT_BUFFERS = 3  # reused float batches on the CPU: the one trained on, the next, one spare
 
@@ -45,10 +46,13 @@ class Batch(NamedTuple):
     # float16 [B, C, H/8, W/8] on the device; None, and pixels set, for a batch of pixels.
     latent_mean: torch.Tensor | None = None
     latent_std: torch.Tensor | None = None
+    # Cached text-encoder outputs (a dataset opened with a text cache: trainer/text_cache.py),
+    # on the device; None: the model encodes `captions`.
+    text: CachedText | None = None
 
 
 def to_batch(loaded: LoadedBatch, pixels: torch.Tensor | None, device: torch.device) -> Batch:
-    """A worker's batch with its pixels, latents and conditioning as tensors."""
+    """A worker's batch with its pixels, latents, cached text and conditioning as tensors."""
     latents = {}
     if loaded.latents is not None:
         staged = torch.from_numpy(loaded.latents)
@@ -67,6 +71,7 @@ def to_batch(loaded: LoadedBatch, pixels: torch.Tensor | None, device: torch.dev
         conditioning[:, 2],
         torch.from_numpy(loaded.flipped),
         **latents,
+        text=None if loaded.text is None else loaded.text.to(device),
     )
 
 

@@ -103,6 +103,17 @@ class Mixture:
     def captions(self, items: np.ndarray) -> list[str]:
         return self._each_part(items, PreparedData.captions)
 
+    def text_entries(self, items: np.ndarray, seed: int, epoch: int):
+        """Each item's entry in its own dataset's text cache (every dataset has one, or none
+        does); the first dataset's empty caption (each cache's is the same encoding)."""
+        first = self.parts[0][0]
+        if first.text is None:
+            return None
+        entries = self._each_part(
+            items, lambda data, local: data.text_entries(local, seed, epoch)[0]
+        )
+        return entries, first.text.empty()
+
     def epoch_items(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(items, copy numbers): this epoch's list, each dataset as often as its weight says."""
         items, copies = [], []
@@ -142,12 +153,20 @@ def _joined(parts: list[tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
 
 
 def open_datasets(
-    specs: tuple[str, ...] | list[str], latents: str | None = None, cache: NodeCache | None = None
+    specs: tuple[str, ...] | list[str],
+    latents: str | None = None,
+    cache: NodeCache | None = None,
+    text: tuple[str, ...] | None = None,
 ) -> Dataset:
     """The datasets `--data` names (PATH or PATH:WEIGHT): one as it is, several as a Mixture;
-    with the cached latents of the VAE `latents` (a fingerprint), else pixels; remote files and
-    index maps in `cache`."""
+    with the cached latents of the VAE `latents` (a fingerprint), else pixels; with the text
+    cache `text[i]` of dataset i (None: captions); remote files and index maps in `cache`."""
     parsed = [parse_weighted(spec) for spec in specs]
-    if len(parsed) == 1 and parsed[0][1] == 1.0:
-        return PreparedData(parsed[0][0], latents, cache)
-    return Mixture([(PreparedData(path, latents, cache), weight) for path, weight in parsed])
+    texts = text or (None,) * len(parsed)
+    opened = [
+        (PreparedData(path, latents, cache, key), weight)
+        for (path, weight), key in zip(parsed, texts, strict=True)
+    ]
+    if len(opened) == 1 and opened[0][1] == 1.0:
+        return opened[0][0]
+    return Mixture(opened)

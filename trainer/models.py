@@ -85,16 +85,18 @@ class ConvDenoiser(nn.Module):
         return []
 
 
-def _conv(config: Config) -> Model:
+def _conv(config: Config, cached_text: bool = False) -> Model:
     return ConvDenoiser(config.channels, config.noise)
 
 
-def _stable_diffusion(config: Config) -> Model:
+def _stable_diffusion(config: Config, cached_text: bool = False) -> Model:
+    """`cached_text`: the batches carry the text cache's entries, so the text encoders are
+    never loaded (a text cache needs --pretrained: trainer/text_cache.py)."""
     from trainer.diffusion import Diffusion, load_parts, tiny_parts
 
     xl = config.model == "sdxl"
     parts = (
-        load_parts(config.pretrained)
+        load_parts(config.pretrained, text_encoders=not cached_text)
         if config.pretrained
         else tiny_parts(config.seed, with_vae=True, xl=xl)  # latent space: any image size
     )
@@ -103,9 +105,17 @@ def _stable_diffusion(config: Config) -> Model:
         raise UsageError(
             f"--pretrained {config.pretrained} is {kind} checkpoint: use --model {model}"
         )
-    prompts = parts.prompt_encoder(config.max_tokens, config.clip_skip, config.prompt_layout)
+    options = (config.max_tokens, config.clip_skip, config.prompt_layout)
+    prompts = None if cached_text else parts.prompt_encoder(*options)
     hypernetwork = TRAIN_PARTS[config.train_part](config, parts.unet)
-    return Diffusion(parts, prompts, hypernetwork, config.caption_dropout)
+    return Diffusion(
+        parts,
+        prompts,
+        hypernetwork,
+        config.caption_dropout,
+        config.max_tokens,
+        config.prompt_layout,
+    )
 
 
 def _hypernetwork(config: Config, unet: nn.Module) -> nn.Module:
@@ -126,7 +136,8 @@ def _hypernetwork(config: Config, unet: nn.Module) -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[[Config], Model]] = {  # --model's choices
+# --model's choices, built from the config and whether the batches carry cached text
+MODELS: dict[str, Callable[[Config, bool], Model]] = {
     "conv": _conv,
     "sd": _stable_diffusion,
     "sdxl": _stable_diffusion,

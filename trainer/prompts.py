@@ -112,10 +112,10 @@ def encode_chunks(
     else:
         states = output.hidden_states[-clip_skip]
         states = final_layer_norm(text_encoder)(states) if final_norm else states
-    return _laid_out(states.reshape(batch, chunks, length, -1), layout), output
+    return laid_out(states.reshape(batch, chunks, length, -1), layout), output
 
 
-def _laid_out(states: torch.Tensor, layout: str) -> torch.Tensor:
+def laid_out(states: torch.Tensor, layout: str) -> torch.Tensor:
     """[B, chunks, 77, width] states as the U-Net's context [B, positions, width]."""
     batch, chunks, length = states.shape[:3]
     if layout == "trimmed":  # first chunk's start state, every chunk's tokens, last one's end

@@ -2,8 +2,8 @@
 and decoded straight into a shared buffer (or its cached latents read), as a `LoadedBatch` and
 the `PixelLayout` of its pixels.
 
-Only the image, decoded by libjpeg-turbo or Pillow, and the latents (raw float16) are read:
-nothing in a shard is ever unpickled.
+Only the image, decoded by libjpeg-turbo or Pillow, the latents (raw float16) and cached text
+entries (safetensors) are read: nothing in a shard is ever unpickled.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from trainer.batch_pool import Lease, WorkerPool
 from trainer.dataset import Dataset
 from trainer.sampler import BatchPlan
 from trainer.storage import FileRef
+from trainer.text_cache import CachedText, read_entries
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
 OPEN_SHARDS = 16  # shard files a worker keeps open: 10M images are 10,000 shards, over ulimit -n
@@ -40,6 +41,7 @@ class LoadedBatch(NamedTuple):
     conditioning: np.ndarray  # int64 [B, 3, 2]: original_size, crop_top_left, target_size
     flipped: np.ndarray  # bool [B]
     latents: np.ndarray | None = None  # float16 [B, 2, C, h, w]: the VAE's mean and std
+    text: CachedText | None = None  # cached text entries, padded (a few tensors a batch)
 
 
 def decode_rgb(data: bytes, scratch: np.ndarray | None = None) -> np.ndarray:
@@ -201,6 +203,9 @@ class BatchReader(torch.utils.data.Dataset):
             batch.conditioning,
             np.array(batch.flips, dtype=bool),
         )
+        if batch.text:
+            text = read_entries(self._read_range, batch.text, batch.empty_text)
+            described = described._replace(text=text)
         if batch.latent:
             return described._replace(latents=self._latents(batch)), None
         bucket = tuple(int(v) for v in self.data.buckets[batch.bucket])

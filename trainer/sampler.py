@@ -1,6 +1,7 @@
 """Which batches a rank trains on: the source's per-epoch plan (pipeline/plan.py) over a
 `Dataset`, each batch with the crops, flips, captions and SDXL conditioning of its samples
-(trainer/augment.py), decided in the trainer's process from the index alone.
+(trainer/augment.py), and where their cached text entries lie (a text cache: each caption's
+variant, trainer/text_cache.py), decided in the trainer's process from the index alone.
 
     batches = EpochBatches(data, batch_size=4, world_size=world, rank=rank, seed=0)
     batches.set_epoch(epoch, start_step)    # planned once an epoch; resume mid-epoch
@@ -26,6 +27,7 @@ from pipeline.plan import RankPlan, plan_epoch, plan_epoch_by_shards
 from trainer.augment import CaptionOptions, caption, view
 from trainer.dataset import Dataset
 from trainer.storage import FileRef
+from trainer.text_cache import TextEntry
 
 SHUFFLES = ("global", "shards")
 PREFETCH_STEPS = 8  # how far ahead of a batch its remote shards are asked for
@@ -51,6 +53,8 @@ class BatchPlan(NamedTuple):
     conditioning: np.ndarray  # [B, 3, 2]: original_size, crop_top_left, target_size
     latent: bool  # cached latents instead of pixels
     prefetch: tuple[FileRef, ...] = ()  # remote files later batches read: download them now
+    text: tuple[TextEntry, ...] = ()  # each caption's cached entry (a text cache); () encodes
+    empty_text: TextEntry | None = None  # the empty caption's: dropout and padding
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -157,7 +161,9 @@ class EpochBatches(torch.utils.data.Sampler):
         data, seed, epoch = self.data, self.seed, self.epoch
         columns = data.columns
         keys = data.keys(items)
-        captions = [
+        cached = data.text_entries(items, seed, epoch)  # the variants are the tag augmentation
+        entries, empty = cached or ((), None)
+        captions = [entry.text for entry in entries] or [
             caption(text, self.caption_options, seed, epoch, key, int(copy))
             for text, key, copy in zip(data.captions(items), keys, copies, strict=True)
         ]
@@ -195,4 +201,6 @@ class EpochBatches(torch.utils.data.Sampler):
             [v.flip for v in views],
             conditioning,
             latent,
+            text=tuple(entries),
+            empty_text=empty,
         )

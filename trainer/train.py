@@ -24,9 +24,11 @@ checkpoints and resume: trainer/checkpoint.py.
 Data: `--data A --data B:3` trains on several prepared datasets at once, B's images three times
 an epoch (a fractional weight takes that share of an epoch); `--flip`, `--shuffle-tags`,
 `--keep-tokens`, `--tag-dropout` are kohya-ss's augmentations, deterministic in (seed, epoch,
-image). `--data s3://bucket/OUT` (any URI pyarrow opens) reads its shards through a node-local
-cache (`--cache-dir`, `--cache-limit`: trainer/storage.py) under the shard-aware shuffle
-(`--shuffle`, `--shuffle-window`: pipeline/plan.py's `plan_epoch_by_shards`).
+image). `--text-cache auto|on|off` trains from the captions' text-encoder outputs cached in the
+data (`arb-prepare --pretrained`), the text encoders never loaded: trainer/text_cache.py says
+which cache fits. `--data s3://bucket/OUT` (any URI pyarrow opens) reads its shards through a
+node-local cache (`--cache-dir`, `--cache-limit`: trainer/storage.py) under the shard-aware
+shuffle (`--shuffle`, `--shuffle-window`: pipeline/plan.py's `plan_epoch_by_shards`).
 
 Optimization under diffusers' names (`--mixed-precision`, `--gradient-checkpointing`,
 `--gradient-accumulation-steps`, `--lr-scheduler`, `--use-ema`, ...): trainer/optimization.py;
@@ -64,6 +66,7 @@ from trainer.models import MODELS, save_result
 from trainer.optimization import PRECISIONS, Optimization, store_frozen_parts
 from trainer.sampler import EpochBatches
 from trainer.storage import NodeCache, default_cache_dir, is_remote
+from trainer.text_cache import text_cache_to_use
 from trainer.tracking import Tracker
 from trainer.validation import render_validation
 
@@ -106,19 +109,23 @@ def train(config: Config) -> dict:
     {"rank": this rank, "steps": the optimizer steps this run took}."""
     started, out_dir = time.perf_counter(), Path(config.out_dir)
     manifests = check_usage(config)  # answered before any model is built or rank waits
+    text = text_cache_to_use(config, manifests)  # a text cache per dataset, or None: encode
     rank, world_size, device = setup_distributed()
     master = rank == 0
 
-    # The model, and the data as this model reads it (cached latents of its VAE where there are)
+    # The model (without text encoders when the data's text cache conditions it), and the data
+    # as this model reads it (cached latents of its VAE where there are, its text cache)
     torch.manual_seed(config.seed)
-    model = MODELS[config.model](config).to(device)
+    model = MODELS[config.model](config, text is not None).to(device)
     vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
     fingerprint = None if vae is None else vae_fingerprint(vae)
     latents = latents_to_use(config.latents, fingerprint, manifests)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    data = open_datasets(config.data, latents, NodeCache(cache_dir, config.cache_limit))
+    data = open_datasets(config.data, latents, NodeCache(cache_dir, config.cache_limit), text)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
+    if master and text:
+        print(f"training from the text cache {', '.join(dict.fromkeys(text))}", flush=True)
     store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()

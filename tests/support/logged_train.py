@@ -34,6 +34,7 @@ def main() -> None:
             "checksum": float(seen.double().sum()),
             "weights": weights,
             "latent": batch.latent_mean is not None,
+            "text": batch.text is not None,
             "original_size": batch.original_size.tolist(),
             "captions": batch.captions,
             "target_size": batch.target_size.tolist(),
