@@ -168,6 +168,25 @@ def text_folder(fingerprint: str) -> str:
     return f"text/{fingerprint}"
 
 
+# The text cache's recipes (pipeline/text_cache.py writes them, trainer/text_cache.py reads
+# them): the subfolders of a diffusers checkpoint each family's recipe reads, and the fixed
+# settings of the chunked CLIP recipes (sd, sdxl).
+FAMILY_PARTS = {
+    "sd": ("text_encoder", "tokenizer"),
+    "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "sd3": (
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+    ),
+    "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+CHUNKED = {"max_tokens": 225, "clip_skip": 2, "layout": "full"}
+
+
 def caption_digest(caption: str | None) -> str:
     """32 hex digits of a caption's UTF-8 text (None, no caption, is the empty caption): how
     the text cache's index.parquet finds a caption (`caption_digest` column)."""

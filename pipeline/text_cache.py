@@ -36,6 +36,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
 from pipeline.format import (
+    CHUNKED,
+    FAMILY_PARTS,
     TEXT_INDEX_SCHEMA,
     Manifest,
     OutputDir,
@@ -44,28 +46,13 @@ from pipeline.format import (
     text_folder,
 )
 
-# Subfolders of a diffusers checkpoint each family's recipe reads, and its pipeline class.
-FAMILY_PARTS = {
-    "sd": ("text_encoder", "tokenizer"),
-    "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-    "sd3": (
-        "text_encoder",
-        "tokenizer",
-        "text_encoder_2",
-        "tokenizer_2",
-        "text_encoder_3",
-        "tokenizer_3",
-    ),
-    "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-}
-PIPELINES = {
+PIPELINES = {  # a checkpoint's model_index.json class -> its family
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # diffusers' pipelines' defaults
-CHUNKED = {"max_tokens": 225, "clip_skip": 2, "layout": "full"}  # as pipeline/text_encoders.py
 CAPTIONS_PER_SHARD = 1000  # new captions a text shard (and an actor's task) holds
 ENCODE_BATCH = 16  # texts a forward
 

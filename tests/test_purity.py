@@ -64,6 +64,8 @@ STAGES = {
     "pipeline.imaging",
     "pipeline.samples",
     "pipeline.shard_writer",
+    "pipeline.text_cache",
+    "pipeline.text_encoders",
     "pipeline.output",
     "pipeline.latents",
     "pipeline.distributor",

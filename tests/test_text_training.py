@@ -19,9 +19,9 @@ from torchrun import torchrun
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
-from pipeline.format import Manifest, OutputDir, caption_digest, pick_variant
+from pipeline.format import FAMILY_PARTS, Manifest, OutputDir, caption_digest, pick_variant
 from pipeline.prepare import run
-from pipeline.text_cache import FAMILY_PARTS, add_text, recipe_settings
+from pipeline.text_cache import add_text, recipe_settings
 from trainer.augment import CaptionOptions, caption
 from trainer.config import Config
 from trainer.dataset import PreparedData

@@ -45,8 +45,14 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.format import Manifest, caption_digest, pick_variant, text_fingerprint
-from pipeline.text_cache import CHUNKED, FAMILY_PARTS
+from pipeline.format import (
+    CHUNKED,
+    FAMILY_PARTS,
+    Manifest,
+    caption_digest,
+    pick_variant,
+    text_fingerprint,
+)
 from trainer.augment import CaptionOptions
 from trainer.storage import DatasetFiles, FileRef
 
