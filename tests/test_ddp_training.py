@@ -3,14 +3,13 @@ the same steps, resumes, world sizes, hypernetworks and SDXL in step."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from torchrun import torchrun as run_torchrun
+from torchrun import logged_training
 
 from trainer.dataset import PreparedData
 
@@ -19,22 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def torchrun(nproc: int, data: Path, work: Path, *args: str) -> dict[int, list[dict]]:
     """Run the trainer under torchrun; each rank's logged batches, in order."""
-    log = work / "batches.jsonl"
-    done = run_torchrun(
+    by_rank = defaultdict(list)
+    for entry in logged_training(
         nproc,
-        "tests/support/logged_train.py",
-        str(log),
+        work / "batches.jsonl",
         f"--data={data}",
         f"--out-dir={work / 'checkpoints'}",
         "--num-workers=1",
         "--channels=8",
         *args,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    by_rank = defaultdict(list)
-    for line in log.read_text().splitlines():
-        entry = json.loads(line)
+    ):
         by_rank[entry["rank"]].append(entry)
     return dict(by_rank)
 

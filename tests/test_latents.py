@@ -14,7 +14,7 @@ import pytest
 from conftest import SMALL_BUCKETS, ray_started
 from images import detailed, save
 from PIL import Image
-from torchrun import torchrun
+from torchrun import logged_training
 
 from pipeline.config import PrepareConfig, WriteOptions
 from pipeline.distributor import map_on_actors
@@ -290,11 +290,9 @@ def test_two_ranks_train_from_latents_with_the_losses_of_pixels(images, checkpoi
     prepare(images, output, checkpoint, write=WriteOptions(crop="center"))
     runs = {}
     for mode in ("on", "off"):
-        log = tmp_path / f"{mode}.jsonl"
-        done = torchrun(
+        runs[mode] = logged_training(
             2,
-            "tests/support/logged_train.py",
-            str(log),
+            tmp_path / f"{mode}.jsonl",
             f"--data={output}",
             "--model=sd",
             f"--pretrained={checkpoint}",
@@ -305,8 +303,6 @@ def test_two_ranks_train_from_latents_with_the_losses_of_pixels(images, checkpoi
             f"--out-dir={tmp_path / mode}",
             "--caption-dropout=0",
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[mode] = [json.loads(line) for line in log.read_text().splitlines()]
     for rank in (0, 1):
         latent, pixel = ([e for e in runs[m] if e["rank"] == rank] for m in ("on", "off"))
         assert len(latent) == len(pixel) > 2

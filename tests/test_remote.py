@@ -4,7 +4,6 @@ recently used; the index mapped once per node is held once."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,8 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS, prepare_small, ray_started
 from images import rgb, save
-from torchrun import REPO
-from torchrun import torchrun as run_torchrun
+from torchrun import REPO, logged_training
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
@@ -212,11 +210,9 @@ def test_two_ranks_train_from_s3_with_the_batches_of_a_local_copy(datasets, tmp_
     limit = sum(shard_bytes(local)[-3:])
     runs = {}
     for name, data in (("local", str(local)), ("remote", uri)):
-        log = tmp_path / f"{name}.jsonl"
-        done = run_torchrun(
+        entries = logged_training(
             2,
-            "tests/support/logged_train.py",
-            str(log),
+            tmp_path / f"{name}.jsonl",
             f"--data={data}",
             "--shuffle=shards",
             "--shuffle-window=2",
@@ -227,12 +223,9 @@ def test_two_ranks_train_from_s3_with_the_batches_of_a_local_copy(datasets, tmp_
             "--channels=8",
             "--epochs=2",
             "--batch-size=2",
-            timeout=240,
         )
-        assert done.returncode == 0, done.stderr[-4000:]
         by_rank = defaultdict(list)
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
+        for entry in entries:
             by_rank[entry["rank"]].append(
                 (entry["epoch"], entry["step"], entry["keys"], entry["checksum"], entry["loss"])
             )

@@ -5,7 +5,6 @@ text encoders never loaded; two ranks train from a cache with the losses of enco
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -15,7 +14,7 @@ import pytest
 import torch
 from conftest import SMALL_BUCKETS, ray_started
 from images import rgb, save
-from torchrun import torchrun
+from torchrun import logged_training
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
@@ -273,11 +272,9 @@ def test_two_ranks_train_from_the_cache_with_the_losses_of_encoding(
     the same batches, and the first step's loss within the fp16 cache's rounding."""
     runs = {}
     for mode, pretrained in (("on", checkpoint), ("off", tiny_checkpoints["sd"])):
-        log = tmp_path / f"{mode}.jsonl"
-        done = torchrun(
+        runs[mode] = logged_training(
             2,
-            "tests/support/logged_train.py",
-            str(log),
+            tmp_path / f"{mode}.jsonl",
             f"--data={prepared}",
             "--model=sd",
             f"--pretrained={pretrained}",
@@ -288,8 +285,6 @@ def test_two_ranks_train_from_the_cache_with_the_losses_of_encoding(
             f"--out-dir={tmp_path / mode}",
             "--caption-dropout=0",
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[mode] = [json.loads(line) for line in log.read_text().splitlines()]
     for rank in (0, 1):
         cached, encoded = ([e for e in runs[m] if e["rank"] == rank] for m in ("on", "off"))
         assert len(cached) == len(encoded) > 2

@@ -4,6 +4,7 @@ forever) or the rendezvous port of the next test."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,14 @@ def torchrun(
             _stop(process)
             raise overrun
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def logged_training(nproc: int, log: Path, *args: str, timeout: float = 240) -> list[dict]:
+    """tests/support/logged_train.py under torchrun with the trainer's `args`, logging to `log`:
+    every rank's logged batches in the order they were logged; a failed run fails the test."""
+    done = torchrun(nproc, "tests/support/logged_train.py", str(log), *args, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def _stop(process: subprocess.Popen) -> None:
