@@ -123,7 +123,7 @@ def measure_stage(captions: int, seed: int) -> None:
     import ray
 
     sys.path.insert(0, str(REPO / "tests"))
-    from checkpoints import build
+    from trainer.tiny import build
 
     from pipeline import text_cache
     from pipeline.format import Manifest, OutputDir

@@ -30,7 +30,7 @@ def clip_l_checkpoint(folder: Path) -> Path:
     """The tiny sd checkpoint's U-Net and VAE with a CLIP-L-sized random text encoder."""
     import diffusers
     import torch
-    from checkpoints import clip_tokenizer, sd_scheduler, unet, vae
+    from trainer.tiny import clip_tokenizer, sd_scheduler, unet, vae
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def clip_l_checkpoint(folder: Path) -> Path:
 
 def prepare(folder: Path, checkpoint: Path, images: int) -> Path:
     import ray
-    from checkpoints import WORDS
+    from trainer.tiny import WORDS
     from images import rgb, save
 
     from pipeline.buckets import BucketConfig
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--clip-l", action="store_true", help="CLIP-L's text architecture")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests" / "support"))  # the tests' checkpoints and images
-    from checkpoints import build
+    from trainer.tiny import build
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

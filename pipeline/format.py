@@ -169,8 +169,8 @@ def text_folder(fingerprint: str) -> str:
 
 
 # The text cache's recipes (pipeline/text_cache.py writes them, trainer/text_cache.py reads
-# them): the subfolders of a diffusers checkpoint each family's recipe reads, and the fixed
-# settings of the chunked CLIP recipes (sd, sdxl).
+# them): the subfolders of a diffusers checkpoint each family's recipe reads, the fixed
+# settings of the chunked CLIP recipes (sd, sdxl), and the T5 recipes' default length.
 FAMILY_PARTS = {
     "sd": ("text_encoder", "tokenizer"),
     "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
@@ -185,6 +185,7 @@ FAMILY_PARTS = {
     "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
 }
 CHUNKED = {"max_tokens": 225, "clip_skip": 2, "layout": "full"}
+MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # T5 tokens: diffusers' pipelines' defaults
 
 
 def caption_digest(caption: str | None) -> str:

@@ -38,6 +38,7 @@ from pipeline.errors import UsageError
 from pipeline.format import (
     CHUNKED,
     FAMILY_PARTS,
+    MAX_SEQUENCE_LENGTH,
     TEXT_INDEX_SCHEMA,
     Manifest,
     OutputDir,
@@ -52,7 +53,6 @@ PIPELINES = {  # a checkpoint's model_index.json class -> its family
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
-MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # diffusers' pipelines' defaults
 CAPTIONS_PER_SHARD = 1000  # new captions a text shard (and an actor's task) holds
 ENCODE_BATCH = 16  # texts a forward
 

@@ -9,6 +9,7 @@ the text cache stores, unpadded (imported by the stage's Ray actors alone).
           them (before it zero-pads clip to T5's width), t5 [tokens, 4096]: its T5 rows of the
           caption's real tokens (</s> included) out of the max-length sequence it encodes
     flux  t5 [tokens, 4096] and pooled [768], as FluxPipeline.encode_prompt gives them
+          (sd3 and flux: trainer/flow_prompts.py's PipelineEncoder, the trainer's too)
 
 Captions of one batch are encoded together only where that changes nothing: sd and sdxl batch
 captions of the same chunk count (a caption is padded to its own chunks alone); diffusers pads
@@ -21,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from trainer.flow_prompts import PipelineEncoder
 
 
 class ChunkedRecipe:
@@ -60,64 +63,11 @@ class ChunkedRecipe:
         return results
 
 
-class PipelineRecipe:
-    """sd3 and flux: the diffusers pipeline's own encode_prompt, on its text parts alone."""
-
-    def __init__(self, folder: Path, settings: dict, device: torch.device):
-        from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-        self.family, self.device = settings["family"], device
-        self.length = settings["max_sequence_length"]
-        kind = StableDiffusion3Pipeline if self.family == "sd3" else FluxPipeline
-        unused = dict.fromkeys(("transformer", "vae", "scheduler"))
-        self.pipeline = kind.from_pretrained(folder, **unused, local_files_only=True).to(device)
-        self.t5_tokenizer = (
-            self.pipeline.tokenizer_3 if self.family == "sd3" else self.pipeline.tokenizer_2
-        )
-
-    def real_tokens(self, texts: list[str]) -> list[int]:
-        """The T5 tokens encode_prompt keeps of each text (</s> included): its attention mask."""
-        masks = self.t5_tokenizer(
-            texts, padding="max_length", max_length=self.length, truncation=True
-        ).attention_mask
-        return [sum(mask) for mask in masks]
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> list[tuple[dict[str, torch.Tensor], int]]:
-        """Per text: ({"clip" (sd3), "t5", "pooled"}, its real T5 tokens)."""
-        pipeline, lengths = self.pipeline, self.real_tokens(texts)
-        if self.family == "sd3":
-            embeds, _, pooled, _ = pipeline.encode_prompt(
-                texts,
-                None,
-                None,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.length,
-            )
-            clip_rows = pipeline.tokenizer_max_length
-            width = pipeline.text_encoder.config.hidden_size
-            width += pipeline.text_encoder_2.config.hidden_size
-            clip, t5 = embeds[:, :clip_rows, :width], embeds[:, clip_rows:]
-        else:
-            t5, pooled, _ = pipeline.encode_prompt(
-                texts, None, device=self.device, max_sequence_length=self.length
-            )
-            clip = None
-        results = []
-        for row, length in enumerate(lengths):
-            tensors = {"t5": t5[row, :length], "pooled": pooled[row]}
-            if clip is not None:
-                tensors["clip"] = clip[row]
-            results.append((tensors, length))
-        return results
-
-
 RECIPES = {
     "sd": ChunkedRecipe,
     "sdxl": ChunkedRecipe,
-    "sd3": PipelineRecipe,
-    "flux": PipelineRecipe,
+    "sd3": PipelineEncoder,
+    "flux": PipelineEncoder,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -161,9 +161,9 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random diffusers checkpoints of sd, sdxl, sd3 and flux (tests/checkpoints.py),
+    """Tiny random diffusers checkpoints of sd, sdxl, sd3 and flux (trainer/tiny.py),
     built and saved once for the session: family -> folder."""
-    from checkpoints import build
+    from trainer.tiny import build
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: build(family, root / family) for family in ("sd", "sdxl", "sd3", "flux")}

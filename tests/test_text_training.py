@@ -205,7 +205,7 @@ def test_variants_are_picked_as_pick_variant_says_and_are_the_augmented_captions
 def test_a_cache_of_another_checkpoint_or_setting_is_refused_under_on(
     prepared, checkpoint, tiny_checkpoints, tmp_path
 ):
-    from checkpoints import build
+    from trainer.tiny import build
 
     other = build("sd", tmp_path / "other", seed=1)
     held = manifest(prepared)

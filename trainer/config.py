@@ -30,6 +30,20 @@ except ModuleNotFoundError:  # Python 3.10
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler
 LAYOUTS = ("full", "trimmed")  # trainer/prompts.py: how 75-token chunks are laid out
 PROMPTS = "prompts (sd, sdxl)"  # the --help group of PromptOptions
+LORA = "LoRA (--train-part lora)"
+FLOW = "flow matching (sd3, flux)"
+MODEL_CHOICES = ("conv", "sd", "sdxl", "sd3", "flux")
+UNET_MODELS, FLOW_MODELS = ("sd", "sdxl"), ("sd3", "flux")
+# --train-part: what trains on which models (auto: the hypernetwork on sd/sdxl, the source's
+# technique; LoRA on sd3/flux)
+TRAIN_PARTS = {
+    "lora": UNET_MODELS + FLOW_MODELS,
+    "hypernetwork": UNET_MODELS,
+    "unet": UNET_MODELS,
+    "transformer": FLOW_MODELS,
+}
+# diffusers' compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3 names
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,10 @@ class Config(PromptOptions, CaptionOptions):
     config: str = option("", "a TOML file of these options (flags override it)")
     flip: float = option(0.0, "probability of a horizontal flip of each sample")
     model: str = option(
-        "conv", "conv: a small denoiser (a smoke test); sd: SD 1.x; sdxl", ("conv", "sd", "sdxl")
+        "conv",
+        "conv: a small denoiser (a smoke test); sd: SD 1.x; sdxl; sd3 and flux: flow-matching "
+        "transformers",
+        MODEL_CHOICES,
     )
     latents: str = option(
         "auto",
@@ -204,7 +221,7 @@ class Config(PromptOptions, CaptionOptions):
     )
     text_cache: str = option(
         "auto",
-        "sd/sdxl: auto: the dataset's cached text-encoder outputs of --pretrained when it holds "
+        "auto: the dataset's cached text-encoder outputs of --pretrained when it holds "
         "ones that fit this run (arb-prepare --pretrained; the text encoders are then never "
         "loaded); on: require them; off: encode each step (trainer/text_cache.py)",
         ("auto", "on", "off"),
@@ -212,12 +229,40 @@ class Config(PromptOptions, CaptionOptions):
     channels: int = option(32, "conv: width")
     noise: float = option(0.5, "conv: noise level of the denoising objective")
     pretrained: str = option(
-        "", "sd: local diffusers-layout checkpoint folder (empty: tiny random models)"
+        "", "local diffusers-layout checkpoint folder of --model (empty: tiny random models)"
     )
     train_part: str = option(
-        "hypernetwork",
-        "sd: what trains (a hypernetwork on the frozen U-Net, or the U-Net)",
-        ("hypernetwork", "unet"),
+        "auto",
+        "what trains: LoRA adapters on the frozen denoiser; a hypernetwork on sd/sdxl's frozen "
+        "U-Net; the whole unet (sd, sdxl) or transformer (sd3, flux). auto: hypernetwork on "
+        "sd/sdxl (the source's), lora on sd3/flux",
+        ("auto", *TRAIN_PARTS),
+    )
+    lora_rank: int = option(4, "the adapters' rank (diffusers' --rank)", group=LORA)
+    lora_alpha: float = option(
+        0.0, "the adapters' alpha: their scale is alpha / rank (0: the rank, scale 1)", group=LORA
+    )
+    lora_layers: str = option(
+        "",
+        "comma-separated module names the adapters go on (empty: the attention projections, "
+        "as diffusers' scripts: to_q,to_k,to_v,to_out.0, and the transformers' add_*_proj, "
+        "to_add_out)",
+        group=LORA,
+    )
+    weighting_scheme: str = option(
+        "logit_normal",
+        "timestep density and loss weighting, diffusers' names (none: uniform)",
+        WEIGHTING_SCHEMES,
+        group=FLOW,
+    )
+    logit_mean: float = option(0.0, "logit_normal's mean", group=FLOW)
+    logit_std: float = option(1.0, "logit_normal's standard deviation", group=FLOW)
+    mode_scale: float = option(1.29, "mode's scale", group=FLOW)
+    guidance_scale: float = option(
+        3.5, "flux: the guidance its guidance embedding is told (a checkpoint with one)", group=FLOW
+    )
+    max_sequence_length: int = option(
+        0, "T5 tokens of a prompt (0: the pipeline's, 256 sd3, 512 flux)", group=FLOW
     )
     caption_dropout: float = option(
         0.1, "sd: share of captions replaced by the empty prompt (after the tag augmentations)"
@@ -284,8 +329,23 @@ class Config(PromptOptions, CaptionOptions):
                     "and --overwrite exclude each other",
                 ),
                 "caption_dropout": (0 <= self.caption_dropout < 1, "must be in [0, 1)"),
+                "train_part": (
+                    self.train_part == "auto" or self.model in TRAIN_PARTS[self.train_part],
+                    f"{self.train_part} trains on --model "
+                    f"{', '.join(TRAIN_PARTS.get(self.train_part, ()))} only",
+                ),
+                "lora_rank": (self.lora_rank >= 1, "must be >= 1"),
+                "lora_alpha": (self.lora_alpha >= 0, "must be >= 0"),
+                "max_sequence_length": (self.max_sequence_length >= 0, "must be >= 0"),
             },
         )
+
+    @property
+    def trained_part(self) -> str:
+        """--train-part with auto resolved for --model."""
+        if self.train_part != "auto":
+            return self.train_part
+        return "lora" if self.model in FLOW_MODELS else "hypernetwork"
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from trainer.hypernetwork import Hypernetwork
+from trainer.lora import LoraWeights, save_lora
 from trainer.prompts import END, START, PromptEncoder, SDXLPromptEncoder, Tokenizer
 from trainer.text_cache import chunked_conditioning
 
@@ -174,8 +175,22 @@ def time_ids(
     return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
 
 
+@torch.no_grad()
+def vae_sample(vae: nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+    """A sample of `vae`'s distribution of the batch's pixels, or of the cached one (the same
+    draw from `generator` either way), unscaled, float32."""
+    if batch.latent_mean is None:
+        with torch.autocast(batch.pixels.device.type, enabled=False):  # the VAE's dtype
+            pixels = batch.pixels.to(vae.dtype)
+            return vae.encode(pixels).latent_dist.sample(generator).float()
+    # as DiagonalGaussianDistribution.sample draws: on the CPU, then moved
+    mean, std = batch.latent_mean.float(), batch.latent_std.float()
+    return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+
+
 class Diffusion(nn.Module):
-    """Noise-prediction training of the U-Net, or of a hypernetwork on the frozen U-Net.
+    """Noise-prediction training of the U-Net, or of a hypernetwork or LoRA adapters (`adapter`)
+    on the frozen U-Net.
 
     `forward(batch, generator)` returns the loss, so DistributedDataParallel wraps it like any
     model. The text encoders and the VAE stay frozen, as in the source's training. `prompts`
@@ -187,7 +202,7 @@ class Diffusion(nn.Module):
         self,
         parts: Parts,
         prompts: PromptEncoder | SDXLPromptEncoder | None,
-        hypernetwork: Hypernetwork | None = None,
+        adapter: Hypernetwork | LoraWeights | None = None,
         caption_dropout: float = 0.0,
         max_tokens: int = 225,
         layout: str = "full",
@@ -202,27 +217,35 @@ class Diffusion(nn.Module):
             prompts,
             caption_dropout,
         )
-        self.hypernetwork = hypernetwork
+        self.hypernetwork = adapter if isinstance(adapter, Hypernetwork) else None
+        self.lora = adapter if isinstance(adapter, LoraWeights) else None  # in the U-Net already
         for module in self.frozen_modules():
             module.requires_grad_(False)
-        if hypernetwork is not None:
-            hypernetwork.attach(self.unet)
+        if self.lora is not None:  # its parameters, in the frozen U-Net's layers, train
+            self.lora.requires_grad_(True)
+        if self.hypernetwork is not None:
+            self.hypernetwork.attach(self.unet)
 
     def trained_module(self) -> nn.Module:
-        """The hypernetwork on the frozen U-Net, or the U-Net."""
-        return self.hypernetwork if self.hypernetwork is not None else self.unet
+        """The hypernetwork or the adapters on the frozen U-Net, or the U-Net."""
+        adapter = self.hypernetwork if self.hypernetwork is not None else self.lora
+        return adapter if adapter is not None else self.unet
 
     def frozen_modules(self) -> list[nn.Module]:
         parts = (
             self.text_encoder,
             self.text_encoder_2,
             self.vae,
-            self.unet if self.hypernetwork is not None else None,
+            self.unet if self.trained_module() is not self.unet else None,
         )
         return [module for module in parts if module is not None]
 
     def latent_encoder(self) -> nn.Module | None:
         return self.vae
+
+    def bucket_step(self) -> int:
+        """The VAE's factor (the U-Net itself copes with any latent size)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     def enable_gradient_checkpointing(self) -> None:
         """The U-Net's (the text encoders never train here)."""
@@ -230,7 +253,12 @@ class Diffusion(nn.Module):
 
     def save_weights(self, out_dir: Path, suffix: str = "") -> list[Path]:
         """A hypernetwork as `.safetensors` (and AUTOMATIC1111's `.pt` when shared across
-        depths); a U-Net as a diffusers folder."""
+        depths); LoRA adapters as trainer/lora.py says; a U-Net as a diffusers folder."""
+        if self.lora is not None:
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+            kind = StableDiffusionXLPipeline if self.parts.xl else StableDiffusionPipeline
+            return save_lora(self.unet, kind, out_dir, suffix, kohya=True)
         if self.hypernetwork is None:
             self.unet.save_pretrained(out_dir / f"unet{suffix}")
             return [out_dir / f"unet{suffix}"]
@@ -243,21 +271,12 @@ class Diffusion(nn.Module):
             self.hypernetwork.save(path)
         return paths
 
-    @torch.no_grad()
     def latents(self, batch, generator: torch.Generator) -> torch.Tensor:
-        """What the U-Net denoises: a sample of the VAE's distribution of the batch's pixels, or
-        of the cached one (the same draw from `generator` either way), scaled; pixels without a
-        VAE."""
+        """What the U-Net denoises: the VAE's sample of the batch (`vae_sample`), scaled;
+        pixels without a VAE."""
         if self.vae is None:
             return batch.pixels
-        if batch.latent_mean is None:
-            with torch.autocast(batch.pixels.device.type, enabled=False):  # the VAE's dtype
-                pixels = batch.pixels.to(self.vae.dtype)
-                sample = self.vae.encode(pixels).latent_dist.sample(generator).float()
-        else:  # as DiagonalGaussianDistribution.sample draws: on the CPU, then moved
-            mean, std = batch.latent_mean.float(), batch.latent_std.float()
-            sample = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
-        return sample * self.vae.config.scaling_factor
+        return vae_sample(self.vae, batch, generator) * self.vae.config.scaling_factor
 
     def forward(self, batch, generator: torch.Generator) -> torch.Tensor:
         """The loss on a `trainer.loader.Batch` (pixels or latents, captions or their cached

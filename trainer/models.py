@@ -3,7 +3,9 @@
 A model is an `nn.Module` whose forward(batch, generator) returns its loss (so DDP wraps it like
 any model) and which says what trains, what stays frozen, which VAE (if any) makes its latents,
 and how its trained weights are saved for other tools. `conv` is a small denoiser (a smoke test
-of the data path); `sd` and `sdxl` are trainer/diffusion.py's Stable Diffusion models.
+of the data path); `sd` and `sdxl` are trainer/diffusion.py's Stable Diffusion models, `sd3`
+and `flux` trainer/flow.py's flow-matching transformers; `--train-part` picks what trains on them
+(`ADAPTERS`: a hypernetwork, LoRA adapters, or the whole denoiser).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class Model(Protocol):
 
     def latent_encoder(self) -> nn.Module | None:
         """The VAE whose latents it denoises (cached latents must be of it); None: pixels."""
+        ...
+
+    def bucket_step(self) -> int:
+        """Every bucket side must be a multiple of this many pixels."""
         ...
 
     def enable_gradient_checkpointing(self) -> None: ...
@@ -77,6 +83,9 @@ class ConvDenoiser(nn.Module):
     def latent_encoder(self) -> nn.Module | None:
         return None
 
+    def bucket_step(self) -> int:
+        return 1
+
     def enable_gradient_checkpointing(self) -> None:
         """Nothing to recompute: four convolutions."""
 
@@ -107,11 +116,11 @@ def _stable_diffusion(config: Config, cached_text: bool = False) -> Model:
         )
     options = (config.max_tokens, config.clip_skip, config.prompt_layout)
     prompts = None if cached_text else parts.prompt_encoder(*options)
-    hypernetwork = TRAIN_PARTS[config.train_part](config, parts.unet)
+    adapter = ADAPTERS[config.trained_part](config, parts.unet)
     return Diffusion(
         parts,
         prompts,
-        hypernetwork,
+        adapter,
         config.caption_dropout,
         config.max_tokens,
         config.prompt_layout,
@@ -136,15 +145,38 @@ def _hypernetwork(config: Config, unet: nn.Module) -> nn.Module:
     )
 
 
+def _lora(config: Config, denoiser: nn.Module) -> nn.Module:
+    """LoRA adapters added to `denoiser` (which stays frozen): their weights."""
+    from trainer.lora import add_lora
+
+    return add_lora(denoiser, config.lora_rank, config.lora_alpha, config.lora_layers)
+
+
+def _flow_matching(config: Config, cached_text: bool = False) -> Model:
+    """SD3 or Flux.1 (trainer/flow.py); text encoders only where the batches carry no cache."""
+    from trainer.flow import FlowMatching, load_flow_parts
+
+    parts = load_flow_parts(
+        config.pretrained, config.model, config.seed, not cached_text, config.max_sequence_length
+    )
+    adapter = ADAPTERS[config.trained_part](config, parts.transformer)
+    return FlowMatching(parts, adapter, config)
+
+
 # --model's choices, built from the config and whether the batches carry cached text
 MODELS: dict[str, Callable[[Config, bool], Model]] = {
     "conv": _conv,
     "sd": _stable_diffusion,
     "sdxl": _stable_diffusion,
+    "sd3": _flow_matching,
+    "flux": _flow_matching,
 }
-TRAIN_PARTS: dict[str, Callable[[Config, nn.Module], nn.Module | None]] = {  # --train-part's
+# --train-part's: the module that trains beside the frozen denoiser (None: the denoiser itself)
+ADAPTERS: dict[str, Callable[[Config, nn.Module], nn.Module | None]] = {
     "hypernetwork": _hypernetwork,
-    "unet": lambda config, unet: None,  # the U-Net itself
+    "lora": _lora,
+    "unet": lambda config, denoiser: None,
+    "transformer": lambda config, denoiser: None,
 }
 
 

@@ -30,7 +30,8 @@ PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def store_frozen_parts(model: nn.Module, dtype: torch.dtype | None) -> None:
-    """The model's frozen parts (`Model.frozen_modules`) in `dtype`; trained ones stay fp32.
+    """The model's frozen parts (`Model.frozen_modules`) in `dtype`; trained weights stay fp32,
+    LoRA's too, in the frozen layers they adapt (diffusers' scripts' `cast_training_params`).
     Under fp16 the VAE stays fp32 too, as in diffusers' SDXL scripts: SDXL's VAE overflows in
     fp16 (it encodes and decodes outside autocast, in its own dtype)."""
     if dtype is None:
@@ -42,6 +43,8 @@ def store_frozen_parts(model: nn.Module, dtype: torch.dtype | None) -> None:
         # every dtype cast, of modules that "should be kept in float32", even when it has none
         # ("[]", as the U-Net and the VAE have).
         nn.Module.to(module, dtype)
+    for parameter in model.trained_module().parameters():
+        parameter.data = parameter.data.float()
 
 
 @dataclass

@@ -9,20 +9,21 @@ image's entry, read by loader workers and padded per batch, and the model's cond
 A cache fits (`unfit` says why not) when it is of this `--model`'s recipe with this run's
 `--clip-skip`, at least its `--max-tokens` (the first chunks of a longer cut are the shorter
 cut's: CLIP encodes each 75-token chunk alone), in the `full` layout (the `trimmed` layout is a
-selection of its rows), and holds what the tag options ask: with `--shuffle-tags` or
-`--tag-dropout`, variants made with the same shuffle, dropout and `--keep-tokens` (their seed
-may differ: the variants are N draws of the same augmentation, and the run's seed picks among
-them); without, the captions themselves (no variants, or variants of inactive tag options, of
-which variant 0 is taken). It must be of the run's checkpoint: of its fingerprint
-(`text_fingerprint`) where `--pretrained` holds the recipe's `text_encoder*/` and `tokenizer*/`;
-where it lacks any of them (removed to save disk: the point of the cache), of the same
-`--pretrained` path (text.json's `pretrained`, both resolved): the weights are not there to
-tell, so the path recorded when the cache was made stands for them. A cache that lacks the empty
-caption (written before every cache had it) is refused: rerun `arb-prepare --pretrained` to add
-it. With several `--data`, each needs a fitting cache (under `auto`, one without means none is
-used). `--validation-prompt` needs the text encoders: `auto` then encodes, `on` refuses. A
-checkpoint without its text encoders and no fitting cache is refused under `auto` too: it
-cannot encode.
+selection of its rows) -- for sd3 and flux, of this run's `--max-sequence-length` (T5 sees the
+whole sequence at once: no other length's rows are this one's) --, and holds what the tag
+options ask: with `--shuffle-tags` or `--tag-dropout`, variants made with the same shuffle,
+dropout and `--keep-tokens` (their seed may differ: the variants are N draws of the same
+augmentation, and the run's seed picks among them); without, the captions themselves (no
+variants, or variants of inactive tag options, of which variant 0 is taken). It must be of the
+run's checkpoint: of its fingerprint (`text_fingerprint`) where `--pretrained` holds the
+recipe's `text_encoder*/` and `tokenizer*/`; where it lacks any of them (removed to save disk:
+the point of the cache), of the same `--pretrained` path (text.json's `pretrained`, both
+resolved): the weights are not there to tell, so the path recorded when the cache was made
+stands for them. A cache that lacks the empty caption (written before every cache had it) is
+refused: rerun `arb-prepare --pretrained` to add it. With several `--data`, each needs a fitting
+cache (under `auto`, one without means none is used). `--validation-prompt` needs the text
+encoders: `auto` then encodes, `on` refuses. A checkpoint without its text encoders and no
+fitting cache is refused under `auto` too: it cannot encode.
 
 Padding (sd, sdxl). The encoders pad a batch's captions to its longest chunk count with chunks of
 end-of-text (the first tokenizer) or pad (SDXL's second) tokens, each chunk encoded alone: such a
@@ -48,6 +49,7 @@ from pipeline.errors import UsageError
 from pipeline.format import (
     CHUNKED,
     FAMILY_PARTS,
+    MAX_SEQUENCE_LENGTH,
     Manifest,
     caption_digest,
     pick_variant,
@@ -92,6 +94,7 @@ class Wanted:
     family: str
     max_tokens: int
     clip_skip: int
+    max_sequence_length: int  # sd3, flux
     tags: CaptionOptions
     pretrained: Path
     has_parts: bool  # the checkpoint holds the recipe's text parts: fingerprints are compared
@@ -103,10 +106,11 @@ class Wanted:
         identity = "by its text encoders' fingerprint" if self.has_parts else "by its path"
         if not self.can_encode:
             identity += ": it lacks the text encoders, so it cannot encode either"
-        return (
-            f"family {self.family}, max_tokens >= {self.max_tokens}, clip_skip "
-            f"{self.clip_skip}, {variants}, of {self.pretrained} ({identity})"
-        )
+        if self.family in MAX_SEQUENCE_LENGTH:
+            shape = f"max_sequence_length {self.max_sequence_length}"
+        else:
+            shape = f"max_tokens >= {self.max_tokens}, clip_skip {self.clip_skip}"
+        return f"family {self.family}, {shape}, {variants}, of {self.pretrained} ({identity})"
 
 
 def wanted(config) -> Wanted:
@@ -116,7 +120,8 @@ def wanted(config) -> Wanted:
     tags = CaptionOptions(**{name: getattr(config, name) for name in TAG_FIELDS})
     has = {part: (folder / part).is_dir() for part in parts}
     encoders = all(there for part, there in has.items() if part.startswith("text_encoder"))
-    options = (config.max_tokens, config.clip_skip, tags)
+    length = config.max_sequence_length or MAX_SEQUENCE_LENGTH.get(config.model, 0)
+    options = (config.max_tokens, config.clip_skip, length, tags)
     return Wanted(config.model, *options, folder, all(has.values()), encoders)
 
 
@@ -126,9 +131,12 @@ def unfit(info: dict, key: str, want: Wanted, fingerprints: dict) -> str | None:
     settings = info["settings"]
     if settings["family"] != want.family:
         return f"family {settings['family']}"
-    if settings.get("layout") != CHUNKED["layout"] or settings["clip_skip"] != want.clip_skip:
+    if want.family in MAX_SEQUENCE_LENGTH:  # T5 is bidirectional: only its own length fits
+        if settings["max_sequence_length"] != want.max_sequence_length:
+            return f"max_sequence_length {settings['max_sequence_length']}"
+    elif settings.get("layout") != CHUNKED["layout"] or settings["clip_skip"] != want.clip_skip:
         return f"clip_skip {settings['clip_skip']}, layout {settings.get('layout')}"
-    if settings["max_tokens"] < want.max_tokens:
+    elif settings["max_tokens"] < want.max_tokens:
         return f"max_tokens {settings['max_tokens']}"
     cached = CaptionOptions(**{name: settings[name] for name in TAG_FIELDS if name in settings})
     tagged = bool(settings["variants"]) and cached.active
@@ -154,8 +162,8 @@ def text_cache_to_use(config, manifests: list[Manifest]) -> tuple[str, ...] | No
     if choice == "off":
         return None
     needs = None
-    if config.model not in ("sd", "sdxl"):
-        needs = "--model sd or sdxl"
+    if config.model not in FAMILY_PARTS:
+        needs = "--model sd, sdxl, sd3 or flux"
     elif not config.pretrained:
         needs = "--pretrained (the checkpoint the cache was made from)"
     elif config.validation_prompt:
@@ -238,26 +246,35 @@ class TextEntries:
 
 
 def read_entries(read, entries: list[TextEntry], empty: TextEntry) -> CachedText:
-    """A loader worker's batch of cached entries (`read(file, offset, size)` gives bytes), every
-    tensor of varying rows padded with the empty caption's to the batch's longest (the module
-    docstring says why; sd3 and flux will want zero rows and a mask instead: docs/format.md)."""
-    import torch
+    """A loader worker's batch of cached entries (`read(file, offset, size)` gives bytes), as
+    `stacked` pads them."""
     from safetensors.torch import load
 
     loaded = [load(read(e.file, e.offset, e.size)) for e in entries]
-    blank = load(read(empty.file, empty.offset, empty.size))
+    return stacked(loaded, load(read(empty.file, empty.offset, empty.size)))
+
+
+def stacked(loaded: list[dict], blank: dict) -> CachedText:
+    """Entries' tensors stacked, those of varying rows padded to the batch's longest: sd/sdxl's
+    `context` with the empty caption's rows (the module docstring says why), sd3/flux's `t5`
+    with zeros (trainer/flow_prompts.py pads them so anyway). `blank`: the empty caption's."""
+    import torch
+
     (sequence,) = [name for name in SEQUENCES if name in blank]
     rows = torch.tensor([len(tensors[sequence]) for tensors in loaded])
-    stacked = {}
+    tensors = {}
     for name, fill in blank.items():
-        longest = max(len(tensors[name]) for tensors in loaded)
-        if fill.dim() == 2 and any(len(tensors[name]) < longest for tensors in loaded):
-            fill = fill.repeat(-(-longest // len(fill)), 1)[:longest]
-            parts = [torch.cat([t[name], fill[len(t[name]) :]]) for t in loaded]
+        longest = max(len(entry[name]) for entry in loaded)
+        if fill.dim() == 2 and any(len(entry[name]) < longest for entry in loaded):
+            if name == "t5":
+                fill = torch.zeros(longest, fill.shape[1], dtype=fill.dtype)
+            else:
+                fill = fill.repeat(-(-longest // len(fill)), 1)[:longest]
+            parts = [torch.cat([entry[name], fill[len(entry[name]) :]]) for entry in loaded]
         else:
-            parts = [tensors[name] for tensors in loaded]
-        stacked[name] = torch.stack(parts)
-    return CachedText(stacked, rows, blank)
+            parts = [entry[name] for entry in loaded]
+        tensors[name] = torch.stack(parts)
+    return CachedText(tensors, rows, blank)
 
 
 def chunked_conditioning(text: CachedText, dropped, max_tokens: int, layout: str):

@@ -122,6 +122,7 @@ def train(config: Config) -> dict:
     latents = latents_to_use(config.latents, fingerprint, manifests)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     data = open_datasets(config.data, latents, NodeCache(cache_dir, config.cache_limit), text)
+    _check_buckets(data.buckets, model.bucket_step(), config.model)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
     if master and text:
@@ -276,6 +277,18 @@ def _close_distributed(world_size: int) -> None:
     while a gloo thread waits for the GIL (a deadlock seen on exit with torch 2.13)."""
     if world_size > 1:
         dist.destroy_process_group()
+
+
+def _check_buckets(buckets, step: int, model: str) -> None:
+    """A UsageError where a bucket side is not a multiple of the model's `step` (its VAE's
+    factor, times its patches): data prepared for another model."""
+    odd = [f"{w}x{h}" for w, h in buckets if w % step or h % step]
+    if odd:
+        raise UsageError(
+            f"--model {model} needs bucket sides in multiples of {step} pixels; the data has "
+            f"{len(odd)} bucket(s) that are not ({', '.join(odd[:4])}): prepare it for this "
+            f"model, arb-prepare --model {model}"
+        )
 
 
 def _cache_warning(data, shuffle: str, window: int, limit: int) -> str | None:
