@@ -122,7 +122,7 @@ def train(config: Config) -> dict:
     latents = latents_to_use(config.latents, fingerprint, manifests)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     data = open_datasets(config.data, latents, NodeCache(cache_dir, config.cache_limit), text)
-    _check_buckets(data.buckets, model.bucket_step(), config.model)
+    _check_buckets(data.buckets[np.unique(data.columns.bucket)], model.bucket_step(), config.model)
     if master and latents:
         print(f"training from cached latents of VAE {latents}", flush=True)
     if master and text:
@@ -280,8 +280,8 @@ def _close_distributed(world_size: int) -> None:
 
 
 def _check_buckets(buckets, step: int, model: str) -> None:
-    """A UsageError where a bucket side is not a multiple of the model's `step` (its VAE's
-    factor, times its patches): data prepared for another model."""
+    """A UsageError where a side of a bucket that holds images is not a multiple of the model's
+    `step` (its VAE's factor, times its patches): data prepared for another model."""
     odd = [f"{w}x{h}" for w, h in buckets if w % step or h % step]
     if odd:
         raise UsageError(
