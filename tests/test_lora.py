@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchrun import logged_training
@@ -198,3 +199,35 @@ def test_a_lora_resume_mid_epoch_continues_exactly(prepared, tiny_checkpoints, t
     second = run("parts", 2, resume=True)
     assert first + second == whole
     assert (tmp_path / "parts" / f"{WEIGHTS}_ema.safetensors").exists()
+
+
+@pytest.mark.slow  # three renders a family, each a process of its own
+@pytest.mark.parametrize("family", FAMILIES)
+def test_arb_sample_renders_with_the_adapters(tiny_checkpoints, tmp_path, family):
+    """trainer/sample.py --lora: the saved adapters change the image (the same seed without
+    them renders another), from diffusers' file and, for sd, from kohya's."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from torchrun import REPO
+
+    checkpoint = tiny_checkpoints[family]
+    model = MODELS[family](lora_config("unused", checkpoint, family), False)
+    generator = torch.Generator().manual_seed(1)
+    for parameter in model.trained_module().parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator)
+    model.save_weights(tmp_path)
+    images = []
+    loras = ["", str(tmp_path)] + [str(tmp_path / f"{KOHYA}.safetensors")] * (family == "sd")
+    for index, lora in enumerate(loras):
+        out = tmp_path / f"{index}.png"
+        command = [sys.executable, "trainer/sample.py", f"--pretrained={checkpoint}"]
+        command += ["--prompt=a photo of the cat", "--steps=2", "--width=32", "--height=32"]
+        command += [f"--out={out}", f"--lora={lora}"]
+        subprocess.run(command, cwd=REPO, check=True, timeout=300, capture_output=True)
+        images.append(np.asarray(Image.open(out)))
+    assert images[0].shape == (32, 32, 3)
+    assert not np.array_equal(images[0], images[1]), "the adapters change the image"
+    for other in images[2:]:
+        np.testing.assert_array_equal(other, images[1])

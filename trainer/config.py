@@ -428,6 +428,11 @@ class SampleConfig(PromptOptions):
     unet: str = option(
         "", "a trained U-Net folder (train.py's unet/; unet_ema/ beside it is taken when present)"
     )
+    lora: str = option(
+        "",
+        "LoRA weights: a .safetensors file in diffusers' or kohya-ss's layout, or train.py's "
+        "--out-dir (its pytorch_lora_weights_ema.safetensors taken when present)",
+    )
     no_ema: bool = option(False, "the raw weights, not the average")
     xl: bool = option(False, "without --pretrained: tiny SDXL")
     width: int = option(512, "image width in pixels")

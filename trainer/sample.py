@@ -1,14 +1,16 @@
-"""Render an image from a prompt with classifier-free guidance, with or without a hypernetwork.
+"""Render an image from a prompt with classifier-free guidance, with or without a hypernetwork
+or LoRA adapters.
 
     python trainer/sample.py --pretrained SD_FOLDER --prompt "..." --out image.png \\
-        [--hypernetwork out/hypernetwork.safetensors] [--negative "..."] [--scale 7]
+        [--hypernetwork out/hypernetwork.safetensors | --lora out/] [--negative "..."] [--scale 7]
 
 The prompt and the unconditional (negative) prompt are encoded in one batch, so both get the
 same number of 75-token chunks; the guided prediction is uc + (prompt - uc) * scale. An SDXL
 checkpoint (one with text_encoder_2/) is also told the original size, crop and target size you
 choose (`--original-size`, `--crop-top-left`; by default the image's size and no crop: a whole,
 uncropped picture). Without --pretrained, tiny random models (`--xl` for SDXL's; a smoke test:
-the image is noise).
+the image is noise). An SD3 or Flux checkpoint renders through its diffusers pipeline, with
+`--lora` loaded by its `load_lora_weights` (--scale: its guidance, --steps its sampler's).
 """
 
 from __future__ import annotations
@@ -92,8 +94,64 @@ def averaged(path: Path, raw: bool = False) -> Path:
     return path
 
 
+def lora_file(path: Path, raw: bool = False) -> Path:
+    """The LoRA file `path` names: itself, or train.py's in the folder (its average first)."""
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    return averaged(path, raw)
+
+
+def add_lora(unet, path: Path, xl: bool) -> None:
+    """LoRA weights into the U-Net, read as diffusers' SD pipelines read them (its layout,
+    kohya-ss's or others', converted; alpha kept)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    kind = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    state, alphas, metadata = kind.lora_state_dict(str(path), return_lora_metadata=True)
+    kind.load_lora_into_unet(state, alphas, unet, metadata=metadata)
+
+
+def flow_sample(config: SampleConfig, device: torch.device) -> Image.Image | None:
+    """An SD3 or Flux checkpoint's image through its own diffusers pipeline; None for others."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from trainer.flow import PIPELINES
+
+    index = Path(config.pretrained) / "model_index.json"
+    if not index.exists() or json.loads(index.read_text()).get("_class_name") not in set(
+        PIPELINES.values()
+    ):
+        return None
+
+    pipeline = DiffusionPipeline.from_pretrained(config.pretrained, local_files_only=True)
+    if config.lora:
+        pipeline.load_lora_weights(str(lora_file(Path(config.lora), config.no_ema)))
+    return pipeline.to(device)(
+        config.prompt,
+        height=config.height,
+        width=config.width,
+        num_inference_steps=config.steps,
+        guidance_scale=config.scale,
+        generator=torch.Generator().manual_seed(config.seed),
+    ).images[0]
+
+
 def main(config: SampleConfig) -> None:
     """Render the image the parsed command line asks for."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    image = flow_sample(config, device) if config.pretrained else None
+    if image is None:
+        image = unet_sample(config, device)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out} ({image.width}x{image.height})")
+
+
+def unet_sample(config: SampleConfig, device: torch.device) -> Image.Image:
+    """SD 1.x's or SDXL's image, with the hypernetwork or LoRA the config names."""
     if config.pretrained:
         parts = load_parts(config.pretrained)
     else:  # latent space, as SD: any image size
@@ -103,18 +161,15 @@ def main(config: SampleConfig) -> None:
 
         folder = averaged(Path(config.unet), config.no_ema)
         parts.unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.lora:
+        add_lora(parts.unet, lora_file(Path(config.lora), config.no_ema), parts.xl)
     for module in (parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae):
         if module is not None:
             module.to(device).eval()
     hypernetwork = None
     if config.hypernetwork:
         hypernetwork = load_hypernetwork(averaged(Path(config.hypernetwork), config.no_ema))
-    image = sample(parts, config, hypernetwork)
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"wrote {out} ({image.width}x{image.height})")
+    return sample(parts, config, hypernetwork)
 
 
 if __name__ == "__main__":

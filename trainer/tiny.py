@@ -108,10 +108,13 @@ def t5_encoder(tokenizer):
     return T5EncoderModel(config)
 
 
-def vae(channels: int):
+def vae(channels: int, scaling: float = 0.18215, shift: float | None = None):
+    """SD's VAE shape in small; SD3's and Flux's latents are also shifted (`shift_factor`)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
+        scaling_factor=scaling,
+        shift_factor=shift,
         block_out_channels=(8, 8),
         latent_channels=channels,
         norm_num_groups=8,
@@ -190,7 +193,7 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
             "text_encoder": clip_encoder(first, CLIP_WIDTHS[0], True),
             "text_encoder_2": clip_encoder(second, CLIP_WIDTHS[1], True),
             "text_encoder_3": t5_encoder(t5),
-            "vae": vae(16),
+            "vae": vae(16, 1.5305, 0.0609),  # SD3's scaling and shift
             "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
             "transformer": diffusers.SD3Transformer2DModel(
                 sample_size=8,
@@ -213,7 +216,7 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
             "tokenizer_2": t5,
             "text_encoder": clip_encoder(first, CLIP_WIDTHS[0], False),
             "text_encoder_2": t5_encoder(t5),
-            "vae": vae(16),
+            "vae": vae(16, 0.3611, 0.1159),  # Flux's
             "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(  # Flux.1-dev's
                 shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
             ),
