@@ -34,6 +34,7 @@ JOB_FILES = (
     "rejects.parquet",
     "stats.json",
     "buckets.png",
+    "report.html",
 )
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, for the report
 # OUTs a run resumes or adds to: version 2's parts have no source_row (`_read_part` adds it)
