@@ -146,7 +146,7 @@ class _Page:
             )
             sheets.append(
                 f'<section class="bucket" data-bucket="{b}" data-size="{bucket_w}x{bucket_h}" '
-                f'data-images="{images}"><h3>{bucket_w}x{bucket_h}: {images:,} images, '
+                f'data-images="{images}"><h3>{bucket_w}x{bucket_h}: {_count(images, "image")}, '
                 f"{used:,} in epoch 0 ({caught:,} of them in catch-all batches), {left:,} left "
                 f"out</h3>{self._sheet(samples[b])}</section>"
             )
@@ -223,7 +223,8 @@ class _Page:
                 f'data-source="{_e(kept)}">{_img(kept_thumbnail)}<code>{_e(kept)}</code> '
                 f"<strong>kept</strong></li>{items}{more}</ul></div>"
             )
-        total = f"{len(groups):,} groups, {sum(map(len, groups.values())):,} copies rejected"
+        copied = sum(map(len, groups.values()))
+        total = f"{_count(len(groups), 'group')}, {_count(copied, 'copy', 'copies')} rejected"
         return f'<h2 id="duplicates">Duplicates: {total}</h2>{"".join(parts) or "<p>none</p>"}'
 
     def _sheet(self, rows: Iterable[int], values: np.ndarray | None = None) -> str:
@@ -294,6 +295,10 @@ def _thumbnail(data: bytes) -> str | None:
     except Exception:  # a corrupt or unsupported file: shown by its message alone
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _count(number: int, noun: str, plural: str = "") -> str:
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
 
 
 def _img(uri: str | None) -> str:
