@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(out, manifest))
         return 0
     found = look_up(out, manifest, args.paths)
-    for lines in found.values():
+    for _, lines in found.values():
         print("\n".join(lines))
-    return 0 if all(lines[0].endswith((": kept", ": rejected")) for lines in found.values()) else 1
+    return 0 if all(seen for seen, _ in found.values()) else 1
 
 
 def _prepared(uri: str) -> tuple[OutputDir, Manifest]:
@@ -107,9 +107,11 @@ def source_forms(path: str, input_uri: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def look_up(out: OutputDir, manifest: Manifest, paths: list[str]) -> dict[str, list[str]]:
-    """For each path, its lines: the first "PATH: kept", "PATH: rejected" or "PATH: never
-    seen", the details after it."""
+def look_up(
+    out: OutputDir, manifest: Manifest, paths: list[str]
+) -> dict[str, tuple[bool, list[str]]]:
+    """For each path, whether the job saw it and its lines: the first "PATH: kept", "PATH:
+    rejected" or "PATH: never seen", the details after it."""
     forms = {path: source_forms(path, manifest.input["uri"]) for path in paths}
     wanted = sorted({form for found in forms.values() for form in found})
     filters = [("source", "in", wanted)]
@@ -128,15 +130,18 @@ def look_up(out: OutputDir, manifest: Manifest, paths: list[str]) -> dict[str, l
                 lines = [f"{path}: {'kept' if kept else 'rejected'}"]
                 lines += [line for row in kept for line in _kept(row, form, extension)]
                 lines += [line for row in rejected for line in _rejected(row, form)]
+                answers[path] = (True, lines)
                 break
         else:
-            lines = [
-                f"{path}: never seen",
-                "  in neither index.parquet nor rejects.parquet, as "
-                + ", ".join(candidates)
-                + f" (sources are named relative to the input, {manifest.input['uri']})",
-            ]
-        answers[path] = lines
+            answers[path] = (
+                False,
+                [
+                    f"{path}: never seen",
+                    "  in neither index.parquet nor rejects.parquet, as "
+                    + ", ".join(candidates)
+                    + f" (sources are named relative to the input, {manifest.input['uri']})",
+                ],
+            )
     return answers
 
 

@@ -21,13 +21,14 @@ from string import Template
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from pipeline.fit import fit_measures
 from pipeline.format import OutputDir
 from pipeline.inputs import Input
-from pipeline.rejects import COPY_REASONS, DESCRIPTIONS, kept_copy
+from pipeline.rejects import COPY_REASONS, DESCRIPTIONS, Reason, kept_copy
 from pipeline.report import epoch_by_bucket, rank_plans
 
 SAMPLES_PER_BUCKET = 8  # the contact sheet of each bucket: its images with the smallest keys
@@ -37,6 +38,24 @@ GROUPS_SHOWN, COPIES_SHOWN = 12, 4  # duplicate groups, largest first, and copie
 THUMBNAIL_SIDE = 128  # pixels, the longer side
 THUMBNAIL_QUALITY = 70
 INPUT_THUMBNAIL_BYTES = 32 << 20  # a rejected input file larger is not decoded for the page
+# Rejections whose files are decoded for a thumbnail: images the scan found within
+# --max-pixels (never a decompression bomb, a symlink out of the input, a FIFO)
+PICTURED = {
+    *COPY_REASONS,
+    *(
+        reason.value
+        for reason in (
+            Reason.CORRUPT,
+            Reason.ASPECT,
+            Reason.TOO_SMALL,
+            Reason.UPSCALE,
+            Reason.CROP,
+            Reason.CAPTION_ENCODING,
+            Reason.BAD_CAPTION,
+            Reason.CHANGED,
+        )
+    ),
+}
 HISTOGRAM_BINS = 20
 DESCRIBED = {reason.value: text for reason, text in DESCRIPTIONS.items()}
 PAGE_COLUMNS = [
@@ -182,7 +201,7 @@ class _Page:
             first = rejects.filter(pc.equal(rejects["reason"], reason)).slice(0, REJECTS_PER_REASON)
             items = "".join(
                 f'<li class="rejected" data-source="{_e(row["source"])}">'
-                f"{self._input_thumbnail(row['source'])}<code>{_e(row['source'])}</code> "
+                f"{self._input_thumbnail(row['source'], reason)}<code>{_e(row['source'])}</code> "
                 f"{_e(row['message'] or '')}</li>"
                 for row in first.to_pylist()
             )
@@ -198,11 +217,11 @@ class _Page:
     def duplicates(self, rejects: pa.Table) -> str:
         """Copies of a kept image (exact or near), grouped by the one kept, largest first."""
         copies = rejects.filter(pc.is_in(rejects["reason"], pa.array(COPY_REASONS)))
-        groups: dict[str, list[str]] = {}
+        groups: dict[str, list[tuple[str, str]]] = {}  # kept -> (source, reason) of its copies
         for row in copies.to_pylist():
             kept = kept_copy(row["source"], row["reason"], row["message"])
             if kept is not None:
-                groups.setdefault(kept, []).append(row["source"])
+                groups.setdefault(kept, []).append((row["source"], row["reason"]))
         shown = sorted(groups.items(), key=lambda group: (-len(group[1]), group[0]))[:GROUPS_SHOWN]
         kept_sources = pa.array([kept for kept, _ in shown], pa.string())
         rows = pc.index_in(kept_sources, self.index["source"]).to_numpy(zero_copy_only=False)
@@ -211,9 +230,9 @@ class _Page:
         for (kept, sources), row in zip(shown, rows, strict=True):
             kept_thumbnail = self.thumbnails.get(int(row)) if row == row else None
             items = "".join(
-                f'<li class="copy" data-source="{_e(s)}">{self._input_thumbnail(s)}'
+                f'<li class="copy" data-source="{_e(s)}">{self._input_thumbnail(s, reason)}'
                 f"<code>{_e(s)}</code></li>"
-                for s in sources[:COPIES_SHOWN]
+                for s, reason in sources[:COPIES_SHOWN]
             )
             more = f"<li>... and {len(sources) - COPIES_SHOWN:,} more</li>" * (
                 len(sources) > COPIES_SHOWN
@@ -269,14 +288,17 @@ class _Page:
                 for row, offset, size in places:
                     self.thumbnails[row] = _thumbnail(stream.read_at(size, offset))
 
-    def _input_thumbnail(self, source: str) -> str:
-        """A rejected file's thumbnail, when the input is local and the source a file on it (not
-        a tar member or Parquet row) of a size worth decoding; else nothing."""
-        if self.source is None or not self.source.local:
+    def _input_thumbnail(self, source: str, reason: str) -> str:
+        """A rejected file's thumbnail, when it is PICTURED, the input local and the source a
+        file on it (not a tar member, a Parquet row or a URL a listing names) of a size worth
+        decoding; else nothing."""
+        if reason not in PICTURED or self.source is None or not self.source.local:
+            return ""
+        if "://" in source:
             return ""
         filesystem, path = self.source.resolve(source)
         info = filesystem.get_file_info(path)
-        if info.type.name != "File" or info.size > INPUT_THUMBNAIL_BYTES:
+        if info.type != pafs.FileType.File or info.size > INPUT_THUMBNAIL_BYTES:
             return ""
         with filesystem.open_input_file(path) as stream:
             return _img(_thumbnail(stream.readall()))

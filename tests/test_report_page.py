@@ -4,20 +4,25 @@ duplicate groups listed. The screenshot is kept ($ARB_TEST_ARTIFACTS, which .ci/
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS, ray_started
 from images import rgb, save
 
 from pipeline.config import PrepareConfig
+from pipeline.format import OutputDir
 from pipeline.prepare import run
-from pipeline.report_page import SAMPLES_PER_BUCKET, crop_windows
+from pipeline.rejects import copy_message, kept_copy
+from pipeline.report_page import SAMPLES_PER_BUCKET, crop_windows, write_report_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -208,3 +213,42 @@ def test_an_incremental_run_rebuilds_the_page(prepared_mixed, tmp_path):
         )
     after = (tmp_path / "out" / "report.html").read_text()
     assert "<h1>12 images in 4 buckets" in before and "<h1>13 images in 4 buckets" in after
+
+
+def test_copies_name_the_copy_kept():
+    assert kept_copy("a.jpg", "duplicate_content", copy_message("the same bytes", "b c.jpg")) == (
+        "b c.jpg"
+    )
+    near = copy_message("nearly the same picture", "x/b.jpg")
+    assert kept_copy("a.jpg", "near_duplicate", near) == "x/b.jpg"
+    assert kept_copy("a.jpg", "duplicate", "the same file is listed more than once") == "a.jpg"
+    assert kept_copy("a.jpg", "corrupt", "OSError: ..., which is kept") is None
+
+
+def test_near_duplicates_are_grouped_with_the_copy_kept(prepared_mixed, tmp_path):
+    """A `near_duplicate` rejection (the near-dedup check's) naming its kept image is grouped
+    as exact copies are."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared_mixed, out)
+    rejects = pq.read_table(out / "rejects.parquet")
+    near = {
+        "source": ["img0 resized.jpg"],
+        "reason": ["near_duplicate"],
+        "message": [copy_message("nearly the same picture", "img0.jpg")],
+        "key": [None],
+        "size": [None],
+        "mtime_ns": [None],
+    }
+    rejects = pa.concat_tables([rejects, pa.table(near, schema=rejects.schema)])
+    pq.write_table(rejects.sort_by("source"), out / "rejects.parquet")
+    stats = json.loads((out / "stats.json").read_text())
+    stats["rejections_by_reason"]["near_duplicate"] = 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    write_report_page(OutputDir(str(out)), stats, np.array(manifest["buckets"]), 0, None)
+    page = Tree((out / "report.html").read_text()).root
+    groups = {group.attrs["data-kept"]: group for group in page.find_all("div", "group")}
+    assert set(groups) == {"copies/img1 again.jpg", "img0.jpg"}
+    (kept,) = groups["img0.jpg"].find_all("li", "kept")
+    assert kept.find_all("img"), "the kept image, from its shard"
+    copies = [c.attrs["data-source"] for c in groups["img0.jpg"].find_all("li", "copy")]
+    assert copies == ["img0 resized.jpg"]
