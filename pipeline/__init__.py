@@ -11,6 +11,7 @@ The job around them (README's Layout table has one line a module): inputs resolv
 once, sources lists it, readers read its files, scan reads headers, assign buckets the images,
 imaging decodes and fits, shard_writer writes, output keeps OUT, distributor is the Ray layer,
 prepare runs the stages, latents is the optional VAE stage, text_cache (with
-text_encoders) the optional text stage. format is the on-disk format they
-write and the trainer reads.
+text_encoders) the optional text stage; report writes stats.json and buckets.png,
+report_page report.html, and inspect (`arb-inspect`) says where an input file went. format is
+the on-disk format they write and the trainer reads.
 """

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from pipeline.buckets import REJECT_ASPECT, bucketize
 from pipeline.config import PrepareConfig
 from pipeline.fit import fit_measures
-from pipeline.rejects import Reason, rejects_table
+from pipeline.rejects import Reason, copy_message, rejects_table
 
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
 
@@ -46,7 +46,7 @@ def assign(
         (
             Reason.DUPLICATE_CONTENT,
             copy_of != None,  # noqa: E711 (element-wise)
-            lambda i: f"the same bytes as {copy_of[i]}, which is kept",
+            lambda i: copy_message("the same bytes", copy_of[i]),
         ),
         (
             Reason.ASPECT,

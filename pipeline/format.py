@@ -11,7 +11,7 @@ Ray, torch nor webdataset (tests/test_purity.py).
     OUT/parts/NAME.parquet index rows (and write-time rejections) of one finished shard
     OUT/index.parquet      every kept image, with byte offsets into its tar
     OUT/rejects.parquet    every rejected file with its reason
-    OUT/stats.json, OUT/buckets.png
+    OUT/stats.json, OUT/buckets.png, OUT/report.html
     OUT/latents/FINGERPRINT/{NAME.tar, parts/NAME.parquet, index.parquet, vae.json}
     OUT/text/FINGERPRINT/{NAME.tar, parts/NAME.parquet, index.parquet, text.json}
     OUT/manifest.json      written last: its presence marks a complete dataset

@@ -34,6 +34,7 @@ JOB_FILES = (
     "rejects.parquet",
     "stats.json",
     "buckets.png",
+    "report.html",
 )
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, for the report
 # OUTs a run resumes or adds to: version 2's parts have no source_row (`_read_part` adds it)
@@ -51,7 +52,7 @@ def begin(out: OutputDir, config: PrepareConfig) -> None:
     if config.overwrite:
         clear(out)
     elif written_with is not None and written_with != settings:
-        old, new = _flat(written_with), _flat(settings)
+        old, new = flat_settings(written_with), flat_settings(settings)
         changed = [
             f"{name}: {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
             for name in sorted(old.keys() | new.keys())
@@ -71,12 +72,12 @@ def begin(out: OutputDir, config: PrepareConfig) -> None:
     out.write_json(out.path("config.json"), settings)
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
+def flat_settings(settings: dict, prefix: str = "") -> dict:
     """Nested settings as {"write.quality": 95, ...}."""
     flat = {}
     for name, value in settings.items():
         if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{name}.")
+            flat |= flat_settings(value, f"{prefix}{name}.")
         else:
             flat[f"{prefix}{name}"] = value
     return flat

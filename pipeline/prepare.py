@@ -1,5 +1,5 @@
 """The prepare job's stages, in the order the data takes them:
-list -> scan -> assign -> plan shards -> fit and write -> index -> report -> manifest.
+list -> scan -> assign -> plan shards -> fit and write -> index -> reports -> manifest.
 
 `run(config)` expects Ray to be started (jobs/prepare.py starts or joins a cluster). The
 driver holds the listing and compact per-image columns (sizes, bucket ids, keys), never pixels
@@ -44,6 +44,7 @@ from pipeline.output import (
     write_index,
 )
 from pipeline.report import dataset_stats, draw_buckets
+from pipeline.report_page import write_report_page
 from pipeline.samples import fit_samples
 from pipeline.scan import scan_batch
 from pipeline.shard_plan import Shard, plan_shards
@@ -126,7 +127,7 @@ def run(config: PrepareConfig, source: Input | None = None) -> dict:
     del accepted
     input_fingerprint = hashlib.blake2b(scanned_keys.tobytes(), digest_size=8).hexdigest()
     manifest = _finish(
-        out, config, shards, assign_rejects, buckets, input_fingerprint, stages.timings
+        out, config, shards, assign_rejects, buckets, input_fingerprint, stages.timings, source
     )
     if config.vae or config.pretrained:  # after the images: the dataset is complete
         manifest = add_companions(out, config)
@@ -294,8 +295,9 @@ def _finish(
     buckets: np.ndarray,
     input_fingerprint: str,
     timings: dict[str, dict],
+    source: Input,
 ) -> Manifest:
-    """Index, rejects, pruning, report, and the manifest last: the dataset is complete."""
+    """Index, rejects, pruning, reports, and the manifest last: the dataset is complete."""
     names = sorted(shard.name for shard in shards)  # the manifest's order
     columns, write_rejects = write_index(out, names)
     rejects = pa.concat_tables([assign_rejects, write_rejects]).sort_by("source")
@@ -307,6 +309,7 @@ def _finish(
     stats["stages"] = timings
     out.write_json(out.path("stats.json"), stats)
     out.write_bytes(out.path("buckets.png"), draw_buckets(stats))
+    write_report_page(out, stats, buckets, config.write.seed, source)
     manifest = Manifest(
         settings=config.settings(),
         buckets=buckets.tolist(),

@@ -76,6 +76,29 @@ DESCRIPTIONS = {
 }
 
 
+# Rejections of a copy of a kept image: report.html groups them by the copy they name. The
+# near-duplicate check (--near-dedup) writes `near_duplicate` the same way, with copy_message.
+COPY_REASONS = (Reason.DUPLICATE.value, Reason.DUPLICATE_CONTENT.value, "near_duplicate")
+_KEPT = ", which is kept"
+
+
+def copy_message(likeness: str, kept: str) -> str:
+    """The message of a copy's rejection, naming the source kept: "{likeness} as {kept}, which
+    is kept" (`likeness`: "the same bytes"); `kept_copy` reads it back."""
+    return f"{likeness} as {kept}{_KEPT}"
+
+
+def kept_copy(source: str, reason: str, message: str | None) -> str | None:
+    """The source a COPY_REASONS rejection names as kept (a path listed twice: itself); None
+    for other reasons, or a message without one."""
+    if reason == Reason.DUPLICATE.value:
+        return source
+    if reason not in COPY_REASONS or not (message or "").endswith(_KEPT):
+        return None
+    _, found, kept = message[: -len(_KEPT)].partition(" as ")
+    return kept if found and kept else None
+
+
 def reject(reason: Reason, message: str) -> dict:
     """The columns that mark a listing or scan row as rejected."""
     return {"reject": reason.value, "message": message}

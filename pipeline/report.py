@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipeline.buckets import bucket_aspects
 from pipeline.fit import fit_measures
-from pipeline.plan import epoch_use_warning, plan_epoch
+from pipeline.plan import RankPlan, epoch_use_warning, plan_epoch
 from pipeline.rejects import DESCRIPTIONS, Reason
 
 REJECTS_NAMED = 5  # rejected files stats.json and the summary name; rejects.parquet has them all
@@ -30,16 +30,16 @@ def _summary(values: np.ndarray) -> dict:
     }
 
 
-def epoch_report(
+def rank_plans(
     bucket_index: np.ndarray,
     item_aspects: np.ndarray,
     buckets: np.ndarray,
     batch_size: int,
     world_size: int,
     seed: int,
-) -> dict:
-    """Epoch 0 for every rank: items used and dropped, catch-all items and their aspect error."""
-    plans = [
+) -> list[RankPlan]:
+    """Epoch 0's plan of every rank, as the trainer will draw it."""
+    return [
         plan_epoch(
             bucket_index,
             batch_size,
@@ -52,6 +52,18 @@ def epoch_report(
         )
         for rank in range(world_size)
     ]
+
+
+def epoch_report(
+    bucket_index: np.ndarray,
+    item_aspects: np.ndarray,
+    buckets: np.ndarray,
+    batch_size: int,
+    world_size: int,
+    seed: int,
+) -> dict:
+    """Epoch 0 for every rank: items used and dropped, catch-all items and their aspect error."""
+    plans = rank_plans(bucket_index, item_aspects, buckets, batch_size, world_size, seed)
     catch_all = sum(plan.catch_all_items for plan in plans)
     error_sum = sum(
         plan.catch_all_items * plan.catch_all_aspect_error for plan in plans if plan.catch_all_items
@@ -65,6 +77,19 @@ def epoch_report(
         "catch_all_images": int(catch_all),
         "catch_all_aspect_error_mean": float(error_sum / catch_all) if catch_all else None,
     }
+
+
+def epoch_by_bucket(plans: list[RankPlan], bucket_index: np.ndarray, buckets: int) -> dict:
+    """Per bucket (B,) arrays of epoch 0 (`rank_plans`): `images`, `used`, `catch_all` (used in
+    catch-all batches, fitted to a neighbouring bucket) and `left_out`, by each image's own
+    bucket."""
+    used, catch_all = np.zeros(buckets, np.int64), np.zeros(buckets, np.int64)
+    for plan in plans:
+        used += np.bincount(bucket_index[plan.items.ravel()], minlength=buckets)
+        caught = plan.items[plan.catch_all].ravel()
+        catch_all += np.bincount(bucket_index[caught], minlength=buckets)
+    images = np.bincount(bucket_index, minlength=buckets)
+    return {"images": images, "used": used, "catch_all": catch_all, "left_out": images - used}
 
 
 def dataset_stats(
@@ -137,8 +162,8 @@ def summary(stats: dict, shards: int, output: str) -> str:
         ),
         *_timing_lines(stats.get("stages", {})),
         *(f"warning: {warning}" for warning in stats["warnings"]),
-        f"files: {output}/index.parquet, shards/, rejects.parquet, stats.json, buckets.png; "
-        "docs/format.md describes them",
+        f"files: {output}/index.parquet, shards/, rejects.parquet, stats.json, buckets.png, "
+        "report.html; docs/format.md describes them; arb-inspect OUT PATH says where a file went",
     ]
     return "\n".join(lines)
 

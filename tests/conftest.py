@@ -31,7 +31,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 import pytest  # noqa: E402
-from images import rgb, save  # noqa: E402
+from images import datasets_parquet, jpeg_bytes, rgb, save  # noqa: E402
 
 from pipeline.buckets import BucketConfig  # noqa: E402
 from pipeline.config import PrepareConfig, WriteOptions  # noqa: E402
@@ -107,6 +107,45 @@ def prepare_small(folder: Path, image_format: str = "jpg", shapes: list = SHAPES
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     return prepare_small(tmp_path_factory.mktemp("trainer"))
+
+
+def prepare_mixed(folder: Path) -> Path:
+    """Every kind of input and outcome a user meets, prepared into folder/out with
+    SMALL_BUCKETS (stored uncropped, with overflow): loose files of four shapes, two exact
+    copies of one, a corrupt file, an image too wide for every bucket, a WebDataset tar and a
+    Parquet file of images (with a row that is no image)."""
+    import webdataset
+
+    images = folder / "images"
+    shapes = [(96, 64), (100, 64), (64, 96), (64, 64), (130, 32), (96, 70)]
+    for i, (width, height) in enumerate(shapes):
+        save(rgb(width, height, i), images / f"img{i}.jpg", quality=90)
+    (images / "copies").mkdir()
+    (images / "copies" / "img1 again.jpg").write_bytes((images / "img1.jpg").read_bytes())
+    (images / "img1-copy.jpg").write_bytes((images / "img1.jpg").read_bytes())
+    (images / "broken.jpg").write_bytes((images / "img0.jpg").read_bytes()[:200])
+    save(rgb(400, 40, 9), images / "very wide.png")
+    with webdataset.TarWriter(str(images / "web.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{i:09d}", "jpg": jpeg_bytes(64, 96, 20 + i), "txt": "tar"})
+    rows = [jpeg_bytes(96, 64, 30 + i) for i in range(3)] + [b"not an image"]
+    datasets_parquet(images / "rows.parquet", rows, ["row"] * 4, row_group_size=2)
+    with ray_started():
+        run(
+            PrepareConfig(
+                input=str(images),
+                output=str(folder / "out"),
+                buckets=SMALL_BUCKETS,
+                batch_size=2,
+                world_size=2,
+            )
+        )
+    return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def prepared_mixed(tmp_path_factory) -> Path:
+    return prepare_mixed(tmp_path_factory.mktemp("mixed"))
 
 
 class S3Server(NamedTuple):

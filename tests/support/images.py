@@ -48,6 +48,13 @@ def rgb(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(detailed(width, height, seed))
 
 
+def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A JPEG file's bytes, of `rgb(width, height, seed)`."""
+    buffer = io.BytesIO()
+    rgb(width, height, seed).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def with_orientation(image: Image.Image, orientation: int) -> bytes:
     """JPEG bytes of `image` stored as is, with an EXIF orientation tag."""
     exif = Image.Exif()
