@@ -15,7 +15,9 @@ added to an image (any resolution goes through it; a smoke test of the data path
 Stable Diffusion 1.x U-Net conditioned by CLIP with the source's techniques: prompts of up to 225
 tokens, the penultimate CLIP layer, and hypernetworks on cross-attention's k and v (trained alone
 on the frozen base, the source's use, or `--train-part unet`); `sdxl`, the same on SDXL's U-Net
-with its two text encoders and its size and crop conditioning from every batch. `--pretrained
+with its two text encoders and its size and crop conditioning from every batch; `sd3` and `flux`,
+their transformers by flow matching (trainer/flow.py). `--train-part lora` trains LoRA adapters
+on any of them (trainer/lora.py: files diffusers, AUTOMATIC1111 and ComfyUI load). `--pretrained
 DIR` loads a local diffusers-layout checkpoint; without it, tiny random models. A model is what
 trainer/models.py's `Model` protocol says (its loss, what trains, what stays frozen, its VAE, its
 saved weights), and `MODELS` is the one place another model plugs in. Settings: trainer/config.py;
