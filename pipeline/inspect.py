@@ -23,22 +23,15 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
 from pipeline.fit import fit
-from pipeline.format import Manifest, OutputDir
+from pipeline.format import JSON_MEMBER_FIELDS, Manifest, OutputDir
 from pipeline.inputs import LISTING_EXTENSIONS, absolute, split_extension
 from pipeline.output import flat_settings
 from pipeline.rejects import DESCRIPTIONS
 
 PARQUET_ROW = re.compile(r"^(?P<file>.+\.(?i:parquet))/(?P<row>[0-9]+)$")
-KEPT_COLUMNS = [
-    "source",
+KEPT_COLUMNS = [  # the index's columns a kept file's answer reads
     "key",
-    "width",
-    "height",
-    "bucket",
-    "bucket_width",
-    "bucket_height",
-    "stored_width",
-    "stored_height",
+    *JSON_MEMBER_FIELDS,
     "crop_left",
     "crop_top",
     "shard",
