@@ -92,7 +92,7 @@ def test_the_flow_matching_loss_falls_when_overfitting_one_batch(tiny_checkpoint
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.6 * losses[0], losses  # measured: sd3 0.46, flux 0.29
 
 
 @pytest.fixture(scope="module")
