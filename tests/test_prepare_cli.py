@@ -163,7 +163,7 @@ def test_the_help_shows_choices_and_defaults_as_typed():
     from trainer.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "--model {conv,sd,sdxl}" in text
+    assert "--model {conv,sd,sdxl,sd3,flux}" in text
     assert "--mixed-precision {no,fp16,bf16}" in text
     assert "(default: 1,2,1)" in text and "(default: 0.001)" in text
     assert "(default: )" not in text
