@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer.config import PromptOptions, SampleConfig
+from trainer.config import PromptOptions
 from trainer.diffusion import load_parts, save_parts, time_ids, tiny_parts
 from trainer.hypernetwork import (
     Hypernetwork,
@@ -30,6 +30,7 @@ from trainer.hypernetwork import (
 )
 from trainer.prompts import END, START, PromptEncoder, Tokenizer, chunk_tokens
 from trainer.sample import sample
+from trainer.sample_config import SampleConfig
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS = [0, 1, 74, 75, 76, 150, 224, 225, 226, 400]

@@ -16,7 +16,8 @@ import ast
 import sys
 from pathlib import Path
 
-from trainer.config import parse_config, parse_sample
+from trainer.config import parse_config
+from trainer.sample_config import parse_sample
 
 HERE = Path(__file__).resolve().parent
 LAUNCH = (

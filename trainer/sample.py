@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.config import SampleConfig, parse_sample
+from trainer.sample_config import SampleConfig, parse_sample
 
 if __name__ == "__main__":  # --help and a mistaken option are answered before torch loads
     CONFIG = parse_sample(description=__doc__)

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer.config import SampleConfig
 from trainer.sample import sample
+from trainer.sample_config import SampleConfig
 
 
 def render_validation(model: nn.Module, config, step: int, dtype) -> list[Image.Image]:
