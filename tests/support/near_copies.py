@@ -121,3 +121,53 @@ COPIES: dict[str, Callable[[Image.Image], bytes]] = {  # edit -> the edited copy
     "text watermark": _text_mark,
     "logo watermark": _logo_mark,
 }
+
+
+def file_hash(data: bytes) -> int:
+    """The job's perceptual hash of an image file's bytes, as the scan takes it."""
+    from pipeline.imaging import read_header
+    from pipeline.perceptual import perceptual_hash
+
+    with Image.open(io.BytesIO(data)) as image:
+        return perceptual_hash(data, read_header(image))
+
+
+def bits(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def copy_distances(images: list[Image.Image]) -> dict[str, list[int]]:
+    """Edit -> the bits between each image (a PNG) and its edited copy."""
+    originals = [file_hash(encoded(image)) for image in images]
+    return {
+        edit: [bits(h, file_hash(make(image))) for h, image in zip(originals, images, strict=True)]
+        for edit, make in COPIES.items()
+    }
+
+
+def look_alike_distances(count: int) -> dict[str, list[int]]:
+    """Kind -> the bits between every two of `count` different images of that kind (JPEGs)."""
+    kinds = {
+        "different scenes": [scene(100 + s) for s in range(count)],
+        "one composition, other content": [scene(200 + s, layout=7) for s in range(count)],
+        "near-flat gradients": [gradient(300 + s) for s in range(count)],
+    }
+    distances = {}
+    for kind, images in kinds.items():
+        hashes = [file_hash(encoded(image, "JPEG", quality=90)) for image in images]
+        distances[kind] = [bits(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]]
+    return distances
+
+
+if __name__ == "__main__":  # the table in docs/format.md: PYTHONPATH=. python tests/support/...
+    for name, distances in {
+        **{f"{e} (scenes)": d for e, d in copy_distances([scene(s) for s in range(30)]).items()},
+        **{
+            f"{e} (gradients)": d
+            for e, d in copy_distances([gradient(s) for s in range(15)]).items()
+        },
+        **look_alike_distances(30),
+    }.items():
+        d = np.array(distances)
+        within = " ".join(f"<={n}: {np.mean(d <= n):.0%}" for n in (2, 4, 6, 8))
+        print(f"{name:44s} median {np.median(d):4.1f} min {d.min():2d} max {d.max():2d} {within}")
