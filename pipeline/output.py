@@ -36,8 +36,9 @@ JOB_FILES = (
     "buckets.png",
 )
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, for the report
-# OUTs a run resumes or adds to: version 2's parts have no source_row (`_read_part` adds it)
-RESUMABLE_FORMAT_VERSIONS = (2, FORMAT_VERSION)
+# OUTs a run resumes or adds to: version 2's parts have no source_row, 3's no dhash
+# (`_read_part` adds them)
+RESUMABLE_FORMAT_VERSIONS = (2, 3, FORMAT_VERSION)
 PARQUET_ROW = r"\.(?i:parquet)/(?P<row>[0-9]+)$"  # an input Parquet row's source: FILE/ROW
 
 
@@ -102,6 +103,15 @@ def held_contents(out: OutputDir) -> pa.ChunkedArray | None:
     return copy_keys(index) if "content_hash" in index.column_names else None
 
 
+def held_keys(out: OutputDir) -> np.ndarray | None:
+    """The `key_bytes` of the images a complete OUT holds (None without an index): an
+    incremental run keeps those of a cluster of near duplicates."""
+    path = out.path("index.parquet")
+    if not out.exists(path):
+        return None
+    return key_bytes(pq.read_table(path, columns=["key"], filesystem=out.filesystem)["key"])
+
+
 def finished_shards(out: OutputDir) -> dict[str, np.ndarray]:
     """Every finished shard's member keys (`key_bytes`), from the shards' parts."""
     previous = {}
@@ -142,12 +152,15 @@ def write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray]
 
 def _read_part(out: OutputDir, name: str) -> pa.Table:
     """Shard `name`'s part in this version's shape: one of format 2 has no `source_row`, which
-    its Parquet rows' sources (FILE.parquet/ROW) give."""
+    its Parquet rows' sources (FILE.parquet/ROW) give; one of format 2 or 3 no `dhash` (it was
+    written without --near-dedup, which a change of settings would have rebuilt)."""
     part = pq.read_table(out.part(name), filesystem=out.filesystem)
-    if "source_row" in part.column_names:
-        return part
-    rows = pc.struct_field(pc.extract_regex(part["source"], PARQUET_ROW), "row")
-    return part.append_column("source_row", rows.cast(pa.int64()))
+    if "source_row" not in part.column_names:
+        rows = pc.struct_field(pc.extract_regex(part["source"], PARQUET_ROW), "row")
+        part = part.append_column("source_row", rows.cast(pa.int64()))
+    if "dhash" not in part.column_names:
+        part = part.append_column("dhash", pa.nulls(len(part), pa.uint64()))
+    return part
 
 
 def prune(out: OutputDir, names: set[str]) -> None:

@@ -32,19 +32,18 @@ import numpy as np
 import pyvips
 from PIL import Image
 
-from pipeline.imaging import ORIENTED, Header, to_rgb
+from pipeline.imaging import ORIENTED, to_rgb
 
 THUMBNAIL = 256  # pixels on the longer side, at least: dHash looks at 9x8
 
 
-def perceptual_hash(source: str | bytes, header: Header) -> int:
-    """dHash of the image in `source` (a local path or the file's bytes) as shown (`header`'s
-    orientation applied): an unsigned 64-bit integer, imagehash's hex read as a number. Raises
-    on undecodable pixels."""
-    decode = _DECODERS.get(header.format, _vips_grey)
-    grey = decode(source)
-    if header.orientation in ORIENTED:
-        grey = ORIENTED[header.orientation](grey[..., None])[..., 0]
+def perceptual_hash(source: str | bytes, format: str, orientation: int = 1) -> int:
+    """dHash of the image in `source` (a local path or the file's bytes; `format` and
+    `orientation` as `imaging.read_header` gives them) as shown: an unsigned 64-bit integer,
+    imagehash's hex read as a number. Raises on undecodable pixels."""
+    grey = _DECODERS.get(format, _vips_grey)(source)
+    if orientation in ORIENTED:
+        grey = ORIENTED[orientation](grey[..., None])[..., 0]
     return int(str(imagehash.dhash(Image.fromarray(np.ascontiguousarray(grey)))), 16)
 
 

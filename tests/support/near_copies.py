@@ -92,7 +92,9 @@ def _text_mark(image: Image.Image) -> bytes:
     layer = Image.new("RGBA", marked.size, (0, 0, 0, 0))
     font = ImageFont.load_default(size=max(12, image.height // 16))
     ImageDraw.Draw(layer).text(
-        (image.width * 0.45, image.height * 0.85), "(c) photos.example", font=font,
+        (image.width * 0.45, image.height * 0.85),
+        "(c) photos.example",
+        font=font,
         fill=(255, 255, 255, 170),
     )
     return encoded(Image.alpha_composite(marked, layer).convert("RGB"), "JPEG", quality=90)
@@ -102,8 +104,12 @@ def _logo_mark(image: Image.Image) -> bytes:
     """An opaque logo (a disc and a bar, a sixth of the width) in the upper left corner."""
     marked = image.copy()
     draw, side = ImageDraw.Draw(marked), image.width // 6
-    draw.ellipse((10, 10, 10 + side, 10 + side), fill=(250, 250, 250), outline=(20, 20, 20), width=4)
-    draw.rectangle((10 + side // 4, 10 + side // 3, 10 + 3 * side // 4, 10 + side // 2), fill=(200, 30, 30))
+    draw.ellipse(
+        (10, 10, 10 + side, 10 + side), fill=(250, 250, 250), outline=(20, 20, 20), width=4
+    )
+    draw.rectangle(
+        (10 + side // 4, 10 + side // 3, 10 + 3 * side // 4, 10 + side // 2), fill=(200, 30, 30)
+    )
     return encoded(marked, "JPEG", quality=90)
 
 
@@ -129,7 +135,8 @@ def file_hash(data: bytes) -> int:
     from pipeline.perceptual import perceptual_hash
 
     with Image.open(io.BytesIO(data)) as image:
-        return perceptual_hash(data, read_header(image))
+        header = read_header(image)
+    return perceptual_hash(data, header.format, header.orientation)
 
 
 def bits(a: int, b: int) -> int:
