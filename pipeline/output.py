@@ -39,6 +39,7 @@ STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, fo
 # OUTs a run resumes or adds to: version 2's parts have no source_row, 3's no dhash
 # (`_read_part` adds them)
 RESUMABLE_FORMAT_VERSIONS = (2, 3, FORMAT_VERSION)
+JOIN_COLUMNS = ["source", "size", "mtime_ns"]  # a file's identity in a listing and the index
 PARQUET_ROW = r"\.(?i:parquet)/(?P<row>[0-9]+)$"  # an input Parquet row's source: FILE/ROW
 
 
@@ -110,6 +111,27 @@ def held_keys(out: OutputDir) -> np.ndarray | None:
     if not out.exists(path):
         return None
     return key_bytes(pq.read_table(path, columns=["key"], filesystem=out.filesystem)["key"])
+
+
+def with_held_hashes(out: OutputDir, listing: pa.Table) -> pa.Table:
+    """`listing` with a `dhash` column: the perceptual hash OUT's index holds for each file
+    listed with the same source, size and mtime (the same bytes, as keys assume), null for
+    the others (new, changed, inside a container, or listed without a size), which the scan
+    hashes: an incremental run decodes only those."""
+    path = out.path("index.parquet")
+    if not out.exists(path):
+        return listing.append_column("dhash", pa.nulls(len(listing), pa.uint64()))
+    index = pq.read_table(path, columns=[*JOIN_COLUMNS, "dhash"], filesystem=out.filesystem)
+    held = (
+        index.filter(pc.is_valid(index["dhash"]))
+        .group_by(JOIN_COLUMNS)
+        .aggregate(
+            [("dhash", "min")]  # one row per file (a listing may name a file twice)
+        )
+    )
+    numbered = listing.append_column("row", pa.array(np.arange(len(listing))))
+    joined = numbered.join(held, JOIN_COLUMNS, join_type="left outer").sort_by("row")
+    return listing.append_column("dhash", joined["dhash_min"])
 
 
 def finished_shards(out: OutputDir) -> dict[str, np.ndarray]:

@@ -44,6 +44,7 @@ from pipeline.output import (
     held_contents,
     held_keys,
     prune,
+    with_held_hashes,
     write_index,
 )
 from pipeline.report import dataset_stats, draw_buckets
@@ -101,6 +102,8 @@ def run(config: PrepareConfig, source: Input | None = None) -> dict:
         )
     out = OutputDir(config.output)
     begin(out, config)
+    if config.near_dedup and config.incremental:
+        listing = with_held_hashes(out, listing)
     with stages.stage("scan") as scan:
         scanned = _scan(listing, source, config)
         scan["items"] = len(scanned)

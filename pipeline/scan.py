@@ -91,8 +91,8 @@ def scan_batch(
             row = _scan_one(row, source, max_pixels)
             if dedup and not row.get("reject"):
                 row |= _content_hash(source, row["source"])
-            if near_dedup and not row.get("reject"):
-                row |= _perceptual_hash(row, source=source)
+            if near_dedup and not row.get("reject") and row.get("dhash") is None:
+                row |= _perceptual_hash(row, source=source)  # else OUT's index held it
             scanned.append(row)
     return pa.Table.from_pylist(scanned, schema=SCAN_SCHEMA)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS
@@ -92,3 +93,28 @@ def test_near_dedup_is_a_setting_of_the_output(tmp_path):
     prepare(images, output)
     with pytest.raises(ValueError, match="near_dedup_distance: 4 -> 8"):
         prepare(images, output, incremental=True, near_dedup_distance=8)
+
+
+def test_an_incremental_run_takes_unchanged_files_hashes_from_the_index(tmp_path):
+    images, output = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for seed in range(2):
+        (images / f"scene {seed}.jpg").write_bytes(encoded(scene(seed, size=SIZE), "JPEG"))
+    prepare(images, output)
+    newcomer = encoded(scene(9, size=SIZE), "JPEG")  # looks like neither
+    index = pq.read_table(output / "index.parquet")
+    marked = [
+        file_hash(newcomer) if source == "scene 1.jpg" else dhash
+        for source, dhash in zip(
+            index["source"].to_pylist(), index["dhash"].to_pylist(), strict=True
+        )
+    ]
+    pq.write_table(  # as if scene 1 had hashed like the newcomer: only the index says so
+        index.set_column(
+            index.schema.get_field_index("dhash"), "dhash", pa.array(marked, pa.uint64())
+        ),
+        output / "index.parquet",
+    )
+    (images / "newcomer.jpg").write_bytes(newcomer)
+    prepare(images, output, incremental=True)
+    assert rejects_of(output)["newcomer.jpg"][1].startswith("a near copy of scene 1.jpg")
