@@ -4,12 +4,15 @@ assign stage compares it (pipeline/near_dedup.py), the index keeps it (`dhash`).
 
 Why in the scan, though the scan reads only headers and the fit decodes anyway: the hashes
 must all be known before shards are planned, or a near duplicate would be fitted and written
-into a tar before it is known to be one (and a tar sample must be in the index). A hash taken
-in the fit would cost ~0.6 ms an image; taken here it costs a second decode, kept small: a
-JPEG is decoded grey at 1/8 scale (libjpeg's DCT scaling through Pillow's draft mode: the
-entropy decoding alone, ~18 ms a 4K photo, against ~34 ms for its fit), other formats through
-libvips' thumbnail (a WebP decoded scaled, PNG and TIFF streamed). bench/near_dedup_bench.py
-measures it against the fit per class (bench/README.md); --near-dedup is off by default.
+into a tar before it is known to be one (and every tar sample must be in the index; rewriting
+the shards that hold one would cost more). A hash taken in the fit would cost ~0.6 ms an image;
+taken here it costs a second decode, kept small: a JPEG is decoded grey at 1/8 scale (libjpeg's
+DCT scaling through Pillow's draft mode: the entropy decoding alone), other formats through
+libvips' thumbnail (a WebP decoded scaled, PNG and TIFF streamed). Measured per image against
+its fit (bench/near_dedup_bench.py, bench/README.md): 66% for a 4K baseline JPEG, 40% for a
+CMYK one, 86-95% for progressive JPEG, WebP, PNG and TIFF, whose decoders cannot skip much. So
+--near-dedup is off by default, and an --incremental run decodes only new and changed files:
+an unchanged file's hash comes from OUT's index (output.with_held_hashes).
 
 Why dHash: measured on near copies of real-looking scenes (tests/support/near_copies.py,
 tests/test_perceptual.py), imagehash's dHash and pHash both keep re-encodes, resizes and
