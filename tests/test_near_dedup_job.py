@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_BUCKETS
+from images import datasets_parquet
 from near_copies import COPIES, encoded, file_hash, scene
 
 from pipeline.config import PrepareConfig
@@ -118,3 +119,25 @@ def test_an_incremental_run_takes_unchanged_files_hashes_from_the_index(tmp_path
     (images / "newcomer.jpg").write_bytes(newcomer)
     prepare(images, output, incremental=True)
     assert rejects_of(output)["newcomer.jpg"][1].startswith("a near copy of scene 1.jpg")
+
+
+def test_rows_of_a_parquet_input_are_hashed_in_the_scan_too(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    first, second = scene(0, size=SIZE), scene(1, size=SIZE)
+    datasets_parquet(
+        images / "rows.parquet",
+        [
+            encoded(first, "JPEG", quality=90),
+            encoded(second, "JPEG", quality=90),
+            encoded(first.resize((128, 96)), "WEBP", quality=80),
+        ],
+        ["first", "second", "first again, smaller"],
+        row_group_size=2,
+    )
+    prepare(images, tmp_path / "out")
+    (source,) = rejects_of(tmp_path / "out")
+    assert source == "rows.parquet/000000002"
+    reason, message = rejects_of(tmp_path / "out")[source]
+    assert reason == "near_duplicate"
+    assert message.startswith("a near copy of rows.parquet/000000000, which is kept")
