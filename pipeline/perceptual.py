@@ -37,7 +37,7 @@ from PIL import Image
 
 from pipeline.imaging import ORIENTED, to_rgb
 
-THUMBNAIL = 256  # pixels on the longer side, at least: dHash looks at 9x8
+THUMBNAIL = 256  # the thumbnail's side, about; dHash resizes it to 9x8
 
 
 def perceptual_hash(source: str | bytes, format: str, orientation: int = 1) -> int:

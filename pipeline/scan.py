@@ -295,12 +295,14 @@ def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool, near_d
 
 def _perceptual_hash(row: dict, data: bytes | None = None, source: Input | None = None) -> dict:
     """The `dhash` of a row's image (`data`, else read from `source` as the fit reads it), or
-    the rejection of pixels that do not decode (which the fit would reject alike)."""
+    the rejection of a file that cannot be read or pixels that do not decode (which the fit
+    would reject alike)."""
     try:
         image = data if data is not None else read_image(source, row)
-        return {"dhash": perceptual_hash(image, row["format"], row["orientation"])}
-    except OSError as error:
+    except (OSError, pa.ArrowException) as error:
         return reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
+    try:
+        return {"dhash": perceptual_hash(image, row["format"], row["orientation"])}
     except Exception as error:  # any decoder failure on a corrupt file is that file's alone
         return reject(Reason.CORRUPT, f"{type(error).__name__}: {error}")
 

@@ -15,7 +15,10 @@ from images import datasets_parquet
 from near_copies import COPIES, encoded, file_hash, scene
 
 from pipeline.config import PrepareConfig
+from pipeline.inputs import resolve_input
 from pipeline.prepare import run
+from pipeline.scan import scan_batch
+from pipeline.sources import list_input
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 SIZE = (256, 192)
@@ -141,3 +144,16 @@ def test_rows_of_a_parquet_input_are_hashed_in_the_scan_too(tmp_path):
     reason, message = rejects_of(tmp_path / "out")[source]
     assert reason == "near_duplicate"
     assert message.startswith("a near copy of rows.parquet/000000000, which is kept")
+
+
+def test_a_file_whose_pixels_do_not_decode_is_rejected_in_the_scan(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    whole = encoded(scene(0, size=SIZE), "PNG")
+    (images / "cut.png").write_bytes(whole[: len(whole) // 2])  # a header, half the pixels
+    (images / "fine.png").write_bytes(whole)
+    source = resolve_input(str(images))
+    scanned = scan_batch(list_input(source), source, near_dedup=True).to_pylist()
+    rows = {row["source"]: row for row in scanned}
+    assert rows["cut.png"]["reject"] == "corrupt" and rows["cut.png"]["dhash"] is None
+    assert rows["fine.png"]["reject"] is None and rows["fine.png"]["dhash"] == file_hash(whole)
