@@ -225,31 +225,31 @@ class PrepareConfig:
 
     def settings(self) -> dict:
         """The settings that shape the output: OUT is rebuilt when one of them changes."""
-        return (
-            {
-                "format_version": FORMAT_VERSION,
-                "buckets": dataclasses.asdict(self.buckets),
-                "write": dataclasses.asdict(self.write)
-                | {"background": list(self.write.background)},
-                "max_upscale": self.max_upscale,
-                "max_crop": self.max_crop,
-                "max_pixels": self.max_pixels,
-                "samples_per_shard": self.samples_per_shard,
-            }
-            | {  # left out at their defaults: an OUT prepared before them keeps its settings
-                name: value
-                for name, value, default in (
-                    ("model", self.model, "sd"),
-                    ("dedup", self.dedup, True),
-                    ("near_dedup", self.near_dedup, False),
-                    ("caption_field", self.caption_field, ""),
-                    ("image_column", self.image_column, "image"),
-                    ("caption_column", self.caption_column, ""),
-                )
-                if value != default
-            }
-            | ({"near_dedup_distance": self.near_dedup_distance} if self.near_dedup else {})
-        )
+        return {
+            "format_version": FORMAT_VERSION,
+            "buckets": dataclasses.asdict(self.buckets),
+            "write": dataclasses.asdict(self.write) | {"background": list(self.write.background)},
+            "max_upscale": self.max_upscale,
+            "max_crop": self.max_crop,
+            "max_pixels": self.max_pixels,
+            "samples_per_shard": self.samples_per_shard,
+        } | {  # left out at their defaults: an OUT prepared before them keeps its settings
+            name: value
+            for name, value, default in (
+                ("model", self.model, "sd"),
+                ("dedup", self.dedup, True),
+                ("near_dedup", self.near_dedup, False),
+                (
+                    "near_dedup_distance",
+                    self.near_dedup_distance if self.near_dedup else None,
+                    None,
+                ),
+                ("caption_field", self.caption_field, ""),
+                ("image_column", self.image_column, "image"),
+                ("caption_column", self.caption_column, ""),
+            )
+            if value != default
+        }
 
 
 def fingerprint(value: object) -> str:

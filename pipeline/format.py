@@ -60,10 +60,7 @@ INDEX_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("content_hash", pa.string()),  # xxh3-128 of the file's bytes; null: --no-dedup
-        (
-            "dhash",
-            pa.uint64(),
-        ),  # perceptual hash (pipeline/perceptual.py); null without --near-dedup
+        ("dhash", pa.uint64()),  # perceptual hash (perceptual.py); null: no --near-dedup
         ("width", pa.int32()),  # source size after EXIF orientation
         ("height", pa.int32()),
         ("bucket", pa.int32()),

@@ -47,7 +47,7 @@ def near_pairs(hashes: np.ndarray, distance: int) -> np.ndarray:
     for shift, width in substrings(64, distance + 1):
         values = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
         order = np.argsort(values, kind="stable")
-        found += _bucket_pairs(hashes, order, values[order], distance)
+        found += _bucket_pairs(hashes[order], order, values[order], distance)
     pairs = np.concatenate(found)
     if not len(pairs):
         return pairs
@@ -55,20 +55,21 @@ def near_pairs(hashes: np.ndarray, distance: int) -> np.ndarray:
 
 
 def _bucket_pairs(
-    hashes: np.ndarray, order: np.ndarray, sorted_values: np.ndarray, distance: int
+    sorted_hashes: np.ndarray, order: np.ndarray, sorted_values: np.ndarray, distance: int
 ) -> list[np.ndarray]:
     """The pairs within `distance` among hashes that share a substring value: positions p and
     p + step of the sorted order, for step 1, 2, ... while some bucket is still longer than
     the step (the positions that still have a partner that far on are kept, so a step costs
-    what it compares)."""
+    what it compares). The hashes come in that order too: reads near each other in memory."""
     end = np.searchsorted(sorted_values, sorted_values, side="right")  # each bucket's end
     positions = np.flatnonzero(end - np.arange(len(order)) > 1)
     found, step = [], 1
     while len(positions):
         for chunk in np.array_split(positions, -(-len(positions) // PAIRS_PER_STEP)):
-            first, second = order[chunk], order[chunk + step]
-            close = np.bitwise_count(hashes[first] ^ hashes[second]) <= distance
-            found.append(np.sort(np.stack([first[close], second[close]], axis=1), axis=1))
+            close = chunk[
+                np.bitwise_count(sorted_hashes[chunk] ^ sorted_hashes[chunk + step]) <= distance
+            ]
+            found.append(np.sort(np.stack([order[close], order[close + step]], axis=1), axis=1))
         step += 1
         positions = positions[end[positions] - positions > step]
     return found
