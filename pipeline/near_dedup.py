@@ -7,8 +7,8 @@ m = distance + 1 substrings, and by pigeonhole two hashes within `distance` bits
 on at least one of them. Each substring's values are sorted once; only hashes that share a
 value are compared (a popcount of their XOR). Work and memory follow the candidate pairs,
 about N^2 / 2 * m / 2^(64/m) for N uniform hashes, never the N^2 / 2 of a pairwise scan: at
-distance 4 (13-bit substrings) 1/1400 of the pairs; 1M hashes take ~6 s, 3,200 times less
-than a brute-force scan (bench/near_dedup_bench.py, bench/README.md). Larger distances mean
+distance 4 (13-bit substrings) 1/1400 of the pairs; 1M hashes take ~3 s, 1/600 of a
+brute-force scan's time (bench/near_dedup_bench.py, bench/README.md). Larger distances mean
 shorter substrings and more candidates: at 8 the substrings are 7 bits and a million hashes
 make ~3e10 candidates, so the job's default is 4 (docs/format.md lists what each distance
 catches). Many equal hashes (blank images) are one bucket whose pairs are all compared: a

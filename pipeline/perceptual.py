@@ -9,7 +9,7 @@ the shards that hold one would cost more). A hash taken in the fit would cost ~0
 taken here it costs a second decode, kept small: a JPEG is decoded grey at 1/8 scale (libjpeg's
 DCT scaling through Pillow's draft mode: the entropy decoding alone), other formats through
 libvips' thumbnail (a WebP decoded scaled, PNG and TIFF streamed). Measured per image against
-its fit (bench/near_dedup_bench.py, bench/README.md): 66% for a 4K baseline JPEG, 40% for a
+its fit (bench/near_dedup_bench.py, bench/README.md): 65% for a 4K baseline JPEG, 40% for a
 CMYK one, 86-95% for progressive JPEG, WebP, PNG and TIFF, whose decoders cannot skip much. So
 --near-dedup is off by default, and an --incremental run decodes only new and changed files:
 an unchanged file's hash comes from OUT's index (output.with_held_hashes).

@@ -15,7 +15,7 @@ import io
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 SIZE = (640, 480)
 
@@ -126,6 +126,7 @@ COPIES: dict[str, Callable[[Image.Image], bytes]] = {  # edit -> the edited copy
     "cropped 10%": lambda image: _cropped(image, 0.10),
     "text watermark": _text_mark,
     "logo watermark": _logo_mark,
+    "mirrored": lambda image: encoded(ImageOps.mirror(image), "JPEG", quality=90),
 }
 
 
