@@ -3,7 +3,9 @@ the fit's limits checked; the assign stage's work, in the driver, in Arrow and N
 
 An image is rejected for the first check it fails (a duplicate path, duplicate bytes, an aspect
 no bucket fits, too small, too much upscaling, too much crop), with a message naming the
-numbers, or the copy of its bytes that is kept. No Ray, no I/O: tests/test_assign.py runs it on
+numbers, or the copy of its bytes that is kept. With --near-dedup, the images that pass them
+all are searched for near duplicates last (pipeline/near_dedup.py), so that the image kept
+for a cluster is one the dataset takes. No Ray, no I/O: tests/test_assign.py runs it on
 tables built in memory.
 """
 
@@ -16,18 +18,23 @@ import pyarrow.compute as pc
 from pipeline.buckets import REJECT_ASPECT, bucketize
 from pipeline.config import PrepareConfig
 from pipeline.fit import fit_measures
+from pipeline.near_dedup import keep
 from pipeline.rejects import Reason, copy_message, rejects_table
 
 BUCKET_COLUMNS = ("bucket", "bucket_width", "bucket_height", "aspect_error")
 
 
 def assign(
-    scanned: pa.Table, config: PrepareConfig, held: pa.ChunkedArray | None = None
+    scanned: pa.Table,
+    config: PrepareConfig,
+    held: pa.ChunkedArray | None = None,
+    held_keys: np.ndarray | None = None,
 ) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """(accepted images with their BUCKET_COLUMNS, rejections so far, the bucket list (B, 2)).
 
     `scanned` is the scan's table, sorted by source; `held` the `copy_keys` of the images an
-    incremental run's OUT holds, whose copies of a duplicate are kept."""
+    incremental run's OUT holds, whose copies of a duplicate are kept, and `held_keys` their
+    `key_bytes`, which are kept of a cluster of near duplicates."""
     failed, candidates = _split(scanned, pc.is_null(scanned["reject"]).combine_chunks())
     width = candidates["width"].to_numpy(zero_copy_only=False).astype(np.int64)
     height = candidates["height"].to_numpy(zero_copy_only=False).astype(np.int64)
@@ -76,6 +83,8 @@ def assign(
     for reason, failed_check, message in reversed(checks):
         for i in np.flatnonzero(failed_check):
             reasons[i], messages[i] = reason.value, message(i)
+    if config.near_dedup:
+        _near_duplicates(candidates, reasons, messages, held_keys, config.near_dedup_distance)
     ok = reasons == None  # noqa: E711 (element-wise comparison)
     rejected, accepted = _split(candidates, pa.array(ok.astype(bool)))
     for name, values in zip(BUCKET_COLUMNS, (index, bucket_w, bucket_h, aspect_error), strict=True):
@@ -121,6 +130,46 @@ def _content_duplicates(candidates: pa.Table, held: pa.ChunkedArray | None) -> n
     repeat = source_codes[keeper] != source_codes[order]  # a file listed twice: no copy of itself
     kept_by[order[repeat]] = candidates["source"].take(keeper[repeat]).to_pylist()
     return kept_by
+
+
+def _near_duplicates(
+    candidates: pa.Table,
+    reasons: np.ndarray,
+    messages: np.ndarray,
+    held_keys: np.ndarray | None,
+    distance: int,
+) -> None:
+    """Reject, in `reasons` and `messages`, each image not rejected yet whose `dhash` is within
+    `distance` bits of one kept before it, best first: the ones OUT holds, then by most
+    pixels, most bytes, and source (the table's order). Deterministic: the order and the
+    hashes decide, not the scan's scheduling."""
+    hashed = pc.is_valid(candidates["dhash"]).to_numpy(zero_copy_only=False)
+    open_ = np.flatnonzero((reasons == None) & hashed)  # noqa: E711 (element-wise)
+    if len(open_) < 2:
+        return
+    hashes = candidates["dhash"].take(open_).to_numpy().astype(np.uint64)
+    is_held = np.zeros(len(open_), bool)
+    if held_keys is not None:
+        is_held = np.isin(key_bytes(candidates["key"].take(open_)), held_keys)
+    columns = candidates.select(["width", "height", "size"]).take(open_)
+    pixels = columns["width"].to_numpy().astype(np.int64) * columns["height"].to_numpy()
+    order = np.lexsort((open_, -columns["size"].to_numpy(), -pixels, ~is_held))
+    kept_by = keep(hashes, order, distance)
+    near = np.flatnonzero(kept_by >= 0)
+    bits = np.bitwise_count(hashes[near] ^ hashes[kept_by[near]])
+    kept_sources = candidates["source"].take(open_[kept_by[near]]).to_pylist()
+    own_sources = candidates["source"].take(open_[near]).to_pylist()
+    for image, kept, own, differ in zip(
+        open_[near], kept_sources, own_sources, bits.tolist(), strict=True
+    ):
+        if kept == own:  # a file a listing names twice (two captions): no copy of itself
+            continue
+        reasons[image] = Reason.NEAR_DUPLICATE.value
+        likeness = (
+            f"a near copy ({differ} of 64 bits of their perceptual hashes differ, at most "
+            f"near_dedup_distance={distance})"
+        )
+        messages[image] = copy_message(likeness, kept)
 
 
 def key_bytes(column: pa.ChunkedArray) -> np.ndarray:

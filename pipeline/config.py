@@ -22,6 +22,8 @@ from trainer.augment import CaptionOptions
 # peaks at 0.2 GB): gigapixel scans and panoramas pass.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 1_000_000_000
+DEFAULT_NEAR_DEDUP_DISTANCE = 4  # bits of dHash: docs/format.md's measurements
+MAX_NEAR_DEDUP_DISTANCE = 16  # 17 substrings of 3-4 bits: the search is nearly pairwise beyond
 DEFAULT_BACKGROUND = (255, 255, 255)  # white under transparency: what viewers and sites show
 IMAGE_FORMATS = ("jpg", "png", "webp")  # how stored images are encoded: imaging.ENCODERS
 CROP_MODES = ("none", "center", "random")  # imaging.CROPS
@@ -102,6 +104,19 @@ class PrepareConfig:
         True,
         "reject exact duplicates (the same bytes, hashed in the scan): the first by path is "
         "kept, or the copy OUT holds",
+        group=IMAGES,
+    )
+    near_dedup: bool = option(
+        False,
+        "reject near duplicates (re-encodes, resizes, small crops, watermarks: a perceptual hash "
+        "taken in the scan, which costs a small decode of every image): the one with the most "
+        "pixels, then bytes, then the first by path is kept, or the one OUT holds",
+        group=IMAGES,
+    )
+    near_dedup_distance: int = option(
+        DEFAULT_NEAR_DEDUP_DISTANCE,
+        "with --near-dedup, the most bits of 64 two images' hashes may differ by to be near "
+        "duplicates (docs/format.md: what each distance catches; the search slows as it grows)",
         group=IMAGES,
     )
     caption_field: str = option(
@@ -189,6 +204,10 @@ class PrepareConfig:
                 "max_upscale": (self.max_upscale >= 1, "must be >= 1"),
                 "max_crop": (0 <= self.max_crop <= 1, "must be in [0, 1]"),
                 "max_pixels": (self.max_pixels >= 1, "must be >= 1"),
+                "near_dedup_distance": (
+                    0 <= self.near_dedup_distance <= MAX_NEAR_DEDUP_DISTANCE,
+                    f"must be in 0..{MAX_NEAR_DEDUP_DISTANCE}",
+                ),
                 "samples_per_shard": (self.samples_per_shard >= 1, "must be >= 1"),
                 "batch_size": (self.batch_size >= 1, "must be >= 1"),
                 "world_size": (self.world_size >= 1, "must be >= 1"),
@@ -219,6 +238,12 @@ class PrepareConfig:
             for name, value, default in (
                 ("model", self.model, "sd"),
                 ("dedup", self.dedup, True),
+                ("near_dedup", self.near_dedup, False),
+                (
+                    "near_dedup_distance",
+                    self.near_dedup_distance if self.near_dedup else None,
+                    None,
+                ),
                 ("caption_field", self.caption_field, ""),
                 ("image_column", self.image_column, "image"),
                 ("caption_column", self.caption_column, ""),

@@ -41,9 +41,10 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:
     import numpy as np
 
-# 2: the index's note and crop columns, a caption member for every sample; 3: its source_row
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)  # what the trainer's loader reads (it uses no newer column)
+# 2: the index's note and crop columns, a caption member for every sample; 3: its source_row;
+# 4: its dhash
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)  # what the trainer's loader reads (it uses no newer column)
 TEMPORARY_MARK = ".tmp-"
 
 # Tar members: fixed mtime, owner and mode, so the same samples give byte-identical tars.
@@ -59,6 +60,7 @@ INDEX_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("content_hash", pa.string()),  # xxh3-128 of the file's bytes; null: --no-dedup
+        ("dhash", pa.uint64()),  # perceptual hash (perceptual.py); null: no --near-dedup
         ("width", pa.int32()),  # source size after EXIF orientation
         ("height", pa.int32()),
         ("bucket", pa.int32()),

@@ -37,8 +37,10 @@ JOB_FILES = (
     "report.html",
 )
 STATS_COLUMNS = ["width", "height", "bucket", "aspect_error"]  # the index's, for the report
-# OUTs a run resumes or adds to: version 2's parts have no source_row (`_read_part` adds it)
-RESUMABLE_FORMAT_VERSIONS = (2, FORMAT_VERSION)
+# OUTs a run resumes or adds to: version 2's parts have no source_row, 3's no dhash
+# (`_read_part` adds them)
+RESUMABLE_FORMAT_VERSIONS = (2, 3, FORMAT_VERSION)
+JOIN_COLUMNS = ["source", "size", "mtime_ns"]  # a file's identity in a listing and the index
 PARQUET_ROW = r"\.(?i:parquet)/(?P<row>[0-9]+)$"  # an input Parquet row's source: FILE/ROW
 
 
@@ -103,6 +105,36 @@ def held_contents(out: OutputDir) -> pa.ChunkedArray | None:
     return copy_keys(index) if "content_hash" in index.column_names else None
 
 
+def held_keys(out: OutputDir) -> np.ndarray | None:
+    """The `key_bytes` of the images a complete OUT holds (None without an index): an
+    incremental run keeps those of a cluster of near duplicates."""
+    path = out.path("index.parquet")
+    if not out.exists(path):
+        return None
+    return key_bytes(pq.read_table(path, columns=["key"], filesystem=out.filesystem)["key"])
+
+
+def with_held_hashes(out: OutputDir, listing: pa.Table) -> pa.Table:
+    """`listing` with a `dhash` column: the perceptual hash OUT's index holds for each file
+    listed with the same source, size and mtime (the same bytes, as keys assume), null for
+    the others (new, changed, inside a container, or listed without a size), which the scan
+    hashes: an incremental run decodes only those."""
+    path = out.path("index.parquet")
+    if not out.exists(path):
+        return listing.append_column("dhash", pa.nulls(len(listing), pa.uint64()))
+    index = pq.read_table(path, columns=[*JOIN_COLUMNS, "dhash"], filesystem=out.filesystem)
+    held = (
+        index.filter(pc.is_valid(index["dhash"]))
+        .group_by(JOIN_COLUMNS)
+        .aggregate(
+            [("dhash", "min")]  # one row per file (a listing may name a file twice)
+        )
+    )
+    numbered = listing.append_column("row", pa.array(np.arange(len(listing))))
+    joined = numbered.join(held, JOIN_COLUMNS, join_type="left outer").sort_by("row")
+    return listing.append_column("dhash", joined["dhash_min"])
+
+
 def finished_shards(out: OutputDir) -> dict[str, np.ndarray]:
     """Every finished shard's member keys (`key_bytes`), from the shards' parts."""
     previous = {}
@@ -143,12 +175,15 @@ def write_index(out: OutputDir, names: list[str]) -> tuple[dict[str, np.ndarray]
 
 def _read_part(out: OutputDir, name: str) -> pa.Table:
     """Shard `name`'s part in this version's shape: one of format 2 has no `source_row`, which
-    its Parquet rows' sources (FILE.parquet/ROW) give."""
+    its Parquet rows' sources (FILE.parquet/ROW) give; one of format 2 or 3 no `dhash` (it was
+    written without --near-dedup, which a change of settings would have rebuilt)."""
     part = pq.read_table(out.part(name), filesystem=out.filesystem)
-    if "source_row" in part.column_names:
-        return part
-    rows = pc.struct_field(pc.extract_regex(part["source"], PARQUET_ROW), "row")
-    return part.append_column("source_row", rows.cast(pa.int64()))
+    if "source_row" not in part.column_names:
+        rows = pc.struct_field(pc.extract_regex(part["source"], PARQUET_ROW), "row")
+        part = part.append_column("source_row", rows.cast(pa.int64()))
+    if "dhash" not in part.column_names:
+        part = part.append_column("dhash", pa.nulls(len(part), pa.uint64()))
+    return part
 
 
 def prune(out: OutputDir, names: set[str]) -> None:

@@ -1,5 +1,7 @@
 """The prepare job's stages, in the order the data takes them:
 list -> scan -> assign -> plan shards -> fit and write -> index -> reports -> manifest.
+Near duplicates (--near-dedup) are hashed in the scan and turned away in the assign stage,
+before shards are planned, so that none is fitted or written (pipeline/perceptual.py says why).
 
 `run(config)` expects Ray to be started (jobs/prepare.py starts or joins a cluster). The
 driver holds the listing and compact per-image columns (sizes, bucket ids, keys), never pixels
@@ -40,7 +42,9 @@ from pipeline.output import (
     current_latents,
     finished_shards,
     held_contents,
+    held_keys,
     prune,
+    with_held_hashes,
     write_index,
 )
 from pipeline.report import dataset_stats, draw_buckets
@@ -99,13 +103,16 @@ def run(config: PrepareConfig, source: Input | None = None) -> dict:
         )
     out = OutputDir(config.output)
     begin(out, config)
+    if config.near_dedup and config.incremental:
+        listing = with_held_hashes(out, listing)
     with stages.stage("scan") as scan:
         scanned = _scan(listing, source, config)
         scan["items"] = len(scanned)
     del listing
     with stages.stage("assign") as assigned:
         held = held_contents(out) if config.incremental else None
-        accepted, assign_rejects, buckets = assign(scanned, config, held)
+        keys = held_keys(out) if config.incremental and config.near_dedup else None
+        accepted, assign_rejects, buckets = assign(scanned, config, held, keys)
         previous = finished_shards(out) if config.incremental else None
         places = _parquet_places(accepted)
         shards = plan_shards(
@@ -200,6 +207,7 @@ def _scan(listing: pa.Table, source: Input, config: PrepareConfig) -> pa.Table:
                 source,
                 config.max_pixels,
                 config.dedup,
+                config.near_dedup,
             ),
         )
         for task in iter(plan.next_task, None)

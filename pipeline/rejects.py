@@ -37,6 +37,7 @@ class Reason(str, Enum):
     TOO_SMALL = "too_small"
     UPSCALE = "upscale"
     CROP = "crop"
+    NEAR_DUPLICATE = "near_duplicate"
     CAPTION_ENCODING = "caption_encoding"
     BAD_CAPTION = "bad_caption"
     CHANGED = "changed"
@@ -68,6 +69,9 @@ DESCRIPTIONS = {
     Reason.TOO_SMALL: "(`--no-upscale`) has a side under `--min-side`",
     Reason.UPSCALE: "would have to be enlarged more than `--max-upscale` (default 2x)",
     Reason.CROP: "would lose more than `--max-crop` of its area to the fit's crop (default 0.5)",
+    Reason.NEAR_DUPLICATE: "(`--near-dedup`) looks like another image: their perceptual hashes "
+    "(dHash) differ by at most `--near-dedup-distance` bits; the one with the most pixels, "
+    "then bytes, then the first by path is kept, or the one OUT holds",
     Reason.CAPTION_ENCODING: "has a caption file that is not UTF-8",
     Reason.BAD_CAPTION: "has a JSON caption that cannot be read: a `.json` sidecar that is not "
     "a JSON object, or a `metadata.jsonl` with lines that are not",
@@ -76,9 +80,11 @@ DESCRIPTIONS = {
 }
 
 
-# Rejections of a copy of a kept image: report.html groups them by the copy they name. The
-# near-duplicate check (--near-dedup) writes `near_duplicate` the same way, with copy_message.
-COPY_REASONS = (Reason.DUPLICATE.value, Reason.DUPLICATE_CONTENT.value, "near_duplicate")
+# Rejections of a copy of a kept image (their messages by copy_message): report.html groups them
+# by the copy they name.
+COPY_REASONS = tuple(
+    reason.value for reason in (Reason.DUPLICATE, Reason.DUPLICATE_CONTENT, Reason.NEAR_DUPLICATE)
+)
 _KEPT = ", which is kept"
 
 

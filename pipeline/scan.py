@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from pipeline.imaging import Header, max_file_bytes, read_header
 from pipeline.inputs import ARCHIVE_EXTENSION, PARQUET_EXTENSION, Input, container
+from pipeline.perceptual import perceptual_hash
 from pipeline.readers import (
     PARQUET_BATCH_ROWS,
     file_info,
@@ -31,6 +32,7 @@ from pipeline.readers import (
     open_parquet,
     open_stream,
     open_tar,
+    read_image,
 )
 from pipeline.rejects import Reason, reject
 from pipeline.sources import LISTING_SCHEMA, json_caption
@@ -51,6 +53,7 @@ SCAN_SCHEMA = pa.schema(
         ("orientation", pa.int8()),  # what the decoded pixels still need (imaging.Header)
         ("note", pa.string()),  # metadata ignored, and why
         ("content_hash", pa.string()),  # of the file's bytes, for exact duplicates; None: off
+        ("dhash", pa.uint64()),  # perceptual, for near duplicates (--near-dedup); None: off
     ]
 )
 HASH_CHUNK = 1 << 20
@@ -68,22 +71,28 @@ def sample_key(row: dict) -> str:
 
 
 def scan_batch(
-    rows: pa.Table, source: Input, max_pixels: int = DEFAULT_MAX_PIXELS, dedup: bool = True
+    rows: pa.Table,
+    source: Input,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    dedup: bool = True,
+    near_dedup: bool = False,
 ) -> pa.Table:
     """Header of every listed file: a table of SCAN_SCHEMA, one row per input row and one per
     sample of a container; with `dedup`, each usable file's `content_hash` too (the whole file
-    read, streamed)."""
+    read, streamed); with `near_dedup`, its perceptual `dhash` (a small decode: perceptual.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's warnings on odd but readable headers
         scanned = []
         for row in rows.to_pylist():
             kind = container(row["source"])
             if kind and not row["reject"]:
-                scanned += _CONTAINER_SCANS[kind](row, source, max_pixels, dedup)
+                scanned += _CONTAINER_SCANS[kind](row, source, max_pixels, dedup, near_dedup)
                 continue
             row = _scan_one(row, source, max_pixels)
             if dedup and not row.get("reject"):
                 row |= _content_hash(source, row["source"])
+            if near_dedup and not row.get("reject") and row.get("dhash") is None:
+                row |= _perceptual_hash(row, source=source)  # else OUT's index held it
             scanned.append(row)
     return pa.Table.from_pylist(scanned, schema=SCAN_SCHEMA)
 
@@ -96,7 +105,9 @@ def _sample_name(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _scan_archive(row: dict, source: Input, max_pixels: int, dedup: bool) -> list[dict]:
+def _scan_archive(
+    row: dict, source: Input, max_pixels: int, dedup: bool, near_dedup: bool
+) -> list[dict]:
     """A row per sample of the tar `row` lists, read as a stream once (never extracted, a
     member in memory at a time): its image member's header, offset and hash, its caption from
     its `txt` member or its `json` member's field. A sample without an image, a member that is
@@ -124,7 +135,7 @@ def _scan_archive(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
                         "size": member.size,
                         "member_offset": member.offset_data,
                     }
-                    _image_member(entry, data, max_pixels, dedup)
+                    _image_member(entry, data, max_pixels, dedup, near_dedup)
                 else:  # a txt member wins over a json one, whichever comes first
                     entry.setdefault("captions", {})[extension] = _member_caption(
                         data, extension, source.caption_field, entry
@@ -146,7 +157,9 @@ def _scan_archive(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
     return list(samples.values())
 
 
-def _scan_parquet(row: dict, source: Input, max_pixels: int, dedup: bool) -> list[dict]:
+def _scan_parquet(
+    row: dict, source: Input, max_pixels: int, dedup: bool, near_dedup: bool
+) -> list[dict]:
     """A row per row of a Parquet file with an image column (`source.image_column`: a
     `datasets.Image` struct or binary) and an optional caption column, streamed a batch of
     rows at a time: the image's header and hash, its row number as `source_row`. A row
@@ -193,7 +206,11 @@ def _scan_parquet(row: dict, source: Input, max_pixels: int, dedup: bool) -> lis
             for table in parquet.iter_batches(PARQUET_BATCH_ROWS, [group], columns):
                 texts = table[caption_column].to_pylist() if caption_column else [None] * len(table)
                 for value, text in zip(table[source.image_column].to_pylist(), texts, strict=True):
-                    rows.append(_parquet_row(base, archive, number, value, text, max_pixels, dedup))
+                    rows.append(
+                        _parquet_row(
+                            base, archive, number, (value, text), max_pixels, dedup, near_dedup
+                        )
+                    )
                     number += 1
         except (OSError, pa.ArrowException) as error:
             cause = f"{type(error).__name__}: {' '.join(str(error).split())}"  # one line
@@ -230,9 +247,16 @@ def _group_lost(base: dict, archive: str, numbers: range, reason: Reason, messag
 
 
 def _parquet_row(
-    base: dict, archive: str, number: int, value: object, text: object, max_pixels: int, dedup: bool
+    base: dict,
+    archive: str,
+    number: int,
+    values: tuple[object, object],
+    max_pixels: int,
+    dedup: bool,
+    near_dedup: bool,
 ) -> dict:
-    """The scan row of a Parquet input's row `number` (its image column's `value`)."""
+    """The scan row of a Parquet input's row `number` (its image and caption columns' values)."""
+    value, text = values
     data = image_bytes(value)
     entry = dict(
         base,
@@ -244,7 +268,7 @@ def _parquet_row(
     if data is None:
         entry |= reject(Reason.NOT_AN_IMAGE, "a Parquet row without image bytes")
     else:
-        _image_member(entry, data, max_pixels, dedup)
+        _image_member(entry, data, max_pixels, dedup, near_dedup)
     entry["key"] = sample_key(entry)
     return entry
 
@@ -257,14 +281,30 @@ def _member_base(row: dict) -> dict:
     }
 
 
-def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool) -> None:
-    """An archive sample's image bytes: their header and hash into its row, or its rejection."""
+def _image_member(entry: dict, data: bytes, max_pixels: int, dedup: bool, near_dedup: bool) -> None:
+    """An archive sample's image bytes: their header and hashes into its row, or its rejection."""
     if not data:
         entry |= reject(Reason.NOT_AN_IMAGE, "empty file")
         return
     entry |= _checked(dict(entry), io.BytesIO(data), None, max_pixels)
     if dedup and not entry["reject"]:
         entry["content_hash"] = xxhash.xxh3_128_hexdigest(data)
+    if near_dedup and not entry["reject"]:
+        entry |= _perceptual_hash(entry, data=data)
+
+
+def _perceptual_hash(row: dict, data: bytes | None = None, source: Input | None = None) -> dict:
+    """The `dhash` of a row's image (`data`, else read from `source` as the fit reads it), or
+    the rejection of a file that cannot be read or pixels that do not decode (which the fit
+    would reject alike)."""
+    try:
+        image = data if data is not None else read_image(source, row)
+    except (OSError, pa.ArrowException) as error:
+        return reject(Reason.UNREADABLE, f"{type(error).__name__}: {error}")
+    try:
+        return {"dhash": perceptual_hash(image, row["format"], row["orientation"])}
+    except Exception as error:  # any decoder failure on a corrupt file is that file's alone
+        return reject(Reason.CORRUPT, f"{type(error).__name__}: {error}")
 
 
 def _member_caption(data: bytes, extension: str, field: str, entry: dict) -> str | None:

@@ -17,6 +17,7 @@ from images import datasets_parquet, rgb, save
 from PIL import Image
 
 from pipeline.config import PrepareConfig
+from pipeline.format import FORMAT_VERSION
 from pipeline.inputs import resolve_input
 from pipeline.prepare import run
 from pipeline.readers import read_image
@@ -358,11 +359,11 @@ def test_a_dataset_saved_by_hugging_face_datasets(local_ray, tmp_path, monkeypat
 
 
 def as_format_2(output: Path) -> None:
-    """Rewrite a prepared OUT into the shape format 2 gave it: no `source_row` in the index or
-    the parts, version 2 in config.json and manifest.json."""
+    """Rewrite a prepared OUT into the shape format 2 gave it: no `source_row` (nor version 4's
+    `dhash`) in the index or the parts, version 2 in config.json and manifest.json."""
     for path in [output / "index.parquet", *(output / "parts").glob("*.parquet")]:
         table = pq.read_table(path)
-        pq.write_table(table.drop_columns(["source_row"]), path)
+        pq.write_table(table.drop_columns(["source_row", "dhash"]), path)
     for name in ("config.json", "manifest.json"):
         written = json.loads((output / name).read_text())
         (output / name).write_text(json.dumps(written | {"format_version": 2}))
@@ -400,4 +401,4 @@ def test_an_out_of_format_2_is_read_by_the_trainer_and_added_to_by_an_incrementa
     index = pq.read_table(output / "index.parquet").to_pylist()
     assert {row["source"]: row["source_row"] for row in index} == rows | {"new.jpg": None}
     assert set(shards) <= {path.name for path in (output / "shards").iterdir()}  # kept
-    assert json.loads((output / "manifest.json").read_text())["format_version"] == 3
+    assert json.loads((output / "manifest.json").read_text())["format_version"] == FORMAT_VERSION

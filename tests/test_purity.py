@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORE = [
     "pipeline.buckets",
     "pipeline.fit",
+    "pipeline.near_dedup",
     "pipeline.plan",
     "pipeline.shard_plan",
     "pipeline.work_plan",
@@ -60,6 +61,7 @@ STAGES = {
     "pipeline.sources",
     "pipeline.readers",
     "pipeline.scan",
+    "pipeline.perceptual",
     "pipeline.assign",
     "pipeline.imaging",
     "pipeline.samples",
