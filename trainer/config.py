@@ -263,7 +263,7 @@ class Config(PromptOptions, CaptionOptions):
         0, "T5 tokens of a prompt (0: the pipeline's, 256 sd3, 512 flux)", group=FLOW
     )
     caption_dropout: float = option(
-        0.1, "sd: share of captions replaced by the empty prompt (after the tag augmentations)"
+        0.1, "share of captions replaced by the empty prompt (after the tag augmentations)"
     )
     hypernetwork_structure: tuple[float, ...] = option(
         HypernetworkConfig.layer_structure,
@@ -319,7 +319,7 @@ class Config(PromptOptions, CaptionOptions):
                 "ema_decay": (0 < self.ema_decay < 1, "must be in (0, 1)"),
                 "validation_steps": (self.validation_steps >= 1, "must be >= 1"),
                 "validation_prompt": (
-                    not self.validation_prompt or self.model != "conv",
+                    not self.validation_prompt or self.model in ("sd", "sdxl"),
                     "needs --model sd or sdxl",
                 ),
                 "resume": (

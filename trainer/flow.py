@@ -36,6 +36,7 @@ from trainer.text_cache import stacked
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # model_index.json's
 TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+MIN_SIGMA = 1e-3
 
 
 @dataclass
@@ -180,7 +181,9 @@ class FlowMatching(nn.Module):
         u = compute_density_for_timestep_sampling(
             self.weighting, len(latents), mean, std, mode_scale, generator=generator
         )
-        sigmas = self.sigmas(u, *latents.shape[-2:]).to(latents.device)
+        # sigma 0 (u = 0 can be drawn) would weigh infinitely under sigma_sqrt: the scripts'
+        # smallest of their 1000 discrete sigmas is the floor
+        sigmas = self.sigmas(u, *latents.shape[-2:]).clamp(MIN_SIGMA, 1).to(latents.device)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         prediction = PREDICTIONS[self.family](self, noisy, sigmas, context, pooled)

@@ -125,7 +125,10 @@ def flow_sample(config: SampleConfig, device: torch.device) -> Image.Image | Non
     ):
         return None
 
-    pipeline = DiffusionPipeline.from_pretrained(config.pretrained, local_files_only=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as its model cards
+    pipeline = DiffusionPipeline.from_pretrained(
+        config.pretrained, torch_dtype=dtype, local_files_only=True
+    )
     if config.lora:
         pipeline.load_lora_weights(str(lora_file(Path(config.lora), config.no_ema)))
     return pipeline.to(device)(

@@ -267,7 +267,7 @@ def stacked(loaded: list[dict], blank: dict) -> CachedText:
         longest = max(len(entry[name]) for entry in loaded)
         if fill.dim() == 2 and any(len(entry[name]) < longest for entry in loaded):
             if name == "t5":
-                fill = torch.zeros(longest, fill.shape[1], dtype=fill.dtype)
+                fill = fill.new_zeros(longest, fill.shape[1])  # on the entries' device
             else:
                 fill = fill.repeat(-(-longest // len(fill)), 1)[:longest]
             parts = [torch.cat([entry[name], fill[len(entry[name]) :]]) for entry in loaded]

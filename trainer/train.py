@@ -118,9 +118,12 @@ def train(config: Config) -> dict:
     # The model (without text encoders when the data's text cache conditions it), and the data
     # as this model reads it (cached latents of its VAE where there are, its text cache)
     torch.manual_seed(config.seed)
-    model = MODELS[config.model](config, text is not None).to(device)
+    model = MODELS[config.model](config, text is not None)
     vae = model.latent_encoder()  # its fingerprint: of its own weights, before any cast
     fingerprint = None if vae is None else vae_fingerprint(vae)
+    # the frozen parts cast before they move: Flux's would first take twice the memory in fp32
+    store_frozen_parts(model, PRECISIONS[config.mixed_precision])
+    model.to(device)
     latents = latents_to_use(config.latents, fingerprint, manifests)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     data = open_datasets(config.data, latents, NodeCache(cache_dir, config.cache_limit), text)
@@ -129,7 +132,6 @@ def train(config: Config) -> dict:
         print(f"training from cached latents of VAE {latents}", flush=True)
     if master and text:
         print(f"training from the text cache {', '.join(dict.fromkeys(text))}", flush=True)
-    store_frozen_parts(model, PRECISIONS[config.mixed_precision])
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
