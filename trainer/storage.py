@@ -24,9 +24,11 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from urllib.parse import urlsplit
@@ -41,6 +43,7 @@ LOCK_SUFFIX = ".lock"
 CHUNK_BYTES = 8 << 20  # read from the store in pieces this big: bounded memory a download
 PREFETCH_THREADS = 4  # downloads a process runs ahead of need
 DEFAULT_LIMIT = 20 * 10**9
+TOUCH_SECONDS = 1.0  # how often a reader marks the remote files it holds open used, and checks them
 
 
 def is_remote(uri: str) -> bool:
@@ -196,9 +199,10 @@ class DatasetFiles:
     def remote(self) -> bool:
         return is_remote(self.uri)
 
-    @property
+    @cached_property
     def cache_folder(self) -> Path:
-        """This dataset's folder in the cache (a local one's holds only its index maps)."""
+        """This dataset's folder in the cache (a local one's holds only its index maps); computed
+        once: a reader's every open of a file names it."""
         cache = self.cache or NodeCache(default_cache_dir())
         digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         return cache.folder / f"{digest}-{self.version}"
@@ -263,3 +267,57 @@ class FileRef(NamedTuple):
 
     def prefetch(self) -> None:
         self.files.prefetch(self.name)
+
+
+class OpenFiles:
+    """The files a reader keeps open, the `limit` it read last: reads by byte range cost a seek
+    and a read, not an open, a stat and a close (10M images at 1,000 a shard are 10,000 shards,
+    more than `ulimit -n`: hence the bound).
+
+    A remote file held open is kept honest with the node cache by `sweep`, at most once every
+    TOUCH_SECONDS (a stat, a utime and an open a shard a batch cost the shard-aware shuffle a
+    fifth of its throughput from a warm cache: bench/README.md): one read since the last sweep is
+    marked used through its handle (the cache's LRU order, to a second); one evicted meanwhile
+    (unlinked: the handle still reads the whole file, POSIX keeps its inode) or not read since is
+    closed, so that files held past their eviction keep disk past the cache's limit for about a
+    sweep at most. A downloaded file is complete (renamed when done), so its handle reads no
+    partial bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: OrderedDict[FileRef, BinaryIO] = OrderedDict()
+        self._read: set[FileRef] = set()  # remote files read since the last sweep
+        self._swept = time.monotonic()
+
+    def __contains__(self, file: FileRef) -> bool:
+        return file in self._open
+
+    def read(self, file: FileRef, offset: int, size: int) -> bytes:
+        """`size` bytes of `file` from `offset`, opening it (fetched first when remote) unless
+        it is open; the file used longest ago is closed to make room."""
+        stream = self._open.get(file)
+        if stream is None:
+            if len(self._open) >= self.limit:
+                self._open.popitem(last=False)[1].close()
+            stream = self._open[file] = file.open()
+        else:
+            self._open.move_to_end(file)
+        if file.files.remote:
+            self._read.add(file)
+        stream.seek(offset)
+        return stream.read(size)
+
+    def sweep(self) -> None:
+        """Every TOUCH_SECONDS: mark the remote files read since the last sweep used, close the
+        other remote ones and any evicted since they were opened."""
+        now = time.monotonic()
+        if now - self._swept < TOUCH_SECONDS:
+            return
+        self._swept = now
+        for file in [file for file in self._open if file.files.remote]:
+            descriptor = self._open[file].fileno()
+            if file in self._read and os.fstat(descriptor).st_nlink:
+                os.utime(descriptor)
+            else:
+                self._open.pop(file).close()
+        self._read.clear()
