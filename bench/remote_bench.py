@@ -8,6 +8,9 @@
    and a warm one, for the global and the shard-aware shuffle, the cache's hits and downloads
    (the loader reads in the main process here, `--workers 0`, so that the cache's counts are
    this process's), and the time to the first batch. The cache holds a third of the dataset.
+   A warm row is the median of `--repeats` epochs, each beside a local epoch run just before it,
+   and its ratio the median of theirs: on a shared machine a ratio of one pair drifts less than
+   one of epochs minutes apart.
    Beside it, reading each image by a ranged GET instead of whole shards.
 2. The index: a synthetic index.parquet of R rows with Danbooru-like tag captions (~390
    characters), opened by 8 processes at once: each process's memory over its baseline (PSS,
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +86,15 @@ def epoch(data, shuffle: str, window: int, workers: int, batch_size: int) -> tup
     return samples / (time.perf_counter() - start), first
 
 
-def throughput(workdir: Path, images: int, workers: int, batch_size: int, window: int) -> None:
+def throughput(
+    workdir: Path,
+    images: int,
+    workers: int,
+    batch_size: int,
+    window: int,
+    shuffles: list[str],
+    repeats: int,
+) -> None:
     import os
 
     local = prepared_dataset(workdir, images)
@@ -99,14 +111,19 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
         print(
             f"\n1. {images} images in {len(tars)} shards ({total / 2**20:.0f} MiB), cache limit "
             f"{limit / 2**20:.0f} MiB, batch {batch_size}, --shuffle-window {window}, "
-            f"{workers} workers"
+            f"{workers} workers; a warm row: the medians of {repeats} epochs, each ratio to a "
+            "local epoch run just before it"
         )
         print(
             f"{'source':<26}{'shuffle':<9}{'samples/s':>10}{'x local':>9}{'first batch':>13}"
             f"{'hits':>7}{'downloads':>11}"
         )
-        for shuffle in ("global", "shards"):
-            rate, first = epoch(PreparedData(local), shuffle, window, workers, batch_size)
+        for shuffle in shuffles:
+            run = partial(
+                epoch, shuffle=shuffle, window=window, workers=workers, batch_size=batch_size
+            )
+            here = PreparedData(local)
+            rate, first = run(here)
             print(f"{'local disk':<26}{shuffle:<9}{rate:>10.0f}{1:>9.2f}{first:>12.2f}s")
             for size, states in (
                 (limit, ("cold cache", "warm cache")),
@@ -116,7 +133,7 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
                 shutil.rmtree(cache_dir, ignore_errors=True)
                 cache = NodeCache(cache_dir, size)
                 data = PreparedData(uri, cache=cache)
-                remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate)
+                remote_epochs(data, here, cache, states, shuffle, run, repeats)
         print(
             f"randomness: two images of one shard lie {spread(local, 'global', window):.3f} "
             f"of an epoch apart under the global shuffle, {spread(local, 'shards', window):.3f} "
@@ -128,13 +145,19 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
         server.wait()
 
 
-def remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate) -> None:
-    """A row per epoch of `data` through `cache`: samples/s against `rate`, hits, downloads."""
+def remote_epochs(data, here, cache, states, shuffle, run, repeats) -> None:
+    """A row per state of `data` through `cache`: samples/s, its ratio to an epoch of `here`
+    (local disk) run just before it, the time to the first batch, hits and downloads an epoch.
+    A warm state's figures are the medians of `repeats` such pairs: the ratio of a pair cancels
+    the load that others' work puts on the machine meanwhile."""
     for state in states:
         before = cache.counts()
-        remote_rate, first = epoch(data, shuffle, window, workers, batch_size)
-        hits, downloads = (a - b for a, b in zip(cache.counts(), before, strict=True))
-        ratio = remote_rate / rate
+        pairs = [(run(here)[0], *run(data)) for _ in range(repeats if "warm" in state else 1)]
+        fetched = (a - b for a, b in zip(cache.counts(), before, strict=True))
+        hits, downloads = (round(count / len(pairs)) for count in fetched)
+        remote_rate = statistics.median(remote for _, remote, _ in pairs)
+        ratio = statistics.median(remote / local for local, remote, _ in pairs)
+        first = statistics.median(first for _, _, first in pairs)
         print(
             f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
             f"{first:>12.2f}s{hits:>7}{downloads:>11}"
@@ -301,11 +324,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=4, help="--shuffle-window, in shards")
+    parser.add_argument("--shuffles", default="global,shards", help="section 1's, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs a warm row's medians are of")
     parser.add_argument("--rows", default="1000000", help="index sizes, comma-separated")
     args = parser.parse_args()
     sections = {int(s) for s in args.sections.split(",")}
     if 1 in sections:
-        throughput(args.workdir, args.images, args.workers, args.batch_size, args.window)
+        shuffles = args.shuffles.split(",")
+        throughput(
+            args.workdir,
+            args.images,
+            args.workers,
+            args.batch_size,
+            args.window,
+            shuffles,
+            args.repeats,
+        )
     if 2 in sections:
         for rows in (int(r) for r in args.rows.split(",")):
             index_memory(args.workdir, rows)
