@@ -156,11 +156,12 @@ def remote_epochs(data, here, cache, states, shuffle, run, repeats) -> None:
         fetched = (a - b for a, b in zip(cache.counts(), before, strict=True))
         hits, downloads = (round(count / len(pairs)) for count in fetched)
         remote_rate = statistics.median(remote for _, remote, _ in pairs)
-        ratio = statistics.median(remote / local for local, remote, _ in pairs)
+        ratios = sorted(remote / local for local, remote, _ in pairs)
         first = statistics.median(first for _, _, first in pairs)
+        spread = f"  ratios {ratios[0]:.2f}-{ratios[-1]:.2f}" if len(ratios) > 1 else ""
         print(
-            f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
-            f"{first:>12.2f}s{hits:>7}{downloads:>11}"
+            f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{statistics.median(ratios):>9.2f}"
+            f"{first:>12.2f}s{hits:>7}{downloads:>11}{spread}"
         )
 
 
