@@ -107,7 +107,12 @@ class NodeCache:
         if state.get("pid") != os.getpid():
             state.clear()
             state.update(
-                pid=os.getpid(), downloads=0, hits=0, pending=set(), mutex=threading.Lock()
+                pid=os.getpid(),
+                downloads=0,
+                hits=0,
+                pending=set(),
+                finished={},  # key -> time.monotonic() its job last finished
+                mutex=threading.Lock(),
             )
         return state
 
@@ -165,12 +170,15 @@ class NodeCache:
                     total -= size
 
     def run_ahead(self, job, key) -> None:
-        """`job()` on this process's download threads, once per `key` at a time."""
+        """`job()` on this process's download threads, once per `key` at a time and not again
+        within TOUCH_SECONDS of its last run: consecutive batches name mostly the same shards,
+        and a job that finds its file cached costs the reading thread a GIL handover."""
         state = self._local()
         if "threads" not in state:
             state["threads"] = concurrent.futures.ThreadPoolExecutor(PREFETCH_THREADS)
         with state["mutex"]:
-            if key in state["pending"]:
+            finished = state["finished"].get(key, float("-inf"))
+            if key in state["pending"] or time.monotonic() - finished < TOUCH_SECONDS:
                 return
             state["pending"].add(key)
 
@@ -182,6 +190,7 @@ class NodeCache:
             finally:
                 with state["mutex"]:
                     state["pending"].discard(key)
+                    state["finished"][key] = time.monotonic()
 
         state["threads"].submit(run)
 
