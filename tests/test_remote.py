@@ -206,24 +206,22 @@ def test_the_least_recently_used_files_are_evicted_past_the_limit(s3_server, tmp
 def test_a_held_file_evicted_by_another_process_reads_whole_then_is_let_go(
     s3_server, tmp_path, monkeypatch
 ):
-    """A reader's open shard outlives its eviction (POSIX keeps the unlinked inode); its sweep
-    closes it, and the next read downloads it again; a shard read between sweeps is marked used
-    through its handle, one not read is closed."""
+    """A reader's open shard outlives its eviction (POSIX keeps the unlinked inode) until its
+    next sweep closes it, and the next read downloads it again; a shard read between sweeps due
+    to mark used is marked through its handle, one not read is closed."""
     s3_server.client.create_bucket(Bucket="held")
     s3_server.client.put_object(Bucket="held", Key="out/a.tar", Body=bytes(range(256)) * 40)
     cache = NodeCache(tmp_path / "cache", limit=10**6)
     files = DatasetFiles(s3_server.uri("held", "out"), cache)
     held, shard, path = OpenFiles(4), FileRef(files, "a.tar"), files.cache_folder / "a.tar"
-    monkeypatch.setattr(storage, "TOUCH_SECONDS", 3600.0)
     assert held.read(shard, 10, 3) == bytes([10, 11, 12]) and cache.counts() == (0, 1)
     NodeCache(cache.folder, limit=0).evict()  # another rank of the node, its cache full
     assert not path.exists()
-    held.sweep()  # not due: nothing checked
     assert held.read(shard, 5000, 2) == bytes([136, 137]) and cache.counts() == (0, 1)
-    monkeypatch.setattr(storage, "TOUCH_SECONDS", 0.0)
     held.sweep()
     assert shard not in held, "evicted: let go"
     assert held.read(shard, 255, 2) == bytes([255, 0]) and cache.counts() == (0, 2)
+    monkeypatch.setattr(storage, "TOUCH_SECONDS", 0.0)  # every sweep marks used
     os.utime(path, (0, 0))  # as if last used long ago
     held.sweep()
     assert shard in held and path.stat().st_mtime > 0, "read since the last sweep: marked used"

@@ -170,7 +170,7 @@ class BatchReader(torch.utils.data.Dataset):
         and all, and its window is described; anything else is decoded and re-fitted into a
         bucket-sized place. Windows are the sampler's (`BatchPlan.crops`).
         """
-        self._files.sweep()  # remote shards held open: marked used, let go once evicted
+        self._files.sweep()  # remote shards held open: let go once evicted, marked used
         for file in batch.prefetch:  # a later batch's remote shards, downloaded meanwhile
             if file not in self._files:  # open: in the cache already
                 file.prefetch()

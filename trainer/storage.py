@@ -283,20 +283,20 @@ class OpenFiles:
     and a read, not an open, a stat and a close (10M images at 1,000 a shard are 10,000 shards,
     more than `ulimit -n`: hence the bound).
 
-    A remote file held open is kept honest with the node cache by `sweep`, at most once every
-    TOUCH_SECONDS (a stat, a utime and an open a shard a batch cost the shard-aware shuffle a
-    fifth of its throughput from a warm cache: bench/README.md): one read since the last sweep is
-    marked used through its handle (the cache's LRU order, to a second); one evicted meanwhile
-    (unlinked: the handle still reads the whole file, POSIX keeps its inode) or not read since is
-    closed, so that files held past their eviction keep disk past the cache's limit for about a
-    sweep at most. A downloaded file is complete (renamed when done), so its handle reads no
-    partial bytes."""
+    A remote file stays open between batches too (a stat, a utime, an open and a close a shard a
+    batch, and a prefetch job finding it cached, were what the node cache cost a batch), kept
+    honest with the cache by `sweep`, run before each batch: one evicted meanwhile is closed, so
+    that a file held past its eviction keeps disk past the cache's limit for a batch at most,
+    as when files were closed after each batch (unlinked, it still reads whole: POSIX keeps its
+    inode while it is open); and every TOUCH_SECONDS, one read since is marked used through its
+    handle (the cache's LRU order, to about a second) and one not read is closed. A cached file is
+    complete (a download is renamed when done), so a handle never reads partial bytes."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self._open: OrderedDict[FileRef, BinaryIO] = OrderedDict()
-        self._read: set[FileRef] = set()  # remote files read since the last sweep
-        self._swept = time.monotonic()
+        self._read: set[FileRef] = set()  # remote files read since they were last marked used
+        self._touched = time.monotonic()
 
     def __contains__(self, file: FileRef) -> bool:
         return file in self._open
@@ -317,16 +317,18 @@ class OpenFiles:
         return stream.read(size)
 
     def sweep(self) -> None:
-        """Every TOUCH_SECONDS: mark the remote files read since the last sweep used, close the
-        other remote ones and any evicted since they were opened."""
+        """Close the remote files evicted from the cache (an fstat each); every TOUCH_SECONDS,
+        mark the ones read since used and close the others."""
         now = time.monotonic()
-        if now - self._swept < TOUCH_SECONDS:
-            return
-        self._swept = now
-        for file in [file for file in self._open if file.files.remote]:
-            descriptor = self._open[file].fileno()
-            if file in self._read and os.fstat(descriptor).st_nlink:
-                os.utime(descriptor)
-            else:
+        touch = now - self._touched >= TOUCH_SECONDS
+        for file, stream in list(self._open.items()):
+            if not file.files.remote:
+                continue
+            descriptor = stream.fileno()
+            if not os.fstat(descriptor).st_nlink or (touch and file not in self._read):
                 self._open.pop(file).close()
-        self._read.clear()
+            elif touch:
+                os.utime(descriptor)
+        if touch:
+            self._touched = now
+            self._read.clear()
