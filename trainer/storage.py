@@ -9,7 +9,8 @@ trip each, measured in bench/remote_bench.py). A download goes to a temporary na
 when complete, under a lock file of its own, so the ranks and loader workers of a node download a
 file once and never read a half-written one; a killed download leaves only its temporary, which
 the next downloader of that file deletes. Past `limit` bytes the least recently used files go
-(a file's mtime is its last use). The cache must be on a node-local disk (flock).
+(a file's mtime is its last use: a reader holds its shards open between batches and marks them
+used about once a second, `OpenFiles`). The cache must be on a node-local disk (flock).
 
 The endpoint and credentials of an object store come as the prepare job takes them: pyarrow's
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or `?endpoint_override=HOST:PORT&scheme=http` in the
@@ -284,13 +285,14 @@ class OpenFiles:
     more than `ulimit -n`: hence the bound).
 
     A remote file stays open between batches too (a stat, a utime, an open and a close a shard a
-    batch, and a prefetch job finding it cached, were what the node cache cost a batch), kept
-    honest with the cache by `sweep`, run before each batch: one evicted meanwhile is closed, so
-    that a file held past its eviction keeps disk past the cache's limit for a batch at most,
-    as when files were closed after each batch (unlinked, it still reads whole: POSIX keeps its
-    inode while it is open); and every TOUCH_SECONDS, one read since is marked used through its
-    handle (the cache's LRU order, to about a second) and one not read is closed. A cached file is
-    complete (a download is renamed when done), so a handle never reads partial bytes."""
+    batch, and a prefetch job finding it cached, were what the node cache cost a batch:
+    bench/README.md), kept honest with the cache by `sweep`, run before each batch: one evicted
+    meanwhile is closed, so that a file held past its eviction keeps disk past the cache's limit
+    until its reader's next batch, as when files were closed after each batch (unlinked, it still
+    reads whole: POSIX keeps its inode while it is open); and every TOUCH_SECONDS, one read since
+    is marked used through its handle (the cache's LRU order, to about a second) and one not read
+    is closed. A cached file is complete (a download is renamed when done), so a handle never
+    reads partial bytes."""
 
     def __init__(self, limit: int):
         self.limit = limit
