@@ -44,7 +44,7 @@ LOCK_SUFFIX = ".lock"
 CHUNK_BYTES = 8 << 20  # read from the store in pieces this big: bounded memory a download
 PREFETCH_THREADS = 4  # downloads a process runs ahead of need
 DEFAULT_LIMIT = 20 * 10**9
-TOUCH_SECONDS = 1.0  # how often a reader marks the remote files it holds open used, and checks them
+TOUCH_SECONDS = 1.0  # how often a reader marks the remote files it holds open used, closes idle
 
 
 def is_remote(uri: str) -> bool:
