@@ -205,8 +205,9 @@ class DatasetFiles:
     cache: NodeCache | None = None
     version: str = ""  # the manifest's digest: a dataset prepared anew is cached anew
 
-    @property
+    @cached_property
     def remote(self) -> bool:
+        """Whether files come through the cache (asked a read: parsed once)."""
         return is_remote(self.uri)
 
     @cached_property
