@@ -207,8 +207,8 @@ def test_a_held_file_evicted_by_another_process_reads_whole_then_is_let_go(
     s3_server, tmp_path, monkeypatch
 ):
     """A reader's open shard outlives its eviction (POSIX keeps the unlinked inode) until its
-    next sweep closes it, and the next read downloads it again; a shard read between sweeps due
-    to mark used is marked through its handle, one not read is closed."""
+    next sweep closes it, and the next read downloads it again; a shard's first read after a
+    sweep due marks it used through its handle, and one not read between two is closed."""
     s3_server.client.create_bucket(Bucket="held")
     s3_server.client.put_object(Bucket="held", Key="out/a.tar", Body=bytes(range(256)) * 40)
     cache = NodeCache(tmp_path / "cache", limit=10**6)
@@ -221,10 +221,13 @@ def test_a_held_file_evicted_by_another_process_reads_whole_then_is_let_go(
     held.sweep()
     assert shard not in held, "evicted: let go"
     assert held.read(shard, 255, 2) == bytes([255, 0]) and cache.counts() == (0, 2)
-    monkeypatch.setattr(storage, "TOUCH_SECONDS", 0.0)  # every sweep marks used
-    os.utime(path, (0, 0))  # as if last used long ago
+    monkeypatch.setattr(storage, "TOUCH_SECONDS", 0.0)  # every sweep is due
     held.sweep()
-    assert shard in held and path.stat().st_mtime > 0, "read since the last sweep: marked used"
+    assert shard in held, "read since the last sweep: kept"
+    os.utime(path, (0, 0))  # as if last used long ago
+    assert held.read(shard, 1, 1) == bytes([1])
+    assert path.stat().st_mtime > 0, "its first read after a sweep marks it used"
+    held.sweep()
     held.sweep()
     assert shard not in held, "not read since: closed"
 

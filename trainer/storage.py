@@ -290,15 +290,18 @@ class OpenFiles:
     bench/README.md), kept honest with the cache by `sweep`, run before each batch: one evicted
     meanwhile is closed, so that a file held past its eviction keeps disk past the cache's limit
     until its reader's next batch, as when files were closed after each batch (unlinked, it still
-    reads whole: POSIX keeps its inode while it is open); and every TOUCH_SECONDS, one read since
-    is marked used through its handle (the cache's LRU order, to about a second) and one not read
-    is closed. A cached file is complete (a download is renamed when done), so a handle never
-    reads partial bytes."""
+    reads whole: POSIX keeps its inode while it is open); and every TOUCH_SECONDS, one not read
+    since is closed. A held file is marked used (through its handle) at its first read after each
+    such sweep: when it starts being read, so that a shuffle window's shards stay newer than the
+    last window's even when a window takes less than TOUCH_SECONDS (marked at the sweep after
+    its reads, the shards in use could be older than the last window's, evicted first, and
+    downloaded again). A cached file is complete (a download is renamed when done), so a handle
+    never reads partial bytes."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self._open: OrderedDict[FileRef, BinaryIO] = OrderedDict()
-        self._read: set[FileRef] = set()  # remote files read since they were last marked used
+        self._read: set[FileRef] = set()  # remote files read (and marked used) since the sweep due
         self._touched = time.monotonic()
 
     def __contains__(self, file: FileRef) -> bool:
@@ -314,24 +317,22 @@ class OpenFiles:
             stream = self._open[file] = file.open()
         else:
             self._open.move_to_end(file)
-        if file.files.remote:
+        if file.files.remote and file not in self._read:
             self._read.add(file)
+            os.utime(stream.fileno())  # its first read since the last sweep due: used now
         stream.seek(offset)
         return stream.read(size)
 
     def sweep(self) -> None:
         """Close the remote files evicted from the cache (an fstat each); every TOUCH_SECONDS,
-        mark the ones read since used and close the others."""
+        close the ones not read since, and mark the others used again at their next read."""
         now = time.monotonic()
-        touch = now - self._touched >= TOUCH_SECONDS
+        due = now - self._touched >= TOUCH_SECONDS
         for file, stream in list(self._open.items()):
             if not file.files.remote:
                 continue
-            descriptor = stream.fileno()
-            if not os.fstat(descriptor).st_nlink or (touch and file not in self._read):
+            if not os.fstat(stream.fileno()).st_nlink or (due and file not in self._read):
                 self._open.pop(file).close()
-            elif touch:
-                os.utime(descriptor)
-        if touch:
+        if due:
             self._touched = now
             self._read.clear()
