@@ -8,6 +8,11 @@
    and a warm one, for the global and the shard-aware shuffle, the cache's hits and downloads
    (the loader reads in the main process here, `--workers 0`, so that the cache's counts are
    this process's), and the time to the first batch. The cache holds a third of the dataset.
+   A warm row is the median of `--repeats` epochs, each beside a local epoch run just before it,
+   and its ratio the median of theirs: on a shared machine a ratio of one pair drifts less than
+   one of epochs minutes apart. CPU us/batch: this process's CPU time a batch (its threads'
+   included), an S3 row's over its local epoch's: what the cache costs a batch, less sensitive
+   than the rate to others' load.
    Beside it, reading each image by a ranged GET instead of whole shards.
 2. The index: a synthetic index.parquet of R rows with Danbooru-like tag captions (~390
    characters), opened by 8 processes at once: each process's memory over its baseline (PSS,
@@ -25,7 +30,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -69,20 +76,34 @@ def upload(folder: Path, port: int) -> str:
     return f"s3://bench/out?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
 
 
-def epoch(data, shuffle: str, window: int, workers: int, batch_size: int) -> tuple[float, float]:
-    """(samples/s of one epoch, seconds to its first batch)."""
+class Epoch(NamedTuple):
+    rate: float  # samples/s
+    first: float  # seconds to the first batch
+    cpu: float  # this process's CPU seconds a batch, its threads' included (--workers 0: all)
+
+
+def epoch(data, shuffle: str, window: int, workers: int, batch_size: int) -> Epoch:
     batches = EpochBatches(
         data, batch_size, world_size=1, rank=0, seed=0, shuffle=shuffle, window=window
     )
-    start = time.perf_counter()
-    loader, first, samples = make_loader(data, batches, num_workers=workers), None, 0
+    start, cpu = time.perf_counter(), time.process_time()
+    loader, first, samples, count = make_loader(data, batches, num_workers=workers), None, 0, 0
     for batch in loader:
         first = first or time.perf_counter() - start
-        samples += len(batch.keys)
-    return samples / (time.perf_counter() - start), first
+        samples, count = samples + len(batch.keys), count + 1
+    cpu = (time.process_time() - cpu) / count
+    return Epoch(samples / (time.perf_counter() - start), first, cpu)
 
 
-def throughput(workdir: Path, images: int, workers: int, batch_size: int, window: int) -> None:
+def throughput(
+    workdir: Path,
+    images: int,
+    workers: int,
+    batch_size: int,
+    window: int,
+    shuffles: list[str],
+    repeats: int,
+) -> None:
     import os
 
     local = prepared_dataset(workdir, images)
@@ -99,15 +120,23 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
         print(
             f"\n1. {images} images in {len(tars)} shards ({total / 2**20:.0f} MiB), cache limit "
             f"{limit / 2**20:.0f} MiB, batch {batch_size}, --shuffle-window {window}, "
-            f"{workers} workers"
+            f"{workers} workers; a warm row: the medians of {repeats} epochs, each ratio to a "
+            "local epoch run just before it"
         )
         print(
             f"{'source':<26}{'shuffle':<9}{'samples/s':>10}{'x local':>9}{'first batch':>13}"
-            f"{'hits':>7}{'downloads':>11}"
+            f"{'CPU us/batch':>13}{'hits':>7}{'downloads':>11}"
         )
-        for shuffle in ("global", "shards"):
-            rate, first = epoch(PreparedData(local), shuffle, window, workers, batch_size)
-            print(f"{'local disk':<26}{shuffle:<9}{rate:>10.0f}{1:>9.2f}{first:>12.2f}s")
+        for shuffle in shuffles:
+            run = partial(
+                epoch, shuffle=shuffle, window=window, workers=workers, batch_size=batch_size
+            )
+            here = PreparedData(local)
+            rate, first, cpu = run(here)
+            print(
+                f"{'local disk':<26}{shuffle:<9}{rate:>10.0f}{1:>9.2f}{first:>12.2f}s"
+                f"{1e6 * cpu:>13.0f}"
+            )
             for size, states in (
                 (limit, ("cold cache", "warm cache")),
                 (2 * total, ("cache > data, cold", "cache > data, warm")),
@@ -116,7 +145,7 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
                 shutil.rmtree(cache_dir, ignore_errors=True)
                 cache = NodeCache(cache_dir, size)
                 data = PreparedData(uri, cache=cache)
-                remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate)
+                remote_epochs(data, here, cache, states, shuffle, run, repeats)
         print(
             f"randomness: two images of one shard lie {spread(local, 'global', window):.3f} "
             f"of an epoch apart under the global shuffle, {spread(local, 'shards', window):.3f} "
@@ -128,16 +157,25 @@ def throughput(workdir: Path, images: int, workers: int, batch_size: int, window
         server.wait()
 
 
-def remote_epochs(data, cache, states, shuffle, window, workers, batch_size, rate) -> None:
-    """A row per epoch of `data` through `cache`: samples/s against `rate`, hits, downloads."""
+def remote_epochs(data, here, cache, states, shuffle, run, repeats) -> None:
+    """A row per state of `data` through `cache`: samples/s, its ratio to an epoch of `here`
+    (local disk) run just before it, the time to the first batch, the CPU time a batch over the
+    local epoch's, hits and downloads an epoch. A warm state's figures are the medians of
+    `repeats` such pairs: the ratio of a pair cancels the load that others' work puts on the
+    machine meanwhile, and CPU time is less sensitive to it than the rate."""
     for state in states:
         before = cache.counts()
-        remote_rate, first = epoch(data, shuffle, window, workers, batch_size)
-        hits, downloads = (a - b for a, b in zip(cache.counts(), before, strict=True))
-        ratio = remote_rate / rate
+        pairs = [(run(here), run(data)) for _ in range(repeats if "warm" in state else 1)]
+        fetched = (a - b for a, b in zip(cache.counts(), before, strict=True))
+        hits, downloads = (round(count / len(pairs)) for count in fetched)
+        remote_rate = statistics.median(remote.rate for _, remote in pairs)
+        ratios = sorted(remote.rate / local.rate for local, remote in pairs)
+        first = statistics.median(remote.first for _, remote in pairs)
+        extra = statistics.median(1e6 * (remote.cpu - local.cpu) for local, remote in pairs)
+        span = f"  ratios {ratios[0]:.2f}-{ratios[-1]:.2f}" if len(ratios) > 1 else ""
         print(
-            f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{ratio:>9.2f}"
-            f"{first:>12.2f}s{hits:>7}{downloads:>11}"
+            f"{'S3, ' + state:<26}{shuffle:<9}{remote_rate:>10.0f}{statistics.median(ratios):>9.2f}"
+            f"{first:>12.2f}s{extra:>+13.0f}{hits:>7}{downloads:>11}{span}"
         )
 
 
@@ -301,11 +339,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=4, help="--shuffle-window, in shards")
+    parser.add_argument("--shuffles", default="global,shards", help="section 1's, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs a warm row's medians are of")
     parser.add_argument("--rows", default="1000000", help="index sizes, comma-separated")
     args = parser.parse_args()
     sections = {int(s) for s in args.sections.split(",")}
     if 1 in sections:
-        throughput(args.workdir, args.images, args.workers, args.batch_size, args.window)
+        shuffles = args.shuffles.split(",")
+        throughput(
+            args.workdir,
+            args.images,
+            args.workers,
+            args.batch_size,
+            args.window,
+            shuffles,
+            args.repeats,
+        )
     if 2 in sections:
         for rows in (int(r) for r in args.rows.split(",")):
             index_memory(args.workdir, rows)

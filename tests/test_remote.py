@@ -23,12 +23,13 @@ from torchrun import REPO, logged_training
 from pipeline.config import PrepareConfig
 from pipeline.errors import UsageError
 from pipeline.prepare import run
+from trainer import storage
 from trainer.dataset import PreparedData
 from trainer.index_map import MappedIndex
 from trainer.loader import make_loader
 from trainer.mixture import open_datasets
 from trainer.sampler import EpochBatches
-from trainer.storage import CHUNK_BYTES, PARTIAL_MARK, DatasetFiles, NodeCache
+from trainer.storage import CHUNK_BYTES, PARTIAL_MARK, DatasetFiles, FileRef, NodeCache, OpenFiles
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,35 @@ def test_the_least_recently_used_files_are_evicted_past_the_limit(s3_server, tmp
     time.sleep(0.01)
     files.local("d.tar")
     assert {p.name for p in files.cache_folder.glob("*.tar")} == {"b.tar", "d.tar"}
+
+
+def test_a_held_file_evicted_by_another_process_reads_whole_then_is_let_go(
+    s3_server, tmp_path, monkeypatch
+):
+    """A reader's open shard outlives its eviction (POSIX keeps the unlinked inode) until its
+    next sweep closes it, and the next read downloads it again; a shard's first read after a
+    sweep due marks it used through its handle, and one not read between two is closed."""
+    s3_server.client.create_bucket(Bucket="held")
+    s3_server.client.put_object(Bucket="held", Key="out/a.tar", Body=bytes(range(256)) * 40)
+    cache = NodeCache(tmp_path / "cache", limit=10**6)
+    files = DatasetFiles(s3_server.uri("held", "out"), cache)
+    held, shard, path = OpenFiles(4), FileRef(files, "a.tar"), files.cache_folder / "a.tar"
+    assert held.read(shard, 10, 3) == bytes([10, 11, 12]) and cache.counts() == (0, 1)
+    NodeCache(cache.folder, limit=0).evict()  # another rank of the node, its cache full
+    assert not path.exists()
+    assert held.read(shard, 5000, 2) == bytes([136, 137]) and cache.counts() == (0, 1)
+    held.sweep()
+    assert shard not in held, "evicted: let go"
+    assert held.read(shard, 255, 2) == bytes([255, 0]) and cache.counts() == (0, 2)
+    monkeypatch.setattr(storage, "TOUCH_SECONDS", 0.0)  # every sweep is due
+    held.sweep()
+    assert shard in held, "read since the last sweep: kept"
+    os.utime(path, (0, 0))  # as if last used long ago
+    assert held.read(shard, 1, 1) == bytes([1])
+    assert path.stat().st_mtime > 0, "its first read after a sweep marks it used"
+    held.sweep()
+    held.sweep()
+    assert shard not in held, "not read since: closed"
 
 
 @pytest.mark.slow

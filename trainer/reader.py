@@ -8,7 +8,6 @@ entries (safetensors) are read: nothing in a shard is ever unpickled.
 
 from __future__ import annotations
 
-import collections
 import io
 import itertools
 from typing import NamedTuple
@@ -23,7 +22,7 @@ from pipeline.format import is_jpeg
 from trainer.batch_pool import Lease, WorkerPool
 from trainer.dataset import Dataset
 from trainer.sampler import BatchPlan
-from trainer.storage import FileRef
+from trainer.storage import FileRef, OpenFiles
 from trainer.text_cache import CachedText, read_entries
 
 POOL_BUFFERS = 8  # shared batch buffers per worker: enough for prefetch_factor up to 6
@@ -86,7 +85,7 @@ class BatchReader(torch.utils.data.Dataset):
 
     def __init__(self, data: Dataset, returns: list | None = None):
         self.data, self.returns = data, returns
-        self._files: collections.OrderedDict = collections.OrderedDict()  # shard -> open file
+        self._files = OpenFiles(OPEN_SHARDS)
         self._pool: WorkerPool | None = None  # in a worker process, made on its first batch
         self._scratch = np.empty(0, dtype=np.uint8)  # JPEGs to re-fit
         self._largest_sample = int(data.buckets.prod(axis=1).max()) * 3
@@ -100,18 +99,9 @@ class BatchReader(torch.utils.data.Dataset):
         )
 
     def _read_range(self, file: FileRef, offset: int, size: int) -> bytes:
-        """Bytes of a shard; the OPEN_SHARDS shards used last stay open (an open and close
-        costs ~3 us, measured; a decode ~2 ms: a miss costs nothing that shows). A remote
-        dataset's shard is fetched into the node's cache when opened (trainer/storage.py)."""
-        if file in self._files:
-            self._files.move_to_end(file)
-        else:
-            if len(self._files) >= OPEN_SHARDS:
-                self._files.popitem(last=False)[1].close()
-            self._files[file] = file.open()
-        stream = self._files[file]
-        stream.seek(offset)
-        return stream.read(size)
+        """Bytes of a shard; the OPEN_SHARDS shards used last stay open (trainer/storage.py's
+        `OpenFiles`: a remote dataset's shard is fetched into the node's cache when opened)."""
+        return self._files.read(file, offset, size)
 
     def _latents(self, batch: BatchPlan) -> np.ndarray:
         """The cached latents' windows, flipped where asked: float16 [B, 2, C, h, w]."""
@@ -175,26 +165,15 @@ class BatchReader(torch.utils.data.Dataset):
     def __getitem__(self, batch: BatchPlan) -> tuple[LoadedBatch, PixelLayout | None]:
         """The batch without its pixels, and where they lie (see `PixelLayout`, `Loader`).
 
-        Remote shards are closed after each batch: an open file outlives its eviction from the
-        node cache, so held open they would keep the disk past --cache-limit (and each batch's
-        fetch marks its shards used, which is what the cache's LRU order needs).
-        """
-        try:
-            return self._load(batch)
-        finally:
-            for file in [file for file in self._files if file.files.remote]:
-                self._files.pop(file).close()
-
-    def _load(self, batch: BatchPlan) -> tuple[LoadedBatch, PixelLayout | None]:
-        """`__getitem__`'s batch.
-
         A JPEG stored at a size that covers the bucket (the prepare job's fitted size, or a
         catch-all batch asking for its own bucket) is decoded straight into the buffer, overflow
         and all, and its window is described; anything else is decoded and re-fitted into a
         bucket-sized place. Windows are the sampler's (`BatchPlan.crops`).
         """
+        self._files.sweep()  # remote shards held open: let go once evicted, marked used
         for file in batch.prefetch:  # a later batch's remote shards, downloaded meanwhile
-            file.prefetch()
+            if file not in self._files:  # open: in the cache already
+                file.prefetch()
         described = LoadedBatch(
             batch.captions,
             batch.keys,

@@ -9,7 +9,8 @@ trip each, measured in bench/remote_bench.py). A download goes to a temporary na
 when complete, under a lock file of its own, so the ranks and loader workers of a node download a
 file once and never read a half-written one; a killed download leaves only its temporary, which
 the next downloader of that file deletes. Past `limit` bytes the least recently used files go
-(a file's mtime is its last use). The cache must be on a node-local disk (flock).
+(a file's mtime is its last use: a reader holds its shards open between batches and marks them
+used about once a second, `OpenFiles`). The cache must be on a node-local disk (flock).
 
 The endpoint and credentials of an object store come as the prepare job takes them: pyarrow's
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or `?endpoint_override=HOST:PORT&scheme=http` in the
@@ -24,9 +25,11 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from urllib.parse import urlsplit
@@ -41,6 +44,7 @@ LOCK_SUFFIX = ".lock"
 CHUNK_BYTES = 8 << 20  # read from the store in pieces this big: bounded memory a download
 PREFETCH_THREADS = 4  # downloads a process runs ahead of need
 DEFAULT_LIMIT = 20 * 10**9
+TOUCH_SECONDS = 1.0  # how often a reader marks the remote files it holds open used, closes idle
 
 
 def is_remote(uri: str) -> bool:
@@ -104,7 +108,12 @@ class NodeCache:
         if state.get("pid") != os.getpid():
             state.clear()
             state.update(
-                pid=os.getpid(), downloads=0, hits=0, pending=set(), mutex=threading.Lock()
+                pid=os.getpid(),
+                downloads=0,
+                hits=0,
+                pending=set(),
+                finished={},  # key -> time.monotonic() its job last finished
+                mutex=threading.Lock(),
             )
         return state
 
@@ -162,12 +171,15 @@ class NodeCache:
                     total -= size
 
     def run_ahead(self, job, key) -> None:
-        """`job()` on this process's download threads, once per `key` at a time."""
+        """`job()` on this process's download threads, once per `key` at a time and not again
+        within TOUCH_SECONDS of its last run: consecutive batches name mostly the same shards,
+        and a job that finds its file cached costs the reading thread a GIL handover."""
         state = self._local()
         if "threads" not in state:
             state["threads"] = concurrent.futures.ThreadPoolExecutor(PREFETCH_THREADS)
         with state["mutex"]:
-            if key in state["pending"]:
+            finished = state["finished"].get(key, float("-inf"))
+            if key in state["pending"] or time.monotonic() - finished < TOUCH_SECONDS:
                 return
             state["pending"].add(key)
 
@@ -179,6 +191,7 @@ class NodeCache:
             finally:
                 with state["mutex"]:
                     state["pending"].discard(key)
+                    state["finished"][key] = time.monotonic()
 
         state["threads"].submit(run)
 
@@ -192,13 +205,15 @@ class DatasetFiles:
     cache: NodeCache | None = None
     version: str = ""  # the manifest's digest: a dataset prepared anew is cached anew
 
-    @property
+    @cached_property
     def remote(self) -> bool:
+        """Whether files come through the cache (asked a read: parsed once)."""
         return is_remote(self.uri)
 
-    @property
+    @cached_property
     def cache_folder(self) -> Path:
-        """This dataset's folder in the cache (a local one's holds only its index maps)."""
+        """This dataset's folder in the cache (a local one's holds only its index maps); computed
+        once: a reader's every open of a file names it."""
         cache = self.cache or NodeCache(default_cache_dir())
         digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         return cache.folder / f"{digest}-{self.version}"
@@ -263,3 +278,61 @@ class FileRef(NamedTuple):
 
     def prefetch(self) -> None:
         self.files.prefetch(self.name)
+
+
+class OpenFiles:
+    """The files a reader keeps open, the `limit` it read last: reads by byte range cost a seek
+    and a read, not an open, a stat and a close (10M images at 1,000 a shard are 10,000 shards,
+    more than `ulimit -n`: hence the bound).
+
+    A remote file stays open between batches too (a stat, a utime, an open and a close a shard a
+    batch, and a prefetch job finding it cached, were what the node cache cost a batch:
+    bench/README.md), kept honest with the cache by `sweep`, run before each batch: one evicted
+    meanwhile is closed, so that a file held past its eviction keeps disk past the cache's limit
+    until its reader's next batch, as when files were closed after each batch (unlinked, it still
+    reads whole: POSIX keeps its inode while it is open); and every TOUCH_SECONDS, one not read
+    since is closed. A held file is marked used (through its handle) at its first read after each
+    such sweep: when it starts being read, so that a shuffle window's shards stay newer than the
+    last window's even when a window takes less than TOUCH_SECONDS (marked at the sweep after
+    its reads, the shards in use could be older than the last window's, evicted first, and
+    downloaded again). A cached file is complete (a download is renamed when done), so a handle
+    never reads partial bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: OrderedDict[FileRef, BinaryIO] = OrderedDict()
+        self._read: set[FileRef] = set()  # remote files read (and marked used) since the sweep due
+        self._touched = time.monotonic()
+
+    def __contains__(self, file: FileRef) -> bool:
+        return file in self._open
+
+    def read(self, file: FileRef, offset: int, size: int) -> bytes:
+        """`size` bytes of `file` from `offset`, opening it (fetched first when remote) unless
+        it is open; the file used longest ago is closed to make room."""
+        stream = self._open.get(file)
+        if stream is None:
+            if len(self._open) >= self.limit:
+                self._open.popitem(last=False)[1].close()
+            stream = self._open[file] = file.open()
+        else:
+            self._open.move_to_end(file)
+        if file.files.remote and file not in self._read:
+            self._read.add(file)
+            os.utime(stream.fileno())  # its first read since the last sweep due: used now
+        stream.seek(offset)
+        return stream.read(size)
+
+    def sweep(self) -> None:
+        """Close the remote files evicted from the cache (an fstat each); every TOUCH_SECONDS,
+        close the ones not read since, and mark the others used again at their next read."""
+        now = time.monotonic()
+        due = now - self._touched >= TOUCH_SECONDS
+        for file, stream in list(self._open.items()):
+            if not file.files.remote:
+                continue
+            if not os.fstat(stream.fileno()).st_nlink or (due and file not in self._read):
+                self._open.pop(file).close()
+        if due:
+            self._touched = now
+            self._read.clear()
