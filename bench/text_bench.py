@@ -123,12 +123,11 @@ def measure_stage(captions: int, seed: int) -> None:
     import ray
 
     sys.path.insert(0, str(REPO / "tests"))
-    from trainer.tiny import build
-
     from pipeline import text_cache
     from pipeline.format import Manifest, OutputDir
     from pipeline.text_cache import add_text, recipe_settings
     from trainer.augment import CaptionOptions
+    from trainer.tiny import build
 
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as folder:

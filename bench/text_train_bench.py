@@ -30,8 +30,9 @@ def clip_l_checkpoint(folder: Path) -> Path:
     """The tiny sd checkpoint's U-Net and VAE with a CLIP-L-sized random text encoder."""
     import diffusers
     import torch
-    from trainer.tiny import clip_tokenizer, sd_scheduler, unet, vae
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trainer.tiny import clip_tokenizer, sd_scheduler, unet, vae
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(folder.parent / ".clip-l-tokenizer")
@@ -62,12 +63,12 @@ def clip_l_checkpoint(folder: Path) -> Path:
 
 def prepare(folder: Path, checkpoint: Path, images: int) -> Path:
     import ray
-    from trainer.tiny import WORDS
     from images import rgb, save
 
     from pipeline.buckets import BucketConfig
     from pipeline.config import PrepareConfig
     from pipeline.prepare import run
+    from trainer.tiny import WORDS
 
     rng = random.Random(0)
     for i in range(images):
