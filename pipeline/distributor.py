@@ -147,12 +147,14 @@ def map_on_actors(
     items_of: Callable[[object], int],
     max_in_flight: int | None = None,
     max_retries: int = 3,
+    unit: str = "img",
 ) -> list:
     """`actor.method(*args)` for every tuple of `arguments` on a pool of actors that hold state
     (a model): one per GPU with `num_gpus=1` where the cluster has GPUs, else one per CPU.
 
     A lost actor is restarted and its task retried; at most `max_in_flight` tasks (default two
-    per actor) are pending. Results come back in completion order.
+    per actor) are pending. Results come back in completion order; the progress bar counts
+    `items_of` each result in `unit`s.
     """
     gpus = int(ray.cluster_resources().get("GPU", 0))
     per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
@@ -165,7 +167,7 @@ def map_on_actors(
     limit = max_in_flight or 2 * count
     pending: dict[ray.ObjectRef, int] = {}
     results = []
-    with tqdm(total=total_items, desc=description, unit="img", smoothing=0.1) as bar:
+    with tqdm(total=total_items, desc=description, unit=unit, smoothing=0.1) as bar:
         for number, args in enumerate(arguments):
             actor = actors[number % count]
             pending[getattr(actor, method).remote(*args)] = number

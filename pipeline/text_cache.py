@@ -212,6 +212,7 @@ def add_text(
             total_items=len(todo),
             items_of=lambda result: result["captions"],
             max_in_flight=max_in_flight,
+            unit="caption",
         )
         if tasks
         else []

@@ -50,22 +50,29 @@ class FlowParts:
 
 
 def load_flow_parts(
-    pretrained: str, family: str, seed: int, text_encoders: bool = True, length: int = 0
+    pretrained: str,
+    family: str,
+    seed: int,
+    text_encoders: bool = True,
+    length: int = 0,
+    frozen: dict | None = None,
 ) -> FlowParts:
     """`family`'s parts from the diffusers checkpoint folder `pretrained`, its text encoders
     only where `text_encoders`; without `pretrained`, tiny random ones (seeded: every rank
-    builds the same). `length`: T5 tokens (0: the pipeline's default)."""
-    length = length or MAX_SEQUENCE_LENGTH[family]
+    builds the same). `length`: T5 tokens (0: the pipeline's default). `frozen`: the dtype
+    a frozen "transformer" and the "text" encoders load in (none: as saved, fp32): Flux's
+    12 B transformer and T5-XXL never pass through memory in fp32 on each rank."""
+    length, frozen = length or MAX_SEQUENCE_LENGTH[family], frozen or {}
     if not pretrained:
         from trainer.tiny import build
 
         with tempfile.TemporaryDirectory() as scratch:
             folder = build(family, Path(scratch) / family, seed)
-            return _load(folder, family, text_encoders, length)
-    return _load(Path(pretrained).expanduser(), family, text_encoders, length)
+            return _load(folder, family, text_encoders, length, frozen)
+    return _load(Path(pretrained).expanduser(), family, text_encoders, length, frozen)
 
 
-def _load(folder: Path, family: str, text_encoders: bool, length: int) -> FlowParts:
+def _load(folder: Path, family: str, text_encoders: bool, length: int, frozen: dict) -> FlowParts:
     import json
 
     import diffusers
@@ -79,11 +86,15 @@ def _load(folder: Path, family: str, text_encoders: bool, length: int) -> FlowPa
         raise UsageError(f"--pretrained {folder} is a {other} checkpoint: use --model {other}")
     local = {"local_files_only": True}
     kind = getattr(diffusers, TRANSFORMERS[family])
-    transformer = kind.from_pretrained(folder / "transformer", **local)
+    transformer = kind.from_pretrained(
+        folder / "transformer", torch_dtype=frozen.get("transformer"), **local
+    )
     vae = AutoencoderKL.from_pretrained(folder / "vae", **local)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler", **local)
     settings = {"family": family, "max_sequence_length": length}
-    text = PipelineEncoder(folder, settings, torch.device("cpu")) if text_encoders else None
+    text = None
+    if text_encoders:
+        text = PipelineEncoder(folder, settings, torch.device("cpu"), frozen.get("text"))
     return FlowParts(family, transformer, vae, scheduler, text, length)
 
 

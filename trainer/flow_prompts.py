@@ -20,14 +20,19 @@ from torch.nn import functional
 class PipelineEncoder:
     """sd3 and flux: the diffusers pipeline's own encode_prompt, on its text parts alone."""
 
-    def __init__(self, folder: Path, settings: dict, device: torch.device):
+    def __init__(
+        self, folder: Path, settings: dict, device: torch.device, dtype: torch.dtype | None = None
+    ):
+        """`dtype`: the encoders' weights as loaded (None: as saved, fp32 in diffusers' files)."""
         from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
         self.family = settings["family"]
         self.length = settings["max_sequence_length"]
         kind = StableDiffusion3Pipeline if self.family == "sd3" else FluxPipeline
         unused = dict.fromkeys(("transformer", "vae", "scheduler"))
-        self.pipeline = kind.from_pretrained(folder, **unused, local_files_only=True).to(device)
+        self.pipeline = kind.from_pretrained(
+            folder, **unused, torch_dtype=dtype, local_files_only=True
+        ).to(device)
         self.t5_tokenizer = (
             self.pipeline.tokenizer_3 if self.family == "sd3" else self.pipeline.tokenizer_2
         )

@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.errors import UsageError
 from trainer.config import Config
 from trainer.loader import Batch
-from trainer.optimization import Optimization
+from trainer.optimization import PRECISIONS, Optimization
 
 
 class Model(Protocol):
@@ -156,8 +156,15 @@ def _flow_matching(config: Config, cached_text: bool = False) -> Model:
     """SD3 or Flux.1 (trainer/flow.py); text encoders only where the batches carry no cache."""
     from trainer.flow import FlowMatching, load_flow_parts
 
+    dtype = PRECISIONS[config.mixed_precision]  # store_frozen_parts' cast, done as they load
+    frozen = {"text": dtype} | ({"transformer": dtype} if config.trained_part == "lora" else {})
     parts = load_flow_parts(
-        config.pretrained, config.model, config.seed, not cached_text, config.max_sequence_length
+        config.pretrained,
+        config.model,
+        config.seed,
+        not cached_text,
+        config.max_sequence_length,
+        frozen,
     )
     adapter = ADAPTERS[config.trained_part](config, parts.transformer)
     return FlowMatching(parts, adapter, config)
