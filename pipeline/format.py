@@ -188,6 +188,24 @@ FAMILY_PARTS = {
 }
 CHUNKED = {"max_tokens": 225, "clip_skip": 2, "layout": "full"}
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # T5 tokens: diffusers' pipelines' defaults
+FAMILY_PIPELINES = {  # each family's diffusers pipeline: a checkpoint's model_index.json class
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+
+
+def checkpoint_family(folder) -> str | None:
+    """The family whose pipeline a local checkpoint folder's model_index.json names; None
+    without one, or for a pipeline of no family here."""
+    from pathlib import Path
+
+    index = Path(folder) / "model_index.json"
+    if not index.exists():
+        return None
+    named = json.loads(index.read_text()).get("_class_name")
+    return next((family for family, kind in FAMILY_PIPELINES.items() if kind == named), None)
 
 
 def caption_digest(caption: str | None) -> str:

@@ -27,7 +27,6 @@ Captions the dataset no longer holds stay in the cache (they cost a few KB each)
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,16 +42,11 @@ from pipeline.format import (
     Manifest,
     OutputDir,
     caption_digest,
+    checkpoint_family,
     text_fingerprint,
     text_folder,
 )
 
-PIPELINES = {  # a checkpoint's model_index.json class -> its family
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
 CAPTIONS_PER_SHARD = 1000  # new captions a text shard (and an actor's task) holds
 ENCODE_BATCH = 16  # texts a forward
 
@@ -67,10 +61,7 @@ def text_parts(pretrained: str | Path, family: str) -> Path:
             f"--pretrained {folder}: --model {family}'s text encoders need "
             f"{', '.join(p + '/' for p in missing)} there (a diffusers checkpoint folder)"
         )
-    index = folder / "model_index.json"
-    named = None
-    if index.exists():
-        named = PIPELINES.get(json.loads(index.read_text()).get("_class_name"))
+    named = checkpoint_family(folder)
     if named is not None and named != family:
         raise UsageError(f"--pretrained {folder} is a {named} checkpoint: pass --model {named}")
     return folder

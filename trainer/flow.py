@@ -28,13 +28,12 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
 from pipeline.errors import UsageError
-from pipeline.format import MAX_SEQUENCE_LENGTH
+from pipeline.format import FAMILY_PIPELINES, MAX_SEQUENCE_LENGTH, checkpoint_family
 from trainer.diffusion import vae_sample
 from trainer.flow_prompts import PipelineEncoder, flow_conditioning
 from trainer.lora import LoraWeights, save_lora
 from trainer.text_cache import stacked
 
-PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # model_index.json's
 TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 MIN_SIGMA = 1e-3
 
@@ -73,15 +72,11 @@ def load_flow_parts(
 
 
 def _load(folder: Path, family: str, text_encoders: bool, length: int, frozen: dict) -> FlowParts:
-    import json
-
     import diffusers
 
     if not (folder / "transformer").is_dir() or not (folder / "vae").is_dir():
         raise UsageError(f"--pretrained {folder}: not a diffusers checkpoint of --model {family}")
-    index = folder / "model_index.json"
-    named = json.loads(index.read_text()).get("_class_name") if index.exists() else None
-    other = {pipeline: name for name, pipeline in PIPELINES.items()}.get(named)
+    other = checkpoint_family(folder)
     if other is not None and other != family:
         raise UsageError(f"--pretrained {folder} is a {other} checkpoint: use --model {other}")
     local = {"local_files_only": True}
@@ -144,7 +139,7 @@ class FlowMatching(nn.Module):
             return [out_dir / f"transformer{suffix}"]
         import diffusers
 
-        kind = getattr(diffusers, PIPELINES[self.family])
+        kind = getattr(diffusers, FAMILY_PIPELINES[self.family])
         return save_lora(self.transformer, kind, out_dir, suffix, kohya=False)
 
     def latents(self, batch, generator: torch.Generator) -> torch.Tensor:

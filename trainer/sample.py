@@ -113,18 +113,12 @@ def add_lora(unet, path: Path, xl: bool) -> None:
 
 def flow_sample(config: SampleConfig, device: torch.device) -> Image.Image | None:
     """An SD3 or Flux checkpoint's image through its own diffusers pipeline; None for others."""
-    import json
-
     from diffusers import DiffusionPipeline
 
-    from trainer.flow import PIPELINES
+    from pipeline.format import checkpoint_family
 
-    index = Path(config.pretrained) / "model_index.json"
-    if not index.exists() or json.loads(index.read_text()).get("_class_name") not in set(
-        PIPELINES.values()
-    ):
+    if checkpoint_family(config.pretrained) not in ("sd3", "flux"):
         return None
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as its model cards
     pipeline = DiffusionPipeline.from_pretrained(
         config.pretrained, torch_dtype=dtype, local_files_only=True
